@@ -1,0 +1,35 @@
+"""The two entry points: attach a new adapter, or load a saved one."""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from deltatune.core.config import MethodConfig
+from deltatune.core.model import AdaptedModel
+
+
+def _adapted(base: nn.Module) -> AdaptedModel:
+    return base if isinstance(base, AdaptedModel) else AdaptedModel(base)
+
+
+def attach(base: nn.Module, config: MethodConfig, name: str = "default") -> AdaptedModel:
+    """Freeze ``base`` and add a new trainable adapter ``name`` to it, made active.
+
+    ``base`` is modified in place (its targeted layers are wrapped); ``unload()`` undoes that.
+    """
+    model = _adapted(base)
+    model.add(config, name, trainable=True)
+    return model.use(name)
+
+
+def load(base: nn.Module, directory: str | os.PathLike, name: str = "default", *,
+         trainable: bool = False) -> AdaptedModel:
+    """Load the adapter folder ``directory`` (deltatune's or HF PEFT's) onto ``base``, made active.
+
+    With ``trainable=True`` its parameters get gradients, to continue training.
+    """
+    model = _adapted(base)
+    model.load(directory, name, trainable=trainable)
+    return model.use(name)

@@ -1,0 +1,1 @@
+"""Method-agnostic core: configs, targeting, the adapted model, and adapter files."""

@@ -1,0 +1,172 @@
+"""The wrapper every weight-space method builds on, and the trainable-copy wrapper.
+
+A wrapper holds the user's module as ``base_layer`` and one entry per adapter name in
+``ModuleDict``/``ParameterDict`` attributes (``adapter_attrs``). Merging is written once here on
+top of ``delta_weight(name)``.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import lru_cache
+from typing import ClassVar, Iterable
+
+import torch
+from torch import nn
+
+from deltatune.errors import AdapterError, AdapterFileError
+
+
+@lru_cache(maxsize=1)
+def linear_kinds() -> tuple[type, ...]:
+    """Layer types that count as linear: ``nn.Linear`` and GPT-2's ``Conv1D``."""
+    from transformers.pytorch_utils import Conv1D
+    return (nn.Linear, Conv1D)
+
+
+class AdapterLayer(nn.Module):
+    """Base of every wrapper: adapter bookkeeping, file state, and the merge algebra."""
+
+    #: names of the ModuleDict/ParameterDict attributes keyed by adapter name
+    adapter_attrs: ClassVar[tuple[str, ...]] = ()
+    #: whether ``delta_weight`` exists, i.e. the adapter can be baked into the base weight
+    mergeable: ClassVar[bool] = False
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.adapters_disabled = False
+
+    # --- bookkeeping ----------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        """Adapters present in this layer, in the order they were added."""
+        first = getattr(self, self.adapter_attrs[0])
+        return list(first.keys())
+
+    def set_active(self, names: Iterable[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.adapter_names]
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge()
+        for attr in self.adapter_attrs:
+            container = getattr(self, attr)
+            if name in container:
+                del container[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        """Drop per-adapter settings kept outside the adapter containers."""
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        params: list[nn.Parameter] = []
+        for attr in self.adapter_attrs:
+            container = getattr(self, attr)
+            entry = container[name] if name in container else None
+            if isinstance(entry, nn.Parameter):
+                params.append(entry)
+            elif isinstance(entry, nn.Module):
+                params.extend(entry.parameters())
+        return params
+
+    # --- file state -----------------------------------------------------------------------
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """This layer's tensors of adapter ``name``, keyed as in a PEFT file (name removed)."""
+        out: dict[str, torch.Tensor] = {}
+        for attr in self.adapter_attrs:
+            container = getattr(self, attr)
+            if name not in container:
+                continue
+            entry = container[name]
+            if isinstance(entry, torch.Tensor):
+                out[attr] = entry
+            else:
+                out.update({f"{attr}.{k}": v for k, v in entry.state_dict().items()})
+        return out
+
+    def load_adapter_state(self, name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Copy ``tensors`` into adapter ``name``, checking every key and shape first."""
+        current = self.adapter_state(name)
+        missing = sorted(set(current) - set(tensors))
+        extra = sorted(set(tensors) - set(current))
+        if missing or extra:
+            raise AdapterFileError(
+                f"adapter file does not fit layer {where}: missing {missing or 'nothing'}, "
+                f"unexpected {extra or 'nothing'}")
+        for key, value in tensors.items():
+            if tuple(value.shape) != tuple(current[key].shape):
+                raise AdapterFileError(
+                    f"adapter file does not fit layer {where}: {key} has shape {tuple(value.shape)} in the "
+                    f"file but {tuple(current[key].shape)} in the model (a different rank or base model?)")
+        with torch.no_grad():
+            for key, value in tensors.items():
+                current[key].copy_(value.to(dtype=current[key].dtype))
+
+    # --- merge algebra --------------------------------------------------------------------
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The change adapter ``name`` makes to ``base_layer.weight``, in that weight's layout."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def merge(self, names: Iterable[str] | None = None) -> None:
+        """Add the listed (default: active) adapters' deltas to the base weight."""
+        names = list(self.active_adapters if names is None else names)
+        for name in names:
+            if name in self.merged_adapters:
+                raise AdapterError(f"adapter {name!r} is already merged; call unmerge() first")
+        weight = self._base_weight()
+        with torch.no_grad():
+            for name in names:
+                if name not in self.adapter_names:
+                    continue
+                weight.data += self.delta_weight(name).to(weight.dtype)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's delta again (exact up to float rounding)."""
+        weight = self._base_weight()
+        with torch.no_grad():
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                weight.data -= self.delta_weight(name).to(weight.dtype)
+
+    def unwrapped(self) -> nn.Module:
+        """The module to put back when the adapters are unloaded."""
+        return self.base_layer
+
+
+class ModulesToSave(AdapterLayer):
+    """A trainable full copy of a module (e.g. the classifier head) per adapter."""
+
+    adapter_attrs = ("modules_to_save",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.modules_to_save = nn.ModuleDict()
+
+    def add_adapter(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.base_layer)
+        for p in self.modules_to_save[name].parameters():
+            p.requires_grad_(True)
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        # PEFT stores the copy under the original module's own keys
+        return dict(self.modules_to_save[name].state_dict()) if name in self.modules_to_save else {}
+
+    def forward(self, *args, **kwargs):
+        if not self.adapters_disabled:
+            for name in self.active_adapters:
+                return self.modules_to_save[name](*args, **kwargs)
+        return self.base_layer(*args, **kwargs)
+
+    def merge(self, names=None) -> None:  # a copy has nothing to merge; merge_and_unload picks it
+        pass
+
+    def unmerge(self) -> None:
+        pass

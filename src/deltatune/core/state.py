@@ -1,0 +1,158 @@
+"""Adapter folders: ``adapter_config.json`` + ``adapter_model.safetensors``, as HF PEFT writes them.
+
+Writes are atomic (temp file in the same folder, fsync, rename). Reads use safetensors only and
+check every key and shape against the model before anything is copied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from deltatune.core import registry
+from deltatune.errors import AdapterFileError, ConfigError
+
+if TYPE_CHECKING:
+    from deltatune.core.model import AdaptedModel
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."  # PEFT's prefix for keys relative to the base model
+
+
+def adapter_tensors(model: "AdaptedModel", name: str) -> dict[str, torch.Tensor]:
+    """Every tensor of adapter ``name``, keyed as in a PEFT file."""
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in model.adapter_layers():
+        if name in layer.adapter_names:
+            out.update({f"{KEY_PREFIX}{path}.{k}": v for k, v in layer.adapter_state(name).items()})
+    params = dict(model.base_model.named_parameters())
+    for pname in model._extra_params.get(name, []):
+        out[KEY_PREFIX + pname] = params[pname]
+    return out
+
+
+def _atomic_write(target: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_adapter(model: "AdaptedModel", directory: str | os.PathLike, name: str | None) -> None:
+    """Write adapter ``name`` to ``directory`` (created if needed)."""
+    if name is None:
+        raise ConfigError("the model has no adapter to save")
+    model._check(name)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.configs[name]
+    data = config.to_dict()
+    file_extras = getattr(registry.for_config(config).injector, "file_extras", None)
+    if file_extras:
+        data.update(file_extras(model, name))
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(model, name).items()}
+    text = json.dumps(data, indent=2, sort_keys=True)
+    # weights first: a config without its weights is never left behind
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config dict, tensors)`` of an adapter folder, with clear errors for bad folders."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterFileError(f"adapter folder {directory} does not exist")
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not config_path.is_file():
+        raise AdapterFileError(f"{directory} has no {CONFIG_NAME}: is it an adapter folder? "
+                               f"(it holds: {', '.join(sorted(p.name for p in directory.iterdir())) or 'nothing'})")
+    if not weights_path.is_file():
+        pickled = [p.name for p in directory.glob("adapter_model.bin")]
+        hint = (" It has a pickled adapter_model.bin, which deltatune never loads (unsafe): convert it to "
+                "safetensors with the library that wrote it." if pickled else "")
+        raise AdapterFileError(f"{directory} has no {WEIGHTS_NAME}.{hint}")
+    try:
+        data = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{config_path} is not valid JSON ({exc}); the file is damaged") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{config_path} does not hold a JSON object")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterFileError(f"{weights_path} is not a readable safetensors file ({exc}); it may be "
+                               f"truncated or of another format: save the adapter again") from None
+    return data, tensors
+
+
+def _split_by_layer(model: "AdaptedModel", name: str, tensors: dict[str, torch.Tensor]):
+    layers = dict(model.adapter_layers())
+    extras = set(model._extra_params.get(name, []))
+    per_layer: dict[str, dict[str, torch.Tensor]] = {p: {} for p, layer in layers.items() if name in layer.adapter_names}
+    extra_values: dict[str, torch.Tensor] = {}
+    stray: list[str] = []
+    for key, value in tensors.items():
+        if not key.startswith(KEY_PREFIX):
+            stray.append(key)
+            continue
+        rel = key[len(KEY_PREFIX):]
+        if rel in extras:
+            extra_values[rel] = value
+            continue
+        parts = rel.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            path = ".".join(parts[:cut])
+            if path in per_layer:
+                per_layer[path][".".join(parts[cut:])] = value
+                break
+        else:
+            stray.append(key)
+    if stray:
+        raise AdapterFileError(f"the adapter file has {len(stray)} tensors that fit no adapted layer of this "
+                               f"model, e.g. {stray[:3]}: it was made for another base model or config")
+    return per_layer, extra_values
+
+
+def load_adapter(model: "AdaptedModel", directory: str | os.PathLike, name: str, *, trainable: bool = False) -> None:
+    """Add the adapter stored in ``directory`` to ``model`` as ``name``.
+
+    On any mismatch the half-added adapter is removed again and the model is left as it was.
+    """
+    data, tensors = read_adapter(directory)
+    spec = registry.for_file(data)
+    config = spec.config_cls.from_dict(data)
+    model.add(config, name, trainable=trainable)
+    try:
+        per_layer, extra_values = _split_by_layer(model, name, tensors)
+        layers = dict(model.adapter_layers())
+        for path, layer_tensors in per_layer.items():
+            layers[path].load_adapter_state(name, layer_tensors, where=path)
+        missing = sorted(set(model._extra_params.get(name, [])) - set(extra_values))
+        if missing:
+            raise AdapterFileError(f"the adapter file lacks the trained biases {missing[:3]}")
+        params = dict(model.base_model.named_parameters())
+        with torch.no_grad():
+            for pname, value in extra_values.items():
+                if params[pname].shape != value.shape:
+                    raise AdapterFileError(f"{pname}: file shape {tuple(value.shape)} != model shape {tuple(params[pname].shape)}")
+                params[pname].copy_(value)
+    except Exception:
+        active = [n for n in model.active_adapters if n != name]
+        model._drop(name)
+        if model.adapter_names:
+            model.use(active or model.adapter_names[:1])
+        raise

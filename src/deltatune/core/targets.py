@@ -1,0 +1,163 @@
+"""Which modules a config touches: names, suffixes, regexes, "all-linear", component aliases
+(q k v o up down gate) and layer selection ("lower", "upper", "even", "odd", or a list)."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Iterable, Sequence
+
+from torch import nn
+
+from deltatune.core.archspec import COMPONENTS, classification_head_names, output_head_names, spec_for
+from deltatune.errors import TargetError
+
+LayerSelection = None | str | Sequence[int]
+_LAYER_WORDS = ("all", "lower", "upper", "even", "odd")
+
+
+def _is_wrapper(module: nn.Module) -> bool:
+    return hasattr(module, "base_layer") and hasattr(module, "adapter_names")
+
+
+def visible_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Named modules as the user's model has them: an adapter wrapper stands for the layer it
+    wraps, and the adapter's own sub-modules are not candidates."""
+    out: dict[str, nn.Module] = {}
+    hidden: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(h + ".") for h in hidden):
+            continue
+        if _is_wrapper(module):
+            hidden.append(name)
+            out[name] = module.base_layer
+        else:
+            out[name] = module
+    return out
+
+
+def _matches_name(path: str, target: str) -> bool:
+    return path == target or path.endswith("." + target)
+
+
+def _block_sizes(model_paths: Iterable[str], spec) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for path in model_paths:
+        split = spec.split(path)
+        if split:
+            stack, index, _ = split
+            sizes[stack] = max(sizes.get(stack, 0), index + 1)
+    return sizes
+
+
+def _layer_filter(layers: LayerSelection, sizes: dict[str, int]):
+    if layers is None or layers == "all":
+        return None
+    if isinstance(layers, str):
+        if layers not in _LAYER_WORDS:
+            raise TargetError(f"unknown layer selection {layers!r}; use a list of indices or one of {_LAYER_WORDS}")
+        rule = {
+            "lower": lambda i, n: i < n // 2, "upper": lambda i, n: i >= n // 2,
+            "even": lambda i, n: i % 2 == 0, "odd": lambda i, n: i % 2 == 1,
+        }[layers]
+        return lambda stack, i: rule(i, sizes[stack])
+    chosen = set(int(i) for i in layers)
+    biggest = max(sizes.values(), default=0)
+    bad = sorted(i for i in chosen if i < 0 or i >= biggest)
+    if bad:
+        raise TargetError(f"layers {bad} do not exist: the model's blocks are numbered 0..{biggest - 1}")
+    return lambda stack, i: i in chosen
+
+
+def _kind_ok(module: nn.Module, kinds: tuple[type, ...]) -> bool:
+    return isinstance(module, kinds)
+
+
+def _candidates_message(modules: dict[str, nn.Module], kinds: tuple[type, ...], spec) -> str:
+    leaves = Counter(p.rsplit(".", 1)[-1] for p, m in modules.items() if _kind_ok(m, kinds))
+    listed = ", ".join(f"{n} (x{c})" if c > 1 else n for n, c in sorted(leaves.items()))
+    aliases = ", ".join(c for c in COMPONENTS if c in spec.components)
+    return f"modules it can wrap: {listed or 'none'}; component aliases for {spec.name}: {aliases}"
+
+
+def resolve_targets(
+    model: nn.Module,
+    targets: str | Sequence[str] | None,
+    *,
+    kinds: tuple[type, ...],
+    layers: LayerSelection = None,
+    exclude: str | Sequence[str] | None = None,
+    default: Sequence[str] = ("q", "v"),
+) -> list[str]:
+    """Paths of the modules ``targets`` selects, in model order.
+
+    ``targets`` is a list of names (a module matches when its path equals the name or ends with
+    ``.name``) and component aliases, a regex string (whole-path match), or ``"all-linear"``
+    (every linear layer but the output head and the classification head).
+    Raises :class:`TargetError` when an entry matches nothing, naming the modules that exist.
+    """
+    modules = visible_modules(model)
+    spec = spec_for(model)
+    if targets is None:
+        targets = tuple(default)
+    if isinstance(targets, str) and targets == "all-linear":
+        from deltatune.core.layer import linear_kinds
+        skip = output_head_names(model) | set(classification_head_names(model))
+        chosen = {p for p, m in modules.items()
+                  if isinstance(m, linear_kinds()) and not any(_matches_name(p, s) for s in skip)}
+    elif isinstance(targets, str):
+        try:
+            rx = re.compile(targets)
+        except re.error as exc:
+            raise TargetError(f"targets {targets!r} is not a valid regex: {exc}") from None
+        chosen = {p for p in modules if rx.fullmatch(p)}
+        if not chosen:
+            raise TargetError(f"targets regex {targets!r} matches no module; {_candidates_message(modules, kinds, spec)}")
+    else:
+        chosen = set()
+        for target in targets:
+            if target in COMPONENTS and target in spec.components:
+                rx = re.compile(spec.components[target])
+                hits = {p for p in modules if (s := spec.split(p)) and rx.fullmatch(s[2])}
+            else:
+                hits = {p for p in modules if _matches_name(p, target)}
+            if not hits:
+                raise TargetError(f"target {target!r} matches no module in {type(model).__name__}; "
+                                  f"{_candidates_message(modules, kinds, spec)}")
+            chosen |= hits
+    if exclude:
+        if isinstance(exclude, str):
+            chosen = {p for p in chosen if not re.fullmatch(exclude, p)}
+        else:
+            chosen = {p for p in chosen if not any(_matches_name(p, e) for e in exclude)}
+    keep = _layer_filter(layers, _block_sizes(modules, spec))
+    if keep is not None:
+        chosen = {p for p in chosen if (s := spec.split(p)) and keep(s[0], s[1])}
+        if not chosen:
+            raise TargetError(f"no targeted module lies in layers {layers!r}")
+    wrong = sorted(p for p in chosen if not _kind_ok(modules[p], kinds))
+    if wrong:
+        kinds_txt = ", ".join(k.__name__ for k in kinds)
+        raise TargetError(
+            f"{wrong[0]} is a {type(modules[wrong[0]]).__name__}, which this method cannot wrap "
+            f"(it wraps {kinds_txt}); name the layers inside it instead. {_candidates_message(modules, kinds, spec)}")
+    return [p for p in modules if p in chosen]
+
+
+def compact_targets(model: nn.Module, paths: Sequence[str]) -> list[str]:
+    """The shortest name-suffix list that selects exactly ``paths`` (PEFT's list semantics).
+
+    Used when saving, so a file says ``["query", "value"]`` rather than every full path, yet
+    still names exactly the wrapped modules for any reader.
+    """
+    wanted = set(paths)
+    all_paths = list(visible_modules(model))
+    depth = max((p.count(".") + 1 for p in wanted), default=1)
+    for k in range(1, depth + 1):
+        # a suffix never starts at a bare block number: "layer.2.output.dense", not "2.output.dense"
+        if any(len(p.split(".")) > k and p.split(".")[-k].isdigit() for p in wanted):
+            continue
+        suffixes = sorted({".".join(p.split(".")[-k:]) for p in wanted})
+        if {p for p in all_paths if any(_matches_name(p, s) for s in suffixes)} == wanted:
+            return suffixes
+    return sorted(wanted)

@@ -1,0 +1,87 @@
+"""LoRA configuration (Hu et al. 2021), stored with HF PEFT's field names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from deltatune.core.config import MethodConfig
+from deltatune.errors import ConfigError
+
+_BIAS = ("none", "all", "lora_only")
+_INIT = ("kaiming", "gaussian", "random")
+# our spelling -> PEFT's init_lora_weights value
+_INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "random": False}
+
+
+@dataclass(frozen=True)
+class LoraConfig(MethodConfig):
+    """Low-rank update ``h = W x + scale * B A x`` with ``scale = alpha / r``.
+
+    Attributes:
+        r: rank of the update.
+        alpha: scaling numerator; the update is multiplied by ``alpha / r``
+            (``alpha / sqrt(r)`` with ``use_rslora``).
+        dropout: dropout probability on the LoRA path's input.
+        targets: modules to adapt: names or name suffixes (``["query", "value"]``), component
+            aliases (``["q", "v"]``, resolved per architecture), a regex string matched against
+            whole module paths, or ``"all-linear"``. ``None`` means ``["q", "v"]``.
+        layers: restrict to blocks: a list of indices, or ``"lower"``, ``"upper"``, ``"even"``,
+            ``"odd"``, ``"all"``.
+        exclude: names (suffixes) or a regex of modules to leave alone.
+        bias: which base biases train too: ``"none"``, ``"all"`` or ``"lora_only"``.
+        init: ``"kaiming"`` (A Kaiming-uniform, B zero: starts as the base model),
+            ``"gaussian"`` (A ~ N(0, 1/r), B zero), or ``"random"`` (both random; for tests).
+        use_rslora: rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023).
+        rank_pattern: per-module rank, ``{regex: r}``; the regex matches a path's tail.
+        alpha_pattern: per-module alpha, ``{regex: alpha}``.
+    """
+
+    method = "lora"
+    peft_type = "LORA"
+    peft_names = {"alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules",
+                  "layers": "layers_to_transform", "exclude": "exclude_modules", "init": "init_lora_weights"}
+    peft_unsupported = frozenset({
+        "use_dora", "lora_bias", "layer_replication", "target_parameters", "trainable_token_indices",
+        "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config", "eva_config", "corda_config",
+    })
+
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    targets: str | Sequence[str] | None = None
+    layers: str | Sequence[int] | int | None = None
+    exclude: str | Sequence[str] | None = None
+    bias: str = "none"
+    init: str | bool = "kaiming"
+    use_rslora: bool = False
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.init, bool):  # PEFT's spelling, from a file
+            object.__setattr__(self, "init", "kaiming" if self.init else "random")
+        if isinstance(self.layers, int) and not isinstance(self.layers, bool):
+            object.__setattr__(self, "layers", (self.layers,))
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise ConfigError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ConfigError(f"LoRA alpha must be a positive number, got {self.alpha!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if self.bias not in _BIAS:
+            raise ConfigError(f"bias must be one of {_BIAS}, got {self.bias!r}")
+        if self.init not in _INIT:
+            raise ConfigError(f"init must be one of {_INIT}, got {self.init!r}")
+        for key, value in self.rank_pattern.items():
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+        for key, value in self.alpha_pattern.items():
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"alpha_pattern[{key!r}] must be a positive number, got {value!r}")
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["init_lora_weights"] = _INIT_TO_PEFT[self.init]
+        return out

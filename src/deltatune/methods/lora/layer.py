@@ -1,0 +1,192 @@
+"""LoRA wrappers for nn.Linear / GPT-2 Conv1D, nn.Embedding and nn.Conv2d.
+
+Parameter layout and names follow HF PEFT (``lora_A.<name>.weight`` of shape ``[r, in]``,
+``lora_B.<name>.weight`` of shape ``[out, r]``; ``lora_embedding_A/B`` for embeddings), so
+files map one to one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltatune.core.layer import AdapterLayer, linear_kinds
+from deltatune.errors import TargetError
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """``alpha / r``, or ``alpha / sqrt(r)`` for rank-stabilised LoRA."""
+    return alpha / (math.sqrt(r) if use_rslora else r)
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    # Adapters train in fp32 even over a half-precision or quantized base.
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class LoraLayer(AdapterLayer):
+    """Per-adapter rank, scale and dropout shared by every LoRA wrapper."""
+
+    mergeable = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.dropout_p: dict[str, float] = {}
+
+    def _set_hparams(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
+        self.r[name] = r
+        self.scaling[name] = lora_scaling(r, alpha, use_rslora)
+        self.dropout_p[name] = float(dropout)
+
+    def _forget(self, name: str) -> None:
+        for d in (self.r, self.scaling, self.dropout_p):
+            d.pop(name, None)
+
+    def _unmerged_active(self) -> list[str]:
+        if self.adapters_disabled:
+            return []
+        return [n for n in self.active_adapters if n not in self.merged_adapters]
+
+    def _dropped(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        p = self.dropout_p[name]
+        return F.dropout(x, p, training=True) if p > 0 and self.training else x
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on ``nn.Linear`` or GPT-2 ``Conv1D`` (whose weight is stored ``[in, out]``)."""
+
+    adapter_attrs = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)
+        rows, cols = base_layer.weight.shape
+        self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
+                    init: str = "kaiming", use_rslora: bool = False) -> None:
+        weight = self.base_layer.weight
+        kw = {"device": weight.device, "dtype": _adapter_dtype(weight), "bias": False}
+        a = nn.Linear(self.in_features, r, **kw)
+        b = nn.Linear(r, self.out_features, **kw)
+        if init == "gaussian":
+            nn.init.normal_(a.weight, std=1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        if init != "random":
+            nn.init.zeros_(b.weight)
+        self.lora_A[name], self.lora_B[name] = a, b
+        self._set_hparams(name, r, alpha, dropout, use_rslora)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self._unmerged_active():
+            a = self.lora_A[name].weight
+            b = self.lora_B[name].weight
+            xa = F.linear(self._dropped(x, name).to(a.dtype), a)
+            # addmm folds the scale and the residual add into the second matmul
+            flat = torch.addmm(result.reshape(-1, result.shape[-1]), xa.reshape(-1, xa.shape[-1]).to(result.dtype),
+                               b.t().to(result.dtype), alpha=self.scaling[name])
+            result = flat.view(result.shape)
+        return result
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+        return delta.t() if self.fan_in_fan_out else delta
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on ``nn.Embedding``: a rank-r lookup table A and a projection B."""
+
+    adapter_attrs = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
+                    init: str = "kaiming", use_rslora: bool = False) -> None:
+        weight = self.base_layer.weight
+        kw = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        num, dim = weight.shape
+        a = torch.zeros(r, num, **kw) if init != "random" else torch.randn(r, num, **kw)
+        b = torch.randn(dim, r, **kw)
+        self.lora_embedding_A[name] = nn.Parameter(a)
+        self.lora_embedding_B[name] = nn.Parameter(b)
+        self._set_hparams(name, r, alpha, dropout, use_rslora)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        base = self.base_layer
+        for name in self._unmerged_active():
+            a = self.lora_embedding_A[name]
+            b = self.lora_embedding_B[name]
+            looked_up = F.embedding(x, a.t(), base.padding_idx, base.max_norm, base.norm_type,
+                                    base.scale_grad_by_freq, base.sparse)
+            result = result + (looked_up @ b.t()).to(result.dtype) * self.scaling[name]
+        return result
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).t() * self.scaling[name]
+
+
+class LoraConv2d(LoraLayer):
+    """LoRA on ``nn.Conv2d``: A is a conv with the base kernel into r channels, B a 1x1 conv."""
+
+    adapter_attrs = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Conv2d) -> None:
+        if base_layer.groups != 1:
+            raise TargetError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported")
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
+                    init: str = "kaiming", use_rslora: bool = False) -> None:
+        base = self.base_layer
+        kw = {"device": base.weight.device, "dtype": _adapter_dtype(base.weight), "bias": False}
+        a = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, **kw)
+        b = nn.Conv2d(r, base.out_channels, 1, 1, **kw)
+        if init == "gaussian":
+            nn.init.normal_(a.weight, std=1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        if init != "random":
+            nn.init.zeros_(b.weight)
+        self.lora_A[name], self.lora_B[name] = a, b
+        self._set_hparams(name, r, alpha, dropout, use_rslora)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self._unmerged_active():
+            a, b = self.lora_A[name], self.lora_B[name]
+            result = result + b(a(self._dropped(x, name).to(a.weight.dtype))).to(result.dtype) * self.scaling[name]
+        return result
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        b = self.lora_B[name].weight[:, :, 0, 0]
+        return torch.einsum("or,rihw->oihw", b, self.lora_A[name].weight) * self.scaling[name]
+
+
+def lora_kinds() -> tuple[type, ...]:
+    return (*linear_kinds(), nn.Embedding, nn.Conv2d)
+
+
+def wrap_with_lora(module: nn.Module, path: str) -> LoraLayer:
+    """A fresh LoRA wrapper around ``module``."""
+    if isinstance(module, linear_kinds()):
+        return LoraLinear(module)
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    if isinstance(module, nn.Conv2d):
+        return LoraConv2d(module)
+    raise TargetError(f"{path} is a {type(module).__name__}; LoRA wraps Linear, Conv1D, Embedding and Conv2d")
