@@ -89,7 +89,8 @@ class MethodConfig:
         out: dict[str, Any] = {}
         if self.peft_type:
             out["peft_type"] = self.peft_type
-        out["deltatune_method"] = self.method
+        else:  # a method HF PEFT does not have: name it in deltatune's own key
+            out["deltatune_method"] = self.method
         for f in fields(self):
             key = "base_model_name_or_path" if f.name == "base_model" else self.peft_names.get(f.name, f.name)
             out[key] = _thaw(getattr(self, f.name))

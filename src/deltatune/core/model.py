@@ -33,6 +33,7 @@ class AdaptedModel(nn.Module):
         self.active_adapters: list[str] = []
         self._extra_params: dict[str, list[str]] = {}
         self._trainable: set[str] = set()
+        self._layer_index: dict[str, AdapterLayer] = {}
         for p in base_model.parameters():
             p.requires_grad_(False)
 
@@ -63,9 +64,12 @@ class AdaptedModel(nn.Module):
 
     def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
         """``(path, wrapper)`` for every adapter wrapper, paths relative to the base model."""
-        for path, module in self.base_model.named_modules():
-            if isinstance(module, AdapterLayer):
-                yield path, module
+        yield from list(self._layer_index.items())
+
+    def _reindex(self) -> None:
+        # wrappers only appear or go in add/_drop/_unwrap, so one walk there keeps lookups cheap
+        self._layer_index = {path: module for path, module in self.base_model.named_modules()
+                             if isinstance(module, AdapterLayer)}
 
     def add(self, config: MethodConfig, name: str = "default", *, trainable: bool = True) -> "AdaptedModel":
         """Add adapter ``name`` described by ``config``. The first adapter becomes active."""
@@ -81,8 +85,10 @@ class AdaptedModel(nn.Module):
             saved = self._wrap_modules_to_save(config, name)
             paths = spec.injector.inject(self.base_model, config, name)
         except Exception:
+            self._reindex()
             self._drop(name)
             raise
+        self._reindex()
         extra = getattr(spec.injector, "extra_trainable", None)
         extras = extra(self.base_model, config, paths) if extra else []
         self._extra_params[name] = [n for n in extras if not any(n.startswith(s + ".") for s in saved)]
@@ -139,11 +145,12 @@ class AdaptedModel(nn.Module):
             for n in layer.adapter_names:
                 for p in layer.adapter_parameters(n):
                     p.requires_grad_(n in live)
-        params = dict(self.base_model.named_parameters())
-        for n, extras in self._extra_params.items():
-            for pname in extras:
-                if pname in params:
-                    params[pname].requires_grad_(n in live)
+        if any(self._extra_params.values()):
+            params = dict(self.base_model.named_parameters())
+            for n, extras in self._extra_params.items():
+                for pname in extras:
+                    if pname in params:
+                        params[pname].requires_grad_(n in live)
 
     def set_trainable(self, name: str, trainable: bool = True) -> None:
         """Mark adapter ``name`` as trained (its parameters get gradients while active) or frozen."""
@@ -168,6 +175,7 @@ class AdaptedModel(nn.Module):
                 layer.remove_adapter(name)
                 if not layer.adapter_names:
                     self.base_model.set_submodule(path, layer.base_layer)
+        self._reindex()
         self.configs.pop(name, None)
         self._extra_params.pop(name, None)
         self._trainable.discard(name)
@@ -232,6 +240,7 @@ class AdaptedModel(nn.Module):
                     replacement = layer.modules_to_save[n]
                     break
             self.base_model.set_submodule(path, replacement)
+        self._reindex()
         self.configs.clear()
         self._extra_params.clear()
         self.active_adapters = []

@@ -24,15 +24,19 @@ def visible_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Named modules as the user's model has them: an adapter wrapper stands for the layer it
     wraps, and the adapter's own sub-modules are not candidates."""
     out: dict[str, nn.Module] = {}
-    hidden: list[str] = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(h + ".") for h in hidden):
-            continue
-        if _is_wrapper(module):
-            hidden.append(name)
-            out[name] = module.base_layer
-        else:
-            out[name] = module
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in module._modules.items():
+            if child is None:
+                continue
+            path = f"{prefix}{name}"
+            if _is_wrapper(child):
+                out[path] = child.base_layer
+            else:
+                out[path] = child
+                walk(child, path + ".")
+
+    walk(model, "")
     return out
 
 

@@ -22,6 +22,33 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / (math.sqrt(r) if use_rslora else r)
 
 
+class _Factor(nn.Linear):
+    """A LoRA factor: an ``nn.Linear`` without bias whose weights the caller initialises (once)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+def _fan_in_uniform_(weight: torch.Tensor) -> None:
+    # nn.Linear's default (Kaiming-uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    bound = 1.0 / math.sqrt(weight[0].numel())
+    with torch.no_grad():
+        weight.uniform_(-bound, bound)
+
+
+def _init_factors(a: torch.Tensor, b: torch.Tensor, r: int, init: str) -> None:
+    """A Kaiming-uniform (or N(0, 1/r) for "gaussian"); B zero, or random for "random"."""
+    with torch.no_grad():
+        if init == "gaussian":
+            a.normal_(std=1.0 / r)
+        else:
+            _fan_in_uniform_(a)
+        if init == "random":
+            _fan_in_uniform_(b)
+        else:
+            b.zero_()
+
+
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     # Adapters train in fp32 even over a half-precision or quantized base.
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
@@ -74,14 +101,9 @@ class LoraLinear(LoraLayer):
                     init: str = "kaiming", use_rslora: bool = False) -> None:
         weight = self.base_layer.weight
         kw = {"device": weight.device, "dtype": _adapter_dtype(weight), "bias": False}
-        a = nn.Linear(self.in_features, r, **kw)
-        b = nn.Linear(r, self.out_features, **kw)
-        if init == "gaussian":
-            nn.init.normal_(a.weight, std=1.0 / r)
-        else:
-            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-        if init != "random":
-            nn.init.zeros_(b.weight)
+        a = _Factor(self.in_features, r, **kw)
+        b = _Factor(r, self.out_features, **kw)
+        _init_factors(a.weight, b.weight, r, init)
         self.lora_A[name], self.lora_B[name] = a, b
         self._set_hparams(name, r, alpha, dropout, use_rslora)
 
@@ -156,12 +178,7 @@ class LoraConv2d(LoraLayer):
         kw = {"device": base.weight.device, "dtype": _adapter_dtype(base.weight), "bias": False}
         a = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, **kw)
         b = nn.Conv2d(r, base.out_channels, 1, 1, **kw)
-        if init == "gaussian":
-            nn.init.normal_(a.weight, std=1.0 / r)
-        else:
-            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-        if init != "random":
-            nn.init.zeros_(b.weight)
+        _init_factors(a.weight, b.weight, r, init)
         self.lora_A[name], self.lora_B[name] = a, b
         self._set_hparams(name, r, alpha, dropout, use_rslora)
 

@@ -1,0 +1,101 @@
+"""Shared measurement helpers for the benchmarks: machine facts, interleaved timing, peak RSS.
+
+Every benchmark reports ratios against a reference measured in the same run, never absolute
+seconds alone: machines here differ (AVX2 only vs AMX with native bf16).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import peft
+    import transformers
+
+    info = {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    return info
+
+
+def bf16_is_native(device: str) -> bool:
+    """bf16 autocast pays off on CUDA and on CPUs with AVX512-BF16/AMX, and is slow elsewhere."""
+    return device == "cuda" or bool(torch.cpu._is_avx512_bf16_supported())
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved_medians(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 2,
+                        device: str = "cpu") -> dict[str, float]:
+    """Median seconds per call of each function, run round-robin so drift hits all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_mib() -> float:
+    """Current resident set size of this process, MiB."""
+    return _status_mib("VmRSS")
+
+
+def reset_peak_rss() -> None:
+    """Restart peak-RSS tracking from the current size (Linux: write 5 to clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size since the last :func:`reset_peak_rss`, MiB."""
+    return _status_mib("VmHWM")
+
+
+def run_probe(script: str, *args: str) -> dict:
+    """Run ``script --probe ARGS`` in a fresh interpreter and return the JSON it prints last.
+
+    Peak memory can only be compared across variants in separate processes.
+    """
+    out = subprocess.run([sys.executable, script, "--probe", *args], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])

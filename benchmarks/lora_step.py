@@ -1,0 +1,165 @@
+"""One LoRA training step on the embedded MiniLM, deltatune vs HF peft, side by side.
+
+Batch 32 x 128 tokens, LoRA r=8 on q and v, AdamW. Times fp32 and, where the hardware has it
+natively, bf16 autocast; also the frozen-model lower bound (forward + activation gradients, no
+adapter), peak memory of a step (each variant in its own process), and adapter load time.
+Prints one JSON line with the ratios.
+
+    python benchmarks/lora_step.py [--rounds 5] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (bf16_is_native, interleaved_medians, machine, peak_rss_mib, reset_peak_rss,  # noqa: E402
+                    rss_mib, run_probe)
+
+import transformers  # noqa: E402
+
+import deltatune as dt  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+VARIANTS = ("deltatune", "peft", "frozen")
+BATCH, LENGTH, RANK, ALPHA = 32, 128, 8, 16
+
+
+def base_model(device: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return dt.load_model("minilm", num_labels=2).to(device)
+
+
+def adapt(base: torch.nn.Module, variant: str) -> torch.nn.Module:
+    """The model a variant trains: deltatune LoRA, peft LoRA, or the frozen base (lower bound)."""
+    if variant == "deltatune":
+        return dt.attach(base, dt.LoraConfig(r=RANK, alpha=ALPHA, targets=["q", "v"]))
+    if variant == "peft":
+        import peft
+        return peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["query", "value"],
+                                                         task_type="SEQ_CLS"))
+    for p in base.parameters():
+        p.requires_grad_(False)
+    # gradients must still flow through every block, as they do for LoRA on the first layer
+    base.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_())
+    return base
+
+
+def batch(device: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 30000, (BATCH, LENGTH), generator=g)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "labels": torch.randint(0, 2, (BATCH,), generator=g).to(device)}
+
+
+def make_step(model: torch.nn.Module, data: dict, device: str, precision: str):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    model.train()
+
+    def step() -> None:
+        ctx = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+        with ctx:
+            loss = model(**data).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return step
+
+
+def time_steps(device: str, precision: str, rounds: int) -> dict:
+    data = batch(device)
+    steps = {v: make_step(adapt(base_model(device), v), data, device, precision) for v in VARIANTS}
+    med = interleaved_medians(steps, rounds=rounds, device=device)
+    return {
+        "deltatune_s": round(med["deltatune"], 4), "peft_s": round(med["peft"], 4), "frozen_s": round(med["frozen"], 4),
+        "ratio_vs_peft": round(med["deltatune"] / med["peft"], 3),
+        "ratio_vs_frozen": round(med["deltatune"] / med["frozen"], 3),
+        "peft_ratio_vs_frozen": round(med["peft"] / med["frozen"], 3),
+    }
+
+
+def probe(variant: str, device: str, precision: str) -> None:
+    """Child process: peak memory a step adds on top of the loaded model, MiB."""
+    step = make_step(adapt(base_model(device), variant), batch(device), device, precision)
+    step()  # first step allocates optimizer state and warms the allocator
+    before = rss_mib()
+    reset_peak_rss()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        step()
+    out = {"step_peak_mib": round(peak_rss_mib() - before, 1), "rss_mib": round(before, 1)}
+    if device == "cuda":
+        out["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    print(json.dumps(out))
+
+
+def adapter_load_times(device: str, repeats: int = 10) -> dict:
+    """Median ms to load a saved r=8 q,v adapter: onto a fresh base, and into a loaded model."""
+    import peft
+
+    reference = base_model(device)
+    with tempfile.TemporaryDirectory() as ours_dir, tempfile.TemporaryDirectory() as peft_dir:
+        adapt(copy.deepcopy(reference), "deltatune").save(ours_dir)
+        adapt(copy.deepcopy(reference), "peft").save_pretrained(peft_dir)
+        bases = [copy.deepcopy(reference) for _ in range(2 * repeats)]
+        fresh, fresh_peft = [], []
+        for i in range(repeats):
+            start = time.perf_counter()
+            dt.load(bases[2 * i], ours_dir)
+            fresh.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            peft.PeftModel.from_pretrained(bases[2 * i + 1], peft_dir)
+            fresh_peft.append(time.perf_counter() - start)
+        serving = dt.load(reference, ours_dir)
+        into = []
+        for i in range(repeats):
+            start = time.perf_counter()
+            serving.load(ours_dir, name=f"extra{i}")
+            into.append(time.perf_counter() - start)
+            serving.remove(f"extra{i}")
+    ms = {k: 1000 * statistics.median(v) for k, v in
+          {"fresh": fresh, "fresh_peft": fresh_peft, "into_loaded": into}.items()}
+    return {"deltatune_fresh_base_ms": round(ms["fresh"], 2), "peft_fresh_base_ms": round(ms["fresh_peft"], 2),
+            "ratio_vs_peft": round(ms["fresh"] / ms["fresh_peft"], 3),
+            "deltatune_into_loaded_model_ms": round(ms["into_loaded"], 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--probe", nargs=3, metavar=("VARIANT", "DEVICE", "PRECISION"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe:
+        probe(*args.probe)
+        return
+    result: dict = {"benchmark": "lora_step", "batch": BATCH, "length": LENGTH, "rank": RANK,
+                    "device": args.device, "machine": machine()}
+    precisions = ["fp32"] + (["bf16"] if bf16_is_native(args.device) else [])
+    if "bf16" not in precisions:
+        result["bf16"] = {"skipped": "no native bf16 on this CPU (bf16 autocast would be ~20x slower)"}
+    for precision in precisions:
+        timing = time_steps(args.device, precision, args.rounds)
+        peaks = {v: run_probe(__file__, v, args.device, precision) for v in ("deltatune", "peft")}
+        timing["step_peak_mib"] = {v: peaks[v]["step_peak_mib"] for v in peaks}
+        timing["memory_ratio_vs_peft"] = round(peaks["deltatune"]["step_peak_mib"] / peaks["peft"]["step_peak_mib"], 3)
+        result[precision] = timing
+    result["adapter_load"] = adapter_load_times(args.device)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
