@@ -170,3 +170,44 @@ class ModulesToSave(AdapterLayer):
 
     def unmerge(self) -> None:
         pass
+
+
+class ModelAdapter(nn.Module):
+    """An adapter that lives at the model level instead of inside one layer (soft prompts,
+    prefixes). While it is active, :class:`AdaptedModel` passes every call's keyword arguments
+    through :meth:`transform_inputs` and the result through :meth:`transform_outputs`.
+
+    Methods subclass it and return one from their injector's ``build_model_adapter``.
+    """
+
+    mergeable: ClassVar[bool] = False
+
+    def transform_inputs(self, base_model: nn.Module, kwargs: dict) -> dict:
+        """The keyword arguments the base model's forward gets (e.g. with prompts prepended)."""
+        return kwargs
+
+    def transform_generate_inputs(self, base_model: nn.Module, kwargs: dict) -> dict:
+        """The keyword arguments ``generate`` gets; by default the same as for forward."""
+        return self.transform_inputs(base_model, kwargs)
+
+    def transform_outputs(self, base_model: nn.Module, outputs, kwargs: dict):
+        """The forward's outputs as the caller sees them (e.g. prompt positions removed)."""
+        return outputs
+
+    def file_state(self) -> dict[str, torch.Tensor]:
+        """Tensors to save, keyed as HF PEFT names them (e.g. ``prompt_embeddings``)."""
+        return {}
+
+    def load_file_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy saved tensors back in, after checking keys and shapes."""
+        current = self.file_state()
+        if set(current) != set(tensors):
+            raise AdapterFileError(f"adapter file has {sorted(tensors)} for the {type(self).__name__}, "
+                                   f"which expects {sorted(current)}")
+        for key, value in tensors.items():
+            if tuple(value.shape) != tuple(current[key].shape):
+                raise AdapterFileError(f"{type(self).__name__}: {key} has shape {tuple(value.shape)} in the file "
+                                       f"but {tuple(current[key].shape)} in the model")
+        with torch.no_grad():
+            for key, value in tensors.items():
+                current[key].copy_(value.to(dtype=current[key].dtype))

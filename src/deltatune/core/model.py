@@ -10,7 +10,7 @@ from torch import nn
 from deltatune.core import registry
 from deltatune.core.archspec import classification_head_names, task_type_of
 from deltatune.core.config import MethodConfig
-from deltatune.core.layer import AdapterLayer, ModulesToSave
+from deltatune.core.layer import AdapterLayer, ModelAdapter, ModulesToSave
 from deltatune.core.report import format_report
 from deltatune.core.targets import compact_targets, visible_modules
 from deltatune.errors import AdapterError, ConfigError, TargetError
@@ -34,15 +34,45 @@ class AdaptedModel(nn.Module):
         self._extra_params: dict[str, list[str]] = {}
         self._trainable: set[str] = set()
         self._layer_index: dict[str, AdapterLayer] = {}
+        #: per-adapter modules that act on the whole call (prompt encoders), by adapter name
+        self.model_adapters = nn.ModuleDict()
+        self._adapters_disabled = False
         for p in base_model.parameters():
             p.requires_grad_(False)
 
     # --- calls ----------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+        live = self._live_model_adapters()
+        if not live:
+            return self.base_model(*args, **kwargs)
+        kwargs = self._as_keywords(args, kwargs)
+        for adapter in live:
+            kwargs = adapter.transform_inputs(self.base_model, kwargs)
+        outputs = self.base_model(**kwargs)
+        for adapter in live:
+            outputs = adapter.transform_outputs(self.base_model, outputs, kwargs)
+        return outputs
 
     def generate(self, *args, **kwargs):
+        live = self._live_model_adapters()
+        if live:
+            kwargs = self._as_keywords(args, kwargs)
+            args = ()
+            for adapter in live:
+                kwargs = adapter.transform_generate_inputs(self.base_model, kwargs)
         return self.base_model.generate(*args, **kwargs)
+
+    def _live_model_adapters(self) -> list[ModelAdapter]:
+        if self._adapters_disabled:
+            return []
+        return [self.model_adapters[n] for n in self.active_adapters if n in self.model_adapters]
+
+    @staticmethod
+    def _as_keywords(args: tuple, kwargs: dict) -> dict:
+        # model adapters rewrite inputs by name; a positional first argument is input_ids
+        if len(args) > 1:
+            raise TypeError("pass inputs by keyword (input_ids=..., attention_mask=...) when a prompt adapter is active")
+        return {"input_ids": args[0], **kwargs} if args else dict(kwargs)
 
     def __getattr__(self, name: str):
         try:
@@ -89,6 +119,10 @@ class AdaptedModel(nn.Module):
             self._drop(name)
             raise
         self._reindex()
+        build = getattr(spec.injector, "build_model_adapter", None)
+        model_adapter = build(self.base_model, config, name) if build else None
+        if model_adapter is not None:
+            self.model_adapters[name] = model_adapter
         extra = getattr(spec.injector, "extra_trainable", None)
         extras = extra(self.base_model, config, paths) if extra else []
         self._extra_params[name] = [n for n in extras if not any(n.startswith(s + ".") for s in saved)]
@@ -141,6 +175,9 @@ class AdaptedModel(nn.Module):
 
     def _refresh_trainable(self) -> None:
         live = {n for n in self.active_adapters if n in self._trainable}
+        for n, adapter in self.model_adapters.items():
+            for p in adapter.parameters():
+                p.requires_grad_(n in live)
         for _, layer in self.adapter_layers():
             for n in layer.adapter_names:
                 for p in layer.adapter_parameters(n):
@@ -176,6 +213,8 @@ class AdaptedModel(nn.Module):
                 if not layer.adapter_names:
                     self.base_model.set_submodule(path, layer.base_layer)
         self._reindex()
+        if name in self.model_adapters:
+            del self.model_adapters[name]
         self.configs.pop(name, None)
         self._extra_params.pop(name, None)
         self._trainable.discard(name)
@@ -188,9 +227,11 @@ class AdaptedModel(nn.Module):
         for layer in layers:
             layer.unmerge()
             layer.adapters_disabled = True
+        self._adapters_disabled = True
         try:
             yield self
         finally:
+            self._adapters_disabled = False
             for layer in layers:
                 layer.adapters_disabled = False
                 if merged[id(layer)]:
@@ -202,6 +243,9 @@ class AdaptedModel(nn.Module):
         names = self.active_adapters if names is None else ([names] if isinstance(names, str) else list(names))
         for n in names:
             self._check(n)
+            if n in self.model_adapters:
+                raise AdapterError(f"adapter {n!r} ({type(self.configs[n]).__name__}) acts on the inputs, "
+                                   f"not on weights, and cannot be merged")
         layers = [(p, layer) for p, layer in self.adapter_layers() if set(names) & set(layer.adapter_names)]
         for path, layer in layers:
             if not layer.mergeable and not isinstance(layer, ModulesToSave):
@@ -241,6 +285,7 @@ class AdaptedModel(nn.Module):
                     break
             self.base_model.set_submodule(path, replacement)
         self._reindex()
+        self.model_adapters = nn.ModuleDict()
         self.configs.clear()
         self._extra_params.clear()
         self.active_adapters = []

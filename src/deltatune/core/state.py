@@ -33,9 +33,12 @@ def adapter_tensors(model: "AdaptedModel", name: str) -> dict[str, torch.Tensor]
     for path, layer in model.adapter_layers():
         if name in layer.adapter_names:
             out.update({f"{KEY_PREFIX}{path}.{k}": v for k, v in layer.adapter_state(name).items()})
-    params = dict(model.base_model.named_parameters())
-    for pname in model._extra_params.get(name, []):
-        out[KEY_PREFIX + pname] = params[pname]
+    if name in model.model_adapters:
+        out.update(model.model_adapters[name].file_state())
+    extras = model._extra_params.get(name, [])
+    if extras:
+        params = dict(model.base_model.named_parameters())
+        out.update({KEY_PREFIX + pname: params[pname] for pname in extras})
     return out
 
 
@@ -104,10 +107,14 @@ def _split_by_layer(model: "AdaptedModel", name: str, tensors: dict[str, torch.T
     extras = set(model._extra_params.get(name, []))
     per_layer: dict[str, dict[str, torch.Tensor]] = {p: {} for p, layer in layers.items() if name in layer.adapter_names}
     extra_values: dict[str, torch.Tensor] = {}
+    model_level: dict[str, torch.Tensor] = {}
     stray: list[str] = []
     for key, value in tensors.items():
         if not key.startswith(KEY_PREFIX):
-            stray.append(key)
+            if name in model.model_adapters:
+                model_level[key] = value
+            else:
+                stray.append(key)
             continue
         rel = key[len(KEY_PREFIX):]
         if rel in extras:
@@ -124,7 +131,7 @@ def _split_by_layer(model: "AdaptedModel", name: str, tensors: dict[str, torch.T
     if stray:
         raise AdapterFileError(f"the adapter file has {len(stray)} tensors that fit no adapted layer of this "
                                f"model, e.g. {stray[:3]}: it was made for another base model or config")
-    return per_layer, extra_values
+    return per_layer, extra_values, model_level
 
 
 def load_adapter(model: "AdaptedModel", directory: str | os.PathLike, name: str, *, trainable: bool = False) -> None:
@@ -137,10 +144,12 @@ def load_adapter(model: "AdaptedModel", directory: str | os.PathLike, name: str,
     config = spec.config_cls.from_dict(data)
     model.add(config, name, trainable=trainable)
     try:
-        per_layer, extra_values = _split_by_layer(model, name, tensors)
+        per_layer, extra_values, model_level = _split_by_layer(model, name, tensors)
         layers = dict(model.adapter_layers())
         for path, layer_tensors in per_layer.items():
             layers[path].load_adapter_state(name, layer_tensors, where=path)
+        if name in model.model_adapters:
+            model.model_adapters[name].load_file_state(model_level)
         missing = sorted(set(model._extra_params.get(name, [])) - set(extra_values))
         if missing:
             raise AdapterFileError(f"the adapter file lacks the trained biases {missing[:3]}")

@@ -1,3 +1,9 @@
-"""PEFT methods. Importing this package registers every method with the core registry."""
+"""PEFT methods, one sub-package each. Importing this package imports every sub-package, and each
+registers its method with :mod:`deltatune.core.registry` on import."""
 
-from deltatune.methods import lora  # noqa: F401  (registers "lora")
+import importlib
+import pkgutil
+
+for _info in pkgutil.iter_modules(__path__):
+    if _info.ispkg:
+        importlib.import_module(f"{__name__}.{_info.name}")
