@@ -15,11 +15,13 @@ from deltatune.core.models import ModelSource, load_model, load_tokenizer, resol
 from deltatune.errors import (AdapterError, AdapterFileError, ConfigError, DeltatuneError, ModelNotFoundError,
                               TargetError)
 from deltatune.methods.lora import LoraConfig
+from deltatune.quant import prepare_for_kbit_training, quantization_report, quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attach", "load", "AdaptedModel", "MethodConfig", "LoraConfig", "BASE_ADAPTER",
     "resolve_model", "load_model", "load_tokenizer", "ModelSource",
+    "quantize", "prepare_for_kbit_training", "quantization_report",
     "DeltatuneError", "ConfigError", "TargetError", "AdapterError", "AdapterFileError", "ModelNotFoundError",
 ]

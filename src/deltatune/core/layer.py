@@ -121,6 +121,9 @@ class AdapterLayer(nn.Module):
             if name in self.merged_adapters:
                 raise AdapterError(f"adapter {name!r} is already merged; call unmerge() first")
         weight = self._base_weight()
+        if not weight.is_floating_point():
+            raise AdapterError(f"a {type(self.base_layer).__name__} layer is quantized and cannot absorb an adapter "
+                               f"exactly in place; use merge_and_unload(), which dequantizes first")
         with torch.no_grad():
             for name in names:
                 if name not in self.adapter_names:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator, Sequence
 
 from torch import nn
@@ -11,6 +12,7 @@ from deltatune.core import registry
 from deltatune.core.archspec import classification_head_names, task_type_of
 from deltatune.core.config import MethodConfig
 from deltatune.core.layer import AdapterLayer, ModelAdapter, ModulesToSave
+from deltatune.core.quantized import handler_for
 from deltatune.core.report import format_report
 from deltatune.core.targets import compact_targets, visible_modules
 from deltatune.errors import AdapterError, ConfigError, TargetError
@@ -265,11 +267,42 @@ class AdaptedModel(nn.Module):
     def merged(self) -> bool:
         return any(layer.merged_adapters for _, layer in self.adapter_layers())
 
-    def merge_and_unload(self) -> nn.Module:
-        """Merge the active adapters and return the plain base model (heads: the trained copy)."""
+    def merge_and_unload(self, requantize: bool = False) -> nn.Module:
+        """Merge the active adapters and return the plain base model (heads: the trained copy).
+
+        Quantized (k-bit) layers are dequantized first, so the result is a full-precision model.
+        ``requantize=True`` quantizes the merged layers again, which loses accuracy: the
+        quantization error now also hits the learned update.
+        """
+        dequantized = self._dequantize_adapted_layers()
+        if requantize and dequantized:
+            warnings.warn("re-quantizing merged weights adds quantization error to the learned update; "
+                          "compare its outputs before relying on it", stacklevel=2)
         if not self.merged:
             self.merge()
-        return self._unwrap(keep_trained_heads=True)
+        model = self._unwrap(keep_trained_heads=True)
+        for path, original in dequantized.items():
+            if requantize:
+                model.set_submodule(path, handler_for(original).requantize(model.get_submodule(path), original))
+        if not requantize:
+            for path, module in list(model.named_modules()):
+                handler = handler_for(module)
+                if handler is not None:
+                    model.set_submodule(path, handler.dequantize(module))
+        return model
+
+    def _dequantize_adapted_layers(self) -> dict[str, nn.Module]:
+        """Swap each adapted quantized base layer for its full-precision twin; returns the originals."""
+        originals: dict[str, nn.Module] = {}
+        for path, layer in self.adapter_layers():
+            handler = handler_for(layer.base_layer)
+            if handler is None or not layer.mergeable:
+                continue
+            if layer.merged_adapters:
+                raise AdapterError(f"{path} is quantized and merged in place; unmerge() first")
+            originals[path] = layer.base_layer
+            layer.base_layer = handler.dequantize(layer.base_layer)
+        return originals
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the original base model."""
@@ -294,10 +327,13 @@ class AdaptedModel(nn.Module):
     # --- reporting and files --------------------------------------------------------------
     def parameter_counts(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts, adapters included in the total."""
+        # a quantized weight packs several parameters per element: count the layer's real size
+        packed = {id(m.weight): m.in_features * m.out_features for m in self.modules() if handler_for(m) is not None}
         total = trainable = 0
         for p in self.parameters():
-            total += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
+            n = packed.get(id(p), p.numel())
+            total += n
+            trainable += n if p.requires_grad else 0
         return trainable, total
 
     def report(self) -> str:

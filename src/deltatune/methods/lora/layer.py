@@ -92,8 +92,10 @@ class LoraLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)
-        rows, cols = base_layer.weight.shape
-        self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:  # not weight.shape: a quantized layer's weight is packed
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
