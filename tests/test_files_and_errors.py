@@ -123,6 +123,7 @@ def test_a_failed_load_leaves_an_adapted_model_exactly_as_before(folder, tmp_pat
     assert after == before
     model.load(tmp_path / "good", name="second")  # the name was not left taken
     assert model.adapter_names == ["default", "second"]
+    assert model.active_adapters == ["default"], "a loaded second adapter must not become active by itself"
 
 
 def test_rank_mismatch_names_the_layer_and_both_shapes(folder):
@@ -270,6 +271,24 @@ def test_removing_the_active_adapter_leaves_a_valid_state(merged):
     assert_same(logits(model, batch), logits(LLAMA.base(), batch), atol=1e-5)
     with pytest.raises(dt.AdapterError, match="'a'"):
         model.use("a")
+
+
+def test_merge_and_unload_bakes_in_only_the_active_adapter():
+    batch = LLAMA.batch()
+    model = two_adapters(LLAMA).use("b")
+    expected = logits(holding_only(LLAMA, model, "b"), batch)
+    plain = model.merge_and_unload()
+    assert module_types(plain) == module_types(LLAMA.base())
+    assert_same(logits(plain, batch), expected, atol=1e-5)
+
+
+def test_saving_while_merged_writes_the_same_adapter(tmp_path):
+    batch = BERT.batch()
+    model = bert_adapter()
+    expected = logits(model, batch)
+    model.merge()
+    model.save(tmp_path)
+    assert_same(logits(dt.load(BERT.base(), tmp_path).eval(), batch), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("misuse", [

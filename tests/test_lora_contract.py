@@ -12,6 +12,7 @@ peft's layers holding the same weights.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -180,6 +181,54 @@ def test_trainable_count_equals_peft(case):
     peft_trainable, peft_total = theirs.get_nb_trainable_parameters()
     assert ours.parameter_counts() == (peft_trainable, peft_total)
     assert f"trainable {peft_trainable:,} of {peft_total:,}" in ours.report()
+
+
+def test_disabled_restores_the_adapter_after_an_exception():
+    toy = TOYS["llama"]
+    batch = toy.batch()
+    model = CASES["llama-qv"].adapted()
+    expected = logits(model, batch)
+    with pytest.raises(RuntimeError, match="inside"):
+        with model.disabled():
+            raise RuntimeError("inside the block")
+    assert_same(logits(model, batch), expected)
+
+
+def test_empty_modules_to_save_turns_the_automatic_head_copy_off():
+    model = dt.attach(TOYS["bert"].base(), dt.LoraConfig(r=R, targets=["q"], modules_to_save=[]))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(is_lora_param(n) for n in trainable)
+    assert module_types(model.base_model.classifier) == module_types(TOYS["bert"].base().classifier)
+
+
+def test_report_lists_every_adapted_module_and_the_counts():
+    model = CASES["bert-qv"].adapted()
+    report = model.report()
+    for path in lora_paths(model) + ["classifier"]:
+        assert re.search(rf"^{re.escape(path)}\s", report, re.MULTILINE), path
+    trainable, total = model.parameter_counts()
+    assert f"trainable {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)" in report
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_a_loaded_adapter_trains_only_when_asked(trainable, tmp_path):
+    CASES["llama-qv"].adapted().save(tmp_path)
+    model = dt.load(TOYS["llama"].base(), tmp_path, trainable=trainable)
+    lora = [p for n, p in model.named_parameters() if is_lora_param(n)]
+    assert lora and all(p.requires_grad == trainable for p in lora)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if not is_lora_param(n))
+
+
+def test_half_precision_base_keeps_its_dtype_and_trains_the_adapter():
+    toy = TOYS["llama"]
+    base = toy.base().to(torch.bfloat16)
+    model = dt.attach(base, dt.LoraConfig(r=R, alpha=ALPHA, init="random", targets="all-linear")).train()
+    out = model(**toy.loss_batch())
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    lora = [p for n, p in model.named_parameters() if is_lora_param(n)]
+    assert lora and all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora)
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if not is_lora_param(n))
 
 
 def test_merging_a_lora_on_tied_input_embeddings_keeps_the_outputs():

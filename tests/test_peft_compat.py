@@ -62,6 +62,15 @@ CASES = {
                               {"target_modules": ["word_embeddings", "query"]}),
     "llama-embeddings": Compat(TOYS["llama"], {"targets": ["embed_tokens", "o"]},
                                {"target_modules": ["embed_tokens", "o_proj"]}),
+    # BERT's "down" is the layer's output.dense but not attention.output.dense: peft needs a regex
+    "bert-down-as-regex": Compat(TOYS["bert"], {"targets": ["down"]},
+                                 {"target_modules": r".*\.layer\.\d+\.output\.dense"}),
+    "bert-all-linear-exclude": Compat(TOYS["bert"], {"targets": "all-linear", "exclude": ["key"]},
+                                      {"target_modules": "all-linear", "exclude_modules": ["key"]}),
+    "llama-one-layer-as-int": Compat(TOYS["llama"], {"targets": ["q", "v"], "layers": 2},
+                                     {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": 2}),
+    "llama-lm-head-saved": Compat(TOYS["llama"], {"targets": ["q"], "modules_to_save": ["lm_head"]},
+                                  {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}),
 }
 
 
@@ -118,6 +127,19 @@ def test_peft_folder_loads_in_deltatune_with_identical_outputs(case, tmp_path):
     loaded = dt.load(case.toy.base(), tmp_path).eval()
     assert_same(logits(loaded, batch), expected)
     assert lora_paths(loaded) == lora_paths(reference.base_model.model)
+
+
+def test_the_same_parameters_train_as_in_peft_and_all_get_gradients(case):
+    model = dt.attach(case.toy.base(), dt.LoraConfig(r=R, alpha=ALPHA, init="random", **case.dt_kwargs)).train()
+    reference = theirs(case)
+    trainable = {n.removeprefix("base_model."): p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(trainable) == {n.removeprefix("base_model.model.") for n, p in reference.named_parameters()
+                              if p.requires_grad}
+    assert model.parameter_counts() == reference.get_nb_trainable_parameters()
+
+    model(**case.toy.loss_batch()).loss.backward()
+    assert sorted(n for n, p in trainable.items() if p.grad is None) == []
+    assert sorted(n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None) == []
 
 
 def test_saved_files_use_peft_key_and_field_names(tmp_path):
