@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/lora_roundtrip.py
+	$(PY) -m deltatune demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

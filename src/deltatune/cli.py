@@ -1,0 +1,158 @@
+"""The ``deltatune`` command: ``train``, ``eval``, ``merge``, ``inspect``, ``demo``, ``recipes``.
+
+Each subcommand is a function registered with :func:`command`: it declares its arguments and
+runs; adding one (``serve``, ``sweep`` ...) is one more decorated function. Errors deltatune
+raises on purpose print as one line, without a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from deltatune.errors import DeltatuneError
+
+Setup = Callable[[argparse.ArgumentParser], None]
+_COMMANDS: list[tuple[str, str, Setup, Callable[[argparse.Namespace], int | None]]] = []
+
+
+def command(name: str, help: str, setup: Setup = lambda p: None):
+    """Register ``name``: ``setup(parser)`` adds its arguments, the decorated function runs it."""
+    def register(run: Callable[[argparse.Namespace], int | None]):
+        _COMMANDS.append((name, help, setup, run))
+        return run
+    return register
+
+
+# --- train ---------------------------------------------------------------------------------
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file, or a built-in recipe name (see `deltatune recipes`)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE",
+                   help="change a recipe value, e.g. --set train.lr=1e-3 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete a previous run in the output folder first")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+@command("train", "fine-tune a model from a recipe", _train_args)
+def _train(args: argparse.Namespace) -> None:
+    from deltatune.train import train
+
+    train(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+
+
+# --- eval ----------------------------------------------------------------------------------
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", help="adapter folder (e.g. runs/sst2-lora/adapter)")
+    p.add_argument("--data", required=True, help="data file to evaluate on (.tsv .csv .jsonl .json .txt)")
+    p.add_argument("--model", help="base model alias or folder (default: the one the adapter records), "
+                                    "or a plain model folder to evaluate without an adapter")
+    p.add_argument("--task", help="seq-cls, token-cls, causal-lm or seq2seq (default: the adapter's)")
+    p.add_argument("--text", help="field holding the input text (default: the training recipe's, else 'text')")
+    p.add_argument("--label", help="field holding the label (default: the training recipe's, else 'label')")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int)
+
+
+@command("eval", "print an adapter's metrics on a data file as one JSON line", _eval_args)
+def _eval(args: argparse.Namespace) -> None:
+    from deltatune.train.evaluate import evaluate
+
+    result = evaluate(args.data, args.adapter, args.model, args.task, args.text, args.label,
+                      args.batch_size, args.max_length)
+    print(json.dumps(result))
+
+
+# --- merge, inspect --------------------------------------------------------------------------
+
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="adapter folder")
+    p.add_argument("--out", required=True, help="folder for the merged model (save_pretrained format)")
+    p.add_argument("--model", help="base model alias or folder (default: the one the adapter records)")
+
+
+@command("merge", "bake an adapter into its base model and save the plain model", _merge_args)
+def _merge(args: argparse.Namespace) -> None:
+    from deltatune.train.adapter_tools import merge_adapter
+
+    print(f"merged model written to {merge_adapter(args.adapter, args.out, args.model)}")
+
+
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="adapter folder")
+    p.add_argument("--json", action="store_true", help="print the facts as JSON")
+
+
+@command("inspect", "show an adapter's method, targets, parameter count and base model", _inspect_args)
+def _inspect(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from deltatune.train.adapter_tools import inspect_adapter
+
+    info = inspect_adapter(args.adapter)
+    print(json.dumps(asdict(info), default=str) if args.json else "\n".join(info.lines()))
+
+
+# --- demo, recipes ---------------------------------------------------------------------------
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="output folder (replaced on each run)")
+
+
+@command("demo", "LoRA fine-tune of the embedded MiniLM on a small SST-2 sample", _demo_args)
+def _demo(args: argparse.Namespace) -> None:
+    from deltatune.train.demo import run_demo
+
+    run_demo(args.out)
+
+
+def _recipes_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="print this built-in recipe")
+
+
+@command("recipes", "list the built-in recipes, or print one", _recipes_args)
+def _recipes(args: argparse.Namespace) -> None:
+    from deltatune.train.recipe import builtin_names, read_data
+    import yaml
+
+    if args.name:
+        print(yaml.safe_dump(read_data(args.name), sort_keys=False), end="")
+    else:
+        print("\n".join(builtin_names()))
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from deltatune import __version__
+
+    parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning "
+                                     "for Hugging Face transformers models.")
+    parser.add_argument("--version", action="version", version=f"deltatune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text, setup, run in _COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        setup(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 a deltatune error, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except DeltatuneError as exc:
+        print(f"deltatune {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"deltatune {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

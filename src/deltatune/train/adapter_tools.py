@@ -1,0 +1,150 @@
+"""Working with a saved adapter folder: what it is (``inspect``), which base model and task it
+belongs to, and baking it into that model (``merge``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from safetensors import safe_open
+
+import deltatune as dt
+from deltatune.core import registry
+from deltatune.core.state import CONFIG_NAME, WEIGHTS_NAME, read_adapter
+from deltatune.errors import AdapterFileError, ConfigError
+from deltatune.train.files import replace_dir
+from deltatune.train.tasks import PEFT_TASKS, TASKS
+
+_HEADS = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
+
+
+@dataclass
+class AdapterInfo:
+    """The facts ``deltatune inspect`` prints."""
+
+    path: str
+    method: str
+    base_model: str | None
+    task: str | None
+    config: dict
+    parameters: int
+    tensors: int
+    bytes: int
+    run: dict | None  #: the recipe of the run that trained it, when it sits in a run folder
+
+    def lines(self) -> list[str]:
+        c = self.config
+        out = [f"adapter      {self.path}", f"method       {self.method}",
+               f"base model   {self.base_model or '(not recorded)'}", f"task         {self.task or '(not recorded)'}"]
+        if c.get("targets") is not None:
+            targets = c["targets"] if isinstance(c["targets"], str) else ", ".join(map(str, c["targets"]))
+            out.append(f"targets      {targets}")
+        if c.get("modules_to_save"):
+            out.append(f"also saves   {', '.join(c['modules_to_save'])}")
+        skip = {"targets", "modules_to_save", "task_type", "base_model"}
+        options = {k: v for k, v in c.items() if k not in skip and v not in (None, {}, [], ())}
+        if options:
+            out.append("options      " + ", ".join(f"{k}={v}" for k, v in options.items()))
+        out.append(f"parameters   {self.parameters:,} in {self.tensors} tensors ({self.bytes / 2**20:.2f} MiB on disk)")
+        if self.run:
+            out.append(f"trained by   {self.run.get('_path')} (model {self.run.get('model')}, task {self.run.get('task')})")
+        return out
+
+
+def run_recipe(adapter: str | os.PathLike) -> dict | None:
+    """The resolved recipe of the run whose output folder holds ``adapter``, if any."""
+    path = Path(adapter).resolve().parent / "recipe.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        return None
+    return {**data, "_path": str(path)} if isinstance(data, dict) else None
+
+
+def inspect_adapter(adapter: str | os.PathLike) -> AdapterInfo:
+    """Read an adapter folder's config and tensor shapes (weights are not loaded)."""
+    folder = Path(adapter)
+    config_path, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not config_path.is_file():
+        hint = ""
+        if (folder / "config.json").is_file():
+            hint = " It is a full model folder (config.json): load it with transformers' from_pretrained."
+        elif (folder / "head.safetensors").is_file():
+            hint = " It holds a trained classification head (method head-only)."
+        raise AdapterFileError(f"{folder} is not an adapter folder: it has no {CONFIG_NAME}.{hint}")
+    try:
+        data = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterFileError(f"{config_path} is not valid JSON ({exc})") from None
+    spec = registry.for_file(data)
+    config = spec.config_cls.from_dict(data)
+    values = {f.name: getattr(config, f.name) for f in fields(config)}
+    count = n = 0
+    if weights.is_file():
+        with safe_open(str(weights), framework="pt") as fh:
+            for key in fh.keys():
+                shape = fh.get_slice(key).get_shape()
+                size = 1
+                for d in shape:
+                    size *= d
+                count, n = count + size, n + 1
+    task = PEFT_TASKS.get(config.task_type) if config.task_type else None
+    return AdapterInfo(str(folder), spec.name, config.base_model, task, values, count, n,
+                       weights.stat().st_size if weights.is_file() else 0, run_recipe(folder))
+
+
+def num_labels_of(adapter: str | os.PathLike) -> int | None:
+    """The class count of a classification adapter, from its saved head's shape."""
+    weights = Path(adapter) / WEIGHTS_NAME
+    if not weights.is_file():
+        return None
+    with safe_open(str(weights), framework="pt") as fh:
+        for key in fh.keys():
+            if key.endswith(_HEADS):
+                return fh.get_slice(key).get_shape()[0]
+    return None
+
+
+def base_for(adapter: str | os.PathLike, model: str | None = None, task: str | None = None) -> tuple[str, str]:
+    """``(model, task)`` for an adapter: the arguments, else its run's recipe, else its config."""
+    info = inspect_adapter(adapter)
+    run = info.run or {}
+    model = model or run.get("model") or info.base_model
+    task = task or run.get("task") or info.task
+    if not model:
+        raise ConfigError(f"{adapter} does not record its base model; pass --model ALIAS_OR_DIR")
+    if task not in TASKS:
+        raise ConfigError(f"{adapter} does not record a task deltatune trains; pass --task ({', '.join(TASKS)})")
+    return model, task
+
+
+def load_adapted(adapter: str | os.PathLike, model: str | None = None, task: str | None = None):
+    """``(adapted model, tokenizer, task name)``: the adapter loaded onto its base model."""
+    from deltatune.train.run import quiet_load
+
+    model, task = base_for(adapter, model, task)
+    kwargs = {}
+    labels = num_labels_of(adapter)
+    if labels:
+        kwargs["num_labels"] = labels
+    base = quiet_load(model, TASKS[task].auto_class, **kwargs)
+    return dt.load(base, str(adapter)), dt.load_tokenizer(model), task
+
+
+def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, model: str | None = None) -> Path:
+    """Bake ``adapter`` into its base model and ``save_pretrained`` the result (with the
+    tokenizer) into ``out``, written whole or not at all."""
+    read_adapter(adapter)  # clear errors for a broken folder before the model loads
+    adapted, tokenizer, _ = load_adapted(adapter, model)
+    plain = adapted.merge_and_unload()
+
+    def fill(tmp: Path) -> None:
+        plain.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    replace_dir(out, fill)
+    return Path(out)

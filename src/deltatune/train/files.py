@@ -1,0 +1,79 @@
+"""Atomic file and folder writes: a temp file in the same folder, fsync, rename. A killed
+process leaves either the old file or the new one, never half of one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(target: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(temp_path)``, then move the finished file to ``target``."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(target: str | os.PathLike, text: str) -> None:
+    write_atomic(target, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+def write_json(target: str | os.PathLike, data) -> None:
+    write_text(target, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def replace_dir(target: str | os.PathLike, fill: Callable[[Path], None]) -> None:
+    """Build a folder with ``fill(temp_folder)`` and move it to ``target`` in one rename
+    (an older ``target`` is replaced)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        fill(tmp)
+        for item in tmp.rglob("*"):
+            if item.is_file():
+                with open(item, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+        fsync_dir(target.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_leftovers(folder: str | os.PathLike) -> None:
+    """Delete temp files and folders a killed run left in ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for item in folder.iterdir():
+        if item.name.startswith(".") and (item.name.endswith(".tmp") or item.name.endswith(".old")):
+            shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
