@@ -273,6 +273,26 @@ def test_removing_the_active_adapter_leaves_a_valid_state(merged):
         model.use("a")
 
 
+def test_saving_an_inactive_adapter_writes_that_adapter(tmp_path):
+    batch = BERT.batch()
+    model = two_adapters(BERT).use("a")
+    model.save(tmp_path, adapter="b")
+    assert model.active_adapters == ["a"]
+    assert_same(logits(dt.load(BERT.base(), tmp_path).eval(), batch), logits(holding_only(BERT, model, "b"), batch))
+
+
+def test_loading_an_adapter_with_trained_biases_leaves_the_other_adapter_unchanged(tmp_path):
+    toy = TOYS["gpt2"]
+    batch = toy.batch()
+    config = dt.LoraConfig(r=4, alpha=8, init="random", targets=["q"], bias="lora_only")
+    randomize(dt.attach(toy.base(), config), only=lambda n: not is_lora_param(n), seed=1).save(tmp_path)
+    model = randomize(dt.attach(toy.base(), config, name="first"), only=lambda n: not is_lora_param(n), seed=2)
+    expected = logits(model.eval(), batch)
+    model.load(tmp_path, name="second")
+    model.use("first")
+    assert_same(logits(model, batch), expected)
+
+
 def test_merge_and_unload_bakes_in_only_the_active_adapter():
     batch = LLAMA.batch()
     model = two_adapters(LLAMA).use("b")

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import deltatune as dt
-from tests.toy_models import (TOYS, Toy, assert_differs, assert_same, is_head_copy, is_lora_param, logits,
-                              lora_paths, module_types, peft_lora, randomize)
+from tests.toy_models import (TOYS, Toy, assert_differs, assert_same, is_head_copy, is_lora_param, layer_zoo,
+                              logits, lora_paths, module_types, peft_lora, randomize, zoo_input)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -183,6 +183,23 @@ def test_trainable_count_equals_peft(case):
     assert f"trainable {peft_trainable:,} of {peft_total:,}" in ours.report()
 
 
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_are_part_of_the_adapter_for_disabled_and_remove(bias):
+    """With bias training the adapter owns updated biases; disabled() must still give the base
+    output exactly, and remove() must give the base model back."""
+    toy = TOYS["gpt2"]
+    batch = toy.batch()
+    base_out = logits(toy.base(), batch)
+    model = dt.attach(toy.base(), dt.LoraConfig(r=R, alpha=ALPHA, init="random", targets=["q"], bias=bias))
+    biases = [n for n, p in model.named_parameters() if p.requires_grad and not is_lora_param(n)]
+    assert biases and all(n.endswith(".bias") for n in biases)
+    randomize(model, only=lambda n: n in biases).eval()
+    with model.disabled():
+        assert_same(logits(model, batch), base_out)
+    model.remove("default")
+    assert_same(logits(model, batch), base_out)
+
+
 def test_disabled_restores_the_adapter_after_an_exception():
     toy = TOYS["llama"]
     batch = toy.batch()
@@ -247,27 +264,6 @@ def test_merging_a_lora_on_tied_input_embeddings_keeps_the_outputs():
 
 # --- part 2: single layers against the formula and against peft ------------------------------
 
-class Layers(nn.Module):
-    """One of each layer kind LoRA wraps."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        from transformers.pytorch_utils import Conv1D
-        self.lin = nn.Linear(12, 10)
-        self.conv1d = Conv1D(10, 12)  # GPT-2's layer: weight stored [in=12, out=10]
-        self.emb = nn.Embedding(20, 6, padding_idx=0)
-        self.conv3 = nn.Conv2d(3, 5, kernel_size=3, stride=2, padding=1)
-        self.conv1 = nn.Conv2d(3, 5, kernel_size=1)
-
-    def forward(self, x):
-        return self.lin(x)
-
-
-def _layers() -> Layers:
-    torch.manual_seed(11)
-    return Layers().eval()
-
-
 def _scale(r: int, alpha: float, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
@@ -283,22 +279,18 @@ def _factors(model: dt.AdaptedModel, path: str, name: str = "default") -> tuple[
 
 
 def _attach(path: str, r: int = 3, alpha: float = 5.0, **kw) -> dt.AdaptedModel:
-    return dt.attach(_layers(), dt.LoraConfig(r=r, alpha=alpha, init="random", targets=[path], **kw)).eval()
-
-
-def _x(*shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(5))
+    return dt.attach(layer_zoo(), dt.LoraConfig(r=r, alpha=alpha, init="random", targets=[path], **kw)).eval()
 
 
 @pytest.mark.parametrize("rslora", [False, True], ids=["alpha/r", "rslora"])
 @pytest.mark.parametrize("r", [1, 4])
 def test_linear_output_and_merged_weight_match_the_formula(r, rslora):
     model = _attach("lin", r=r, alpha=6.0, use_rslora=rslora)
-    base = _layers().lin
+    base = layer_zoo().lin
     a, b = _factors(model, "lin")
     assert a.shape == (r, 12) and b.shape == (10, r)
     s = _scale(r, 6.0, rslora)
-    x = _x(2, 3, 12)
+    x = zoo_input("lin")
     expected = x @ base.weight.T + base.bias + s * (x @ a.T) @ b.T
     with torch.no_grad():
         assert_same(model.base_model.lin(x), expected, atol=1e-5)
@@ -309,11 +301,11 @@ def test_linear_output_and_merged_weight_match_the_formula(r, rslora):
 
 def test_conv1d_output_and_merged_delta_are_transposed_correctly():
     model = _attach("conv1d")
-    base = _layers().conv1d
+    base = layer_zoo().conv1d
     a, b = _factors(model, "conv1d")
     assert base.weight.shape == (12, 10) and a.shape == (3, 12) and b.shape == (10, 3)
     s = 5.0 / 3
-    x = _x(4, 12)
+    x = zoo_input("conv1d")
     expected = x @ base.weight + base.bias + s * (x @ a.T) @ b.T
     with torch.no_grad():
         assert_same(model.base_model.conv1d(x), expected, atol=1e-5)
@@ -324,7 +316,7 @@ def test_conv1d_output_and_merged_delta_are_transposed_correctly():
 
 def test_embedding_output_and_merged_weight_match_the_formula():
     model = _attach("emb")
-    base = _layers().emb
+    base = layer_zoo().emb
     a, b = _factors(model, "emb")
     assert a.shape == (3, 20) and b.shape == (6, 3)
     s = 5.0 / 3
@@ -340,13 +332,13 @@ def test_embedding_output_and_merged_weight_match_the_formula():
 @pytest.mark.parametrize("path", ["conv3", "conv1"])
 def test_conv2d_output_and_merged_weight_match_the_formula(path):
     model = _attach(path)
-    base = getattr(_layers(), path)
+    base = getattr(layer_zoo(), path)
     a, b = _factors(model, path)
     k = base.kernel_size
     assert a.shape == (3, 3, *k) and b.shape == (5, 3, 1, 1)
     s = 5.0 / 3
     delta = s * torch.einsum("or,rihw->oihw", b[:, :, 0, 0], a)
-    x = _x(2, 3, 9, 9)
+    x = zoo_input(path)
     expected = F.conv2d(x, base.weight + delta, base.bias, base.stride, base.padding)
     with torch.no_grad():
         assert_same(model.base_model.get_submodule(path)(x), expected, atol=1e-5)
@@ -367,31 +359,25 @@ def _copy_lora_into_peft(ours: dt.AdaptedModel, theirs: nn.Module) -> int:
     return copied
 
 
-@pytest.mark.parametrize("path, make_input", [
-    ("lin", lambda: _x(2, 12)),
-    ("conv1d", lambda: _x(2, 12)),
-    ("emb", lambda: torch.tensor([[0, 3, 19], [7, 7, 1]])),
-    ("conv3", lambda: _x(2, 3, 9, 9)),
-    ("conv1", lambda: _x(2, 3, 9, 9)),
-])
+@pytest.mark.parametrize("path", ["lin", "conv1d", "emb", "conv3", "conv1"])
 @pytest.mark.parametrize("rslora", [False, True], ids=["alpha/r", "rslora"])
-def test_layer_matches_peft_on_identical_weights(path, make_input, rslora):
+def test_layer_matches_peft_on_identical_weights(path, rslora):
     ours = _attach(path, use_rslora=rslora)
-    theirs = peft_lora(None, _layers(), r=3, lora_alpha=5.0, target_modules=[path], use_rslora=rslora,
+    theirs = peft_lora(None, layer_zoo(), r=3, lora_alpha=5.0, target_modules=[path], use_rslora=rslora,
                        init_lora_weights=False, fan_in_fan_out=path == "conv1d")
     assert _copy_lora_into_peft(ours, theirs) == 2
-    x = make_input()
+    x = zoo_input(path)
     with torch.no_grad():
         expected = theirs.base_model.model.get_submodule(path)(x)
-        assert_differs(expected, _layers().get_submodule(path)(x))
+        assert_differs(expected, layer_zoo().get_submodule(path)(x))
         assert_same(ours.base_model.get_submodule(path)(x), expected, atol=1e-6)
 
 
 def test_dropout_acts_on_the_lora_path_in_training_only():
-    model = dt.attach(_layers(), dt.LoraConfig(r=3, alpha=5.0, dropout=0.5, init="random", targets=["lin"]))
+    model = dt.attach(layer_zoo(), dt.LoraConfig(r=3, alpha=5.0, dropout=0.5, init="random", targets=["lin"]))
     lin = model.base_model.lin
-    x = _x(64, 12)
-    base_out = _layers().lin(x).detach()
+    x = zoo_input("lin")
+    base_out = layer_zoo().lin(x).detach()
     with torch.no_grad():
         model.eval()
         assert_same(lin(x), lin(x))

@@ -11,11 +11,12 @@ import json
 from dataclasses import dataclass
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import deltatune as dt
-from tests.toy_models import (TOYS, Toy, assert_differs, assert_same, is_lora_param, logits, lora_paths,
-                              module_types, peft_lora, randomize)
+from tests.toy_models import (TOYS, Toy, assert_differs, assert_same, is_lora_param, layer_zoo, logits, lora_paths,
+                              module_types, peft_lora, randomize, zoo_input)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -140,6 +141,27 @@ def test_the_same_parameters_train_as_in_peft_and_all_get_gradients(case):
     model(**case.toy.loss_batch()).loss.backward()
     assert sorted(n for n, p in trainable.items() if p.grad is None) == []
     assert sorted(n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None) == []
+
+
+@pytest.mark.parametrize("layer", ["conv1d", "emb", "conv3", "conv1"])
+@pytest.mark.parametrize("direction", ["deltatune-to-peft", "peft-to-deltatune"])
+def test_conv_and_embedding_folders_move_both_ways(layer, direction, tmp_path):
+    """A plain torch module (no transformers config, no task type) with Conv1D/Embedding/Conv2d."""
+    import peft
+    x = zoo_input(layer)
+    kwargs = {"r": 3, "fan_in_fan_out": layer == "conv1d"}
+    if direction == "deltatune-to-peft":
+        writer = dt.attach(layer_zoo(), dt.LoraConfig(r=3, alpha=5, init="random", targets=[layer])).eval()
+        writer.save(tmp_path)
+        reader = peft.PeftModel.from_pretrained(layer_zoo(), tmp_path).eval()
+    else:
+        writer = peft_lora(None, layer_zoo(), lora_alpha=5, target_modules=[layer], init_lora_weights=False, **kwargs)
+        writer.save_pretrained(tmp_path)
+        reader = dt.load(layer_zoo(), tmp_path).eval()
+    with torch.no_grad():
+        expected = writer(x, layer=layer)
+        assert_differs(expected, layer_zoo()(x, layer=layer))
+        assert_same(reader(x, layer=layer), expected)
 
 
 def test_saved_files_use_peft_key_and_field_names(tmp_path):

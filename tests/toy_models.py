@@ -119,6 +119,37 @@ TOYS: dict[str, Toy] = {
 }
 
 
+class LayerZoo(nn.Module):
+    """One of each layer kind LoRA wraps, outside any transformers model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+        self.lin = nn.Linear(12, 10)
+        self.conv1d = Conv1D(10, 12)  # GPT-2's layer: weight stored [in=12, out=10]
+        self.emb = nn.Embedding(20, 6, padding_idx=0)
+        self.conv3 = nn.Conv2d(3, 5, kernel_size=3, stride=2, padding=1)
+        self.conv1 = nn.Conv2d(3, 5, kernel_size=1)
+
+    def forward(self, x, layer: str = "lin"):
+        return self.get_submodule(layer)(x)
+
+
+def layer_zoo() -> LayerZoo:
+    torch.manual_seed(11)
+    return LayerZoo().eval()
+
+
+def zoo_input(layer: str) -> torch.Tensor:
+    """An input for one of the :class:`LayerZoo` layers."""
+    gen = torch.Generator().manual_seed(5)
+    if layer == "emb":
+        return torch.tensor([[0, 3, 19], [7, 7, 1]])
+    if layer.startswith("conv") and layer != "conv1d":
+        return torch.randn(2, 3, 9, 9, generator=gen)
+    return torch.randn(2, 3, 12, generator=gen)
+
+
 # --- helpers -------------------------------------------------------------------------------
 
 def logits(model: nn.Module, batch: dict) -> torch.Tensor:
