@@ -158,3 +158,54 @@ def test_quantize_rejects_bad_arguments():
         dt.quantize(tiny_llama(), bits=3)
     with pytest.raises(dt.ConfigError, match="quant_type"):
         dt.quantize(tiny_llama(), quant_type="int4")
+
+
+SHAKESPEARE = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared/data/tinyshakespeare/input.txt"
+
+
+def shakespeare_text() -> str:
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"tiny-shakespeare not found at {SHAKESPEARE} (the shared data folder is absent)")
+    return SHAKESPEARE.read_text(encoding="utf-8")
+
+
+def qlora_finetune(model, train: torch.Tensor, held: torch.Tensor, steps: int, lr: float, batch: int):
+    """Held-out loss before and after ``steps`` AdamW steps of LoRA over a 4-bit base."""
+    def held_out_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return model(input_ids=held, labels=held).loss.item()
+    before = held_out_loss()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        model.train()
+        rows = train[torch.randint(0, len(train), (batch,), generator=g)]
+        model(input_ids=rows, labels=rows).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return before, held_out_loss()
+
+
+def test_qlora_on_tiny_shakespeare_lowers_the_held_out_loss():
+    text = shakespeare_text()
+    codes = torch.tensor([ord(c) % VOCAB for c in text[:40_000]])  # characters as a toy vocabulary
+    blocks = codes[: len(codes) // 32 * 32].view(-1, 32)
+    model = dt.attach(dt.prepare_for_kbit_training(dt.quantize(tiny_llama(), bits=4), gradient_checkpointing=False),
+                      dt.LoraConfig(r=8, alpha=16, targets="all-linear"))
+    before, after = qlora_finetune(model, blocks[:-8], blocks[-8:], steps=40, lr=1e-2, batch=16)
+    assert after < before - 0.1, (before, after)  # eval mode: deterministic, so any drop is learning
+
+
+@pytest.mark.slow
+def test_qlora_smollm2_on_tiny_shakespeare_lowers_the_held_out_loss():
+    text = shakespeare_text()
+    tokenizer = dt.load_tokenizer("smollm2")
+    model = dt.load_model("smollm2", auto_class="AutoModelForCausalLM")
+    dt.prepare_for_kbit_training(dt.quantize(model, bits=4), gradient_checkpointing=False)
+    assert 4.12 < dt.quantization_report(model).bits_per_quantized_param < 4.14
+    ids = tokenizer(text[:30_000], return_tensors="pt").input_ids[0]
+    blocks = ids[: len(ids) // 64 * 64].view(-1, 64)
+    model = dt.attach(model, dt.LoraConfig(r=8, alpha=16, targets=["q", "k", "v", "o"]))
+    before, after = qlora_finetune(model, blocks[:-4], blocks[-4:], steps=10, lr=3e-4, batch=4)
+    assert after < before, (before, after)

@@ -38,6 +38,9 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.adapters_disabled = False
+        #: set during a mixed-adapter call: a callable ``routing(layer, x, *args, **kwargs)`` that
+        #: sends each row through its own adapter (see deltatune.compose.routing)
+        self.routing = None
 
     # --- bookkeeping ----------------------------------------------------------------------
     @property
@@ -163,6 +166,8 @@ class ModulesToSave(AdapterLayer):
         return dict(self.modules_to_save[name].state_dict()) if name in self.modules_to_save else {}
 
     def forward(self, *args, **kwargs):
+        if self.routing is not None:
+            return self.routing(self, *args, **kwargs)
         if not self.adapters_disabled:
             for name in self.active_adapters:
                 return self.modules_to_save[name](*args, **kwargs)

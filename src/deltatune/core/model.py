@@ -14,6 +14,7 @@ from deltatune.core.config import MethodConfig
 from deltatune.core.layer import AdapterLayer, ModelAdapter, ModulesToSave
 from deltatune.core.quantized import handler_for
 from deltatune.core.report import format_report
+from deltatune.core.routing import RowRouting
 from deltatune.core.targets import compact_targets, visible_modules
 from deltatune.errors import AdapterError, ConfigError, TargetError
 
@@ -43,7 +44,12 @@ class AdaptedModel(nn.Module):
             p.requires_grad_(False)
 
     # --- calls ----------------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        """The base model's forward with the active adapters; ``adapter_names`` (one name per
+        row, ``"__base__"`` for none) runs each row through its own adapter instead."""
+        if adapter_names is not None:
+            with self._routed(adapter_names, args, kwargs):
+                return self.base_model(*args, **kwargs)
         live = self._live_model_adapters()
         if not live:
             return self.base_model(*args, **kwargs)
@@ -55,7 +61,13 @@ class AdaptedModel(nn.Module):
             outputs = adapter.transform_outputs(self.base_model, outputs, kwargs)
         return outputs
 
-    def generate(self, *args, **kwargs):
+    def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        """The base model's ``generate``; ``adapter_names`` as in :meth:`forward`."""
+        if adapter_names is not None:
+            if kwargs.get("num_beams", 1) > 1:
+                raise AdapterError("mixed-adapter generation supports greedy and sampling, not beam search")
+            with self._routed(adapter_names, args, kwargs):
+                return self.base_model.generate(*args, **kwargs)
         live = self._live_model_adapters()
         if live:
             kwargs = self._as_keywords(args, kwargs)
@@ -63,6 +75,26 @@ class AdaptedModel(nn.Module):
             for adapter in live:
                 kwargs = adapter.transform_generate_inputs(self.base_model, kwargs)
         return self.base_model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _routed(self, adapter_names: Sequence[str], args: tuple, kwargs: dict) -> Iterator[None]:
+        names = list(adapter_names)
+        for n in set(names) - {BASE_ADAPTER}:
+            self._check(n)
+            if n in self.model_adapters:
+                raise AdapterError(f"adapter {n!r} acts on the inputs and cannot share a mixed batch")
+        if self.merged:
+            raise AdapterError("an adapter is merged into the weights: unmerge() before mixed-adapter calls")
+        first = args[0] if args else next((v for v in kwargs.values() if hasattr(v, "device")), None)
+        routing = RowRouting(names, device=first.device if first is not None else "cpu")
+        layers = [layer for _, layer in self.adapter_layers()]
+        for layer in layers:
+            layer.routing = routing
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.routing = None
 
     def _live_model_adapters(self) -> list[ModelAdapter]:
         if self._adapters_disabled:
@@ -323,6 +355,17 @@ class AdaptedModel(nn.Module):
         self._extra_params.clear()
         self.active_adapters = []
         return self.base_model
+
+    # --- many adapters (implemented in deltatune.compose, which builds on this class) -------
+    def combine(self, weights: dict[str, float], name: str, how: str = "cat", rank: int | None = None):
+        """Add adapter ``name``, the weighted combination of LoRA adapters (see compose.combine)."""
+        from deltatune.compose.combine import combine
+        return combine(self, weights, name, how=how, rank=rank)
+
+    def hot_swap(self, name: str, directory: str) -> None:
+        """Replace adapter ``name``'s weights in place from a file (see compose.swap)."""
+        from deltatune.compose.swap import hot_swap
+        hot_swap(self, name, directory)
 
     # --- reporting and files --------------------------------------------------------------
     def parameter_counts(self) -> tuple[int, int]:

@@ -102,7 +102,9 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
     return data, tensors
 
 
-def _split_by_layer(model: "AdaptedModel", name: str, tensors: dict[str, torch.Tensor]):
+def split_by_layer(model: "AdaptedModel", name: str, tensors: dict[str, torch.Tensor]):
+    """Group a file's tensors by the adapter layer of ``name`` they belong to; also returns the
+    trained base parameters (bias option) and model-level tensors. Unplaceable keys raise."""
     layers = dict(model.adapter_layers())
     extras = set(model._extra_params.get(name, []))
     per_layer: dict[str, dict[str, torch.Tensor]] = {p: {} for p, layer in layers.items() if name in layer.adapter_names}
@@ -144,7 +146,7 @@ def load_adapter(model: "AdaptedModel", directory: str | os.PathLike, name: str,
     config = spec.config_cls.from_dict(data)
     model.add(config, name, trainable=trainable)
     try:
-        per_layer, extra_values, model_level = _split_by_layer(model, name, tensors)
+        per_layer, extra_values, model_level = split_by_layer(model, name, tensors)
         layers = dict(model.adapter_layers())
         for path, layer_tensors in per_layer.items():
             layers[path].load_adapter_state(name, layer_tensors, where=path)

@@ -110,6 +110,8 @@ class LoraLinear(LoraLayer):
         self._set_hparams(name, r, alpha, dropout, use_rslora)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.routing is not None:
+            return self.routing(self, x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for name in self._unmerged_active():
             a = self.lora_A[name].weight
@@ -120,6 +122,26 @@ class LoraLinear(LoraLayer):
                                b.t().to(result.dtype), alpha=self.scaling[name])
             result = flat.view(result.shape)
         return result
+
+    def adapter_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The update adapter ``name`` adds to the base output for input ``x``."""
+        a = self.lora_A[name].weight
+        return F.linear(F.linear(self._dropped(x, name).to(a.dtype), a), self.lora_B[name].weight) * self.scaling[name]
+
+    def adapter_delta_gathered(self, x: torch.Tensor, names: tuple[str, ...], row_index: torch.Tensor) -> torch.Tensor:
+        """Per-row updates in two batched matmuls: row i uses ``names[row_index[i]]`` (no adapter
+        when the index is ``len(names)``). Smaller ranks are zero-padded, which is exact."""
+        rank = max(self.r[n] for n in names)
+        ref = self.lora_A[names[0]].weight
+        a = ref.new_zeros(len(names) + 1, rank, self.in_features)
+        b = ref.new_zeros(len(names) + 1, self.out_features, rank)
+        for i, name in enumerate(names):
+            r = self.r[name]
+            a[i, :r] = self.lora_A[name].weight * self.scaling[name]
+            b[i, :, :r] = self.lora_B[name].weight
+        rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(ref.dtype)
+        xa = torch.bmm(rows, a[row_index].transpose(1, 2))
+        return torch.bmm(xa, b[row_index].transpose(1, 2)).view(*x.shape[:-1], self.out_features)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
@@ -148,15 +170,19 @@ class LoraEmbedding(LoraLayer):
         self._set_hparams(name, r, alpha, dropout, use_rslora)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.routing is not None:
+            return self.routing(self, x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        base = self.base_layer
         for name in self._unmerged_active():
-            a = self.lora_embedding_A[name]
-            b = self.lora_embedding_B[name]
-            looked_up = F.embedding(x, a.t(), base.padding_idx, base.max_norm, base.norm_type,
-                                    base.scale_grad_by_freq, base.sparse)
-            result = result + (looked_up @ b.t()).to(result.dtype) * self.scaling[name]
+            result = result + self.adapter_delta(x, name).to(result.dtype)
         return result
+
+    def adapter_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The update adapter ``name`` adds to the embeddings of token ids ``x``."""
+        base = self.base_layer
+        looked_up = F.embedding(x, self.lora_embedding_A[name].t(), base.padding_idx, base.max_norm,
+                                base.norm_type, base.scale_grad_by_freq, base.sparse)
+        return (looked_up @ self.lora_embedding_B[name].t()) * self.scaling[name]
 
     def delta_weight(self, name: str) -> torch.Tensor:
         return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).t() * self.scaling[name]
@@ -185,11 +211,17 @@ class LoraConv2d(LoraLayer):
         self._set_hparams(name, r, alpha, dropout, use_rslora)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.routing is not None:
+            return self.routing(self, x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for name in self._unmerged_active():
-            a, b = self.lora_A[name], self.lora_B[name]
-            result = result + b(a(self._dropped(x, name).to(a.weight.dtype))).to(result.dtype) * self.scaling[name]
+            result = result + self.adapter_delta(x, name).to(result.dtype)
         return result
+
+    def adapter_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The update adapter ``name`` adds to the base convolution's output."""
+        a, b = self.lora_A[name], self.lora_B[name]
+        return b(a(self._dropped(x, name).to(a.weight.dtype))) * self.scaling[name]
 
     def delta_weight(self, name: str) -> torch.Tensor:
         b = self.lora_B[name].weight[:, :, 0, 0]

@@ -1,0 +1,9 @@
+"""Many adapters on one base: weighted combination, hot swap, an LRU adapter cache.
+
+Mixed-adapter batches are routed by :mod:`deltatune.core.routing`, since every forward passes there."""
+
+from deltatune.compose.cache import AdapterCache
+from deltatune.compose.combine import combine
+from deltatune.compose.swap import hot_swap
+
+__all__ = ["combine", "hot_swap", "AdapterCache"]

@@ -1,0 +1,65 @@
+"""An LRU cache of adapters loaded on one base model: at most ``capacity`` stay in memory."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+from deltatune.core.model import AdaptedModel
+from deltatune.errors import AdapterError
+
+
+class AdapterCache:
+    """Loads adapters on demand and evicts the least recently used one beyond ``capacity``.
+
+    ``pinned`` adapters (e.g. those named on the server's command line) are never evicted.
+    """
+
+    def __init__(self, model: AdaptedModel, capacity: int, pinned: tuple[str, ...] = ()):
+        if capacity < 1:
+            raise AdapterError(f"capacity must be at least 1, got {capacity}")
+        self.model = model
+        self.capacity = capacity
+        self.pinned = set(pinned)
+        self._order: OrderedDict[str, str | None] = OrderedDict((n, None) for n in model.adapter_names)
+        self.evictions = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._order
+
+    def names(self) -> list[str]:
+        """Loaded adapters, least recently used first."""
+        return list(self._order)
+
+    def touch(self, name: str) -> None:
+        """Mark ``name`` as just used."""
+        if name not in self._order:
+            raise AdapterError(f"adapter {name!r} is not loaded; loaded: {self.names()}")
+        self._order.move_to_end(name)
+
+    def load(self, name: str, directory: str | os.PathLike) -> list[str]:
+        """Load ``directory`` as ``name`` (a no-op if it is loaded); returns the evicted names."""
+        if name in self._order:
+            self.touch(name)
+            return []
+        self.model.load(directory, name)
+        self._order[name] = str(directory)
+        return self._evict()
+
+    def remove(self, name: str) -> None:
+        if name not in self._order:
+            raise AdapterError(f"adapter {name!r} is not loaded; loaded: {self.names()}")
+        self.model.remove(name)
+        del self._order[name]
+        self.pinned.discard(name)
+
+    def _evict(self) -> list[str]:
+        evicted = []
+        while len(self._order) > self.capacity:
+            victim = next((n for n in self._order if n not in self.pinned), None)
+            if victim is None:
+                break
+            self.remove(victim)
+            evicted.append(victim)
+            self.evictions += 1
+        return evicted

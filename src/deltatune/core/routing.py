@@ -1,0 +1,81 @@
+"""Mixed-adapter batches: each row of a batch goes through its own adapter, in one forward.
+
+Written once for every method. A layer that has ``adapter_delta(x, name)`` (an additive update,
+like LoRA) computes its base output once for the whole batch and adds each adapter's update to
+its rows; any other layer runs its own forward once per adapter on that adapter's rows. Rows
+are grouped into segments by adapter; a contiguous segment is a view, not a copy. On CUDA,
+layers with ``adapter_delta_gathered`` use one batched matmul over per-row gathered weights.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from deltatune.errors import AdapterError
+
+
+class RowRouting:
+    """Which adapter each row of the batch uses; callable as ``routing(layer, x, *args, **kw)``."""
+
+    def __init__(self, names: Sequence[str], device: torch.device | str = "cpu", gather: bool | None = None):
+        self.names = list(names)
+        rows: dict[str, list[int]] = {}
+        for i, name in enumerate(self.names):
+            rows.setdefault(name, []).append(i)
+        self.segments: dict[str, slice | torch.Tensor] = {}
+        for name, idx in rows.items():
+            contiguous = idx == list(range(idx[0], idx[-1] + 1))
+            self.segments[name] = slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx, device=device)
+        self.gather = torch.device(device).type == "cuda" if gather is None else gather
+        self._row_index: dict[tuple[str, ...], torch.Tensor] = {}
+        self.device = device
+
+    def row_index(self, names: tuple[str, ...]) -> torch.Tensor:
+        """Per row, the position of its adapter in ``names`` (``len(names)`` for no adapter)."""
+        if names not in self._row_index:
+            position = {n: i for i, n in enumerate(names)}
+            self._row_index[names] = torch.tensor([position.get(n, len(names)) for n in self.names],
+                                                  device=self.device)
+        return self._row_index[names]
+
+    def __call__(self, layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if x.shape[0] != len(self.names):
+            raise AdapterError(f"adapter_names has {len(self.names)} entries but the batch has {x.shape[0]} rows")
+        present = [n for n in self.segments if n in layer.adapter_names]
+        if self.gather and hasattr(layer, "adapter_delta_gathered") and present:
+            base = layer.base_layer(x, *args, **kwargs)
+            names = tuple(present)
+            return base + layer.adapter_delta_gathered(x, names, self.row_index(names)).to(base.dtype)
+        if hasattr(layer, "adapter_delta"):
+            out = layer.base_layer(x, *args, **kwargs)
+            for name in present:
+                rows = self.segments[name]
+                if isinstance(rows, slice):
+                    out[rows] += layer.adapter_delta(x[rows], name).to(out.dtype)
+                else:
+                    out.index_add_(0, rows, layer.adapter_delta(x.index_select(0, rows), name).to(out.dtype))
+            return out
+        return self._per_segment(layer, x, *args, **kwargs)
+
+    def _per_segment(self, layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        saved_active, saved_routing = layer.active_adapters, layer.routing
+        layer.routing = None
+        try:
+            pieces = []
+            for name, rows in self.segments.items():
+                layer.active_adapters = [name] if name in layer.adapter_names else []
+                part = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+                pieces.append((rows, layer(part, *args, **kwargs)))
+        finally:
+            layer.active_adapters, layer.routing = saved_active, saved_routing
+        first = pieces[0][1]
+        out = first.new_empty((x.shape[0], *first.shape[1:]))
+        for rows, value in pieces:
+            if isinstance(rows, slice):
+                out[rows] = value
+            else:
+                out.index_copy_(0, rows, value)
+        return out
