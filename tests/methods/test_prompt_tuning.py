@@ -1,0 +1,322 @@
+"""Prompt tuning (Lester et al. 2021): the method contract, parameter counts, HF PEFT parity both
+ways, greedy generation after a reload, init from text, prompt + LoRA together, and a short
+real training run. The helpers at the top are shared with the P-tuning and prefix tests."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.methods.prompt import PromptTuningConfig
+from tests.methods import contract
+
+N = 3  # virtual tokens in the toy configs
+WIDTH = 32  # the toys' hidden size
+HEAD = WIDTH * 3 + 3  # the BERT toy's classifier, trained as a copy next to the adapter
+PEFT_TASK = {"bert": "SEQ_CLS", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM",
+             "bert-encoder": "FEATURE_EXTRACTION"}
+
+
+def _bert_encoder_inputs() -> dict:
+    return {k: v for k, v in contract.TOYS["bert"].inputs().items() if k != "labels"}
+
+
+# A bare BertModel: PEFT keeps a sequence-classification head under a key prefix deltatune's core
+# does not read yet, so encoder parity is checked without a head (FEATURE_EXTRACTION).
+BERT_ENCODER = contract.Toy("bert-encoder", lambda: contract.TOYS["bert"].build().bert, _bert_encoder_inputs)
+PARITY_TOYS = {"bert-encoder": BERT_ENCODER, **{k: contract.TOYS[k] for k in ("gpt2", "llama", "t5")}}
+GENERATING_TOYS = ("gpt2", "llama", "t5")
+
+
+def outputs(model, inputs: dict) -> dict:
+    """The comparable outputs of one forward: loss, logits, hidden state, pooled output."""
+    with torch.no_grad():
+        out = model(**inputs)
+    return {k: out[k].clone() for k in ("loss", "logits", "last_hidden_state", "pooler_output")
+            if out.get(k) is not None}
+
+
+def assert_same_outputs(ours: dict, theirs: dict, virtual: int = 0, atol: float = 1e-6) -> None:
+    """``ours == theirs``; PEFT's sequence outputs may carry ``virtual`` leading positions that
+    deltatune cuts off (its real-token positions must then match exactly)."""
+    assert set(ours) == set(theirs), (sorted(ours), sorted(theirs))
+    for key, value in ours.items():
+        other = theirs[key]
+        if virtual and key in ("logits", "last_hidden_state"):
+            assert other.shape[1] == value.shape[1] + virtual, (key, other.shape, value.shape)
+            other = other[:, virtual:]
+        torch.testing.assert_close(value, other, atol=atol, rtol=0, msg=f"{key} differs")
+
+
+def greedy(model, toy: contract.Toy, tokens: int = 6) -> torch.Tensor:
+    inputs = toy.inputs()
+    with torch.no_grad():
+        return model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                              max_new_tokens=tokens, do_sample=False)
+
+
+def peft_file_loads_in_deltatune(toy: contract.Toy, peft_config, tmp_path, virtual: int = 0) -> dt.AdaptedModel:
+    """A PEFT-trained-from-scratch adapter, saved by PEFT, gives PEFT's outputs when deltatune loads it."""
+    inputs = toy.inputs()
+    theirs = peft.get_peft_model(contract.copy_of(toy), peft_config).eval()
+    theirs.save_pretrained(tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(contract.copy_of(toy), tmp_path).eval()
+    ours = dt.load(toy.model(), tmp_path).eval()
+    assert_same_outputs(outputs(ours, inputs), outputs(reloaded, inputs), virtual)
+    # the live PEFT model recomputes an encoder's output; equal up to float rounding
+    assert_same_outputs(outputs(ours, inputs), outputs(theirs, inputs), virtual, atol=1e-5)
+    return ours
+
+
+def deltatune_file_loads_in_peft(toy: contract.Toy, config: dt.MethodConfig, tmp_path, virtual: int = 0) -> None:
+    """A (perturbed) deltatune adapter, saved by deltatune, gives the same outputs in PEFT."""
+    inputs = toy.inputs()
+    ours = contract.perturbed(dt.attach(toy.model(), config))
+    expected = outputs(ours, inputs)
+    ours.save(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(contract.copy_of(toy), tmp_path).eval()
+    assert_same_outputs(expected, outputs(theirs, inputs), virtual)
+
+
+def generates_the_same_after_reload(toy: contract.Toy, config: dt.MethodConfig, tmp_path) -> torch.Tensor:
+    """Greedy tokens of a (perturbed) adapter are the same after a reload, and in PEFT."""
+    model = contract.perturbed(dt.attach(toy.model(), config))
+    tokens = greedy(model, toy)
+    model.save(tmp_path)
+    torch.testing.assert_close(greedy(dt.load(toy.model(), tmp_path), toy), tokens, atol=0, rtol=0)
+    torch.testing.assert_close(greedy(peft.PeftModel.from_pretrained(contract.copy_of(toy), tmp_path), toy),
+                               tokens, atol=0, rtol=0)
+    with model.disabled():
+        assert not torch.equal(greedy(model, toy), tokens), "the adapter does not change what is generated"
+    return tokens
+
+
+def config_for(toy_name: str, config: dt.MethodConfig) -> dt.MethodConfig:
+    return config.replace(task_type="FEATURE_EXTRACTION") if toy_name == "bert-encoder" else config
+
+
+# --- prompt tuning ----------------------------------------------------------------------------
+
+CONFIG = PromptTuningConfig(num_virtual_tokens=N)
+
+
+@pytest.mark.parametrize("toy", contract.TOYS.values(), ids=contract.TOYS.keys())
+def test_prompt_tuning_contract(toy, tmp_path):
+    contract.check_only_adapter_parameters_train(toy, CONFIG)
+    contract.check_changes_and_disables(toy, CONFIG)
+    tensors = contract.check_save_load(toy, CONFIG, tmp_path)
+    assert tuple(tensors["prompt_embeddings"].shape) == (N, WIDTH)
+    contract.check_remove_restores_base(toy, CONFIG)
+
+
+@pytest.mark.parametrize("toy", contract.TOYS.values(), ids=contract.TOYS.keys())
+def test_trainable_count_is_the_prompt_table_and_matches_peft(toy):
+    head = HEAD if toy.name == "bert" else 0
+    contract.check_trainable_count(toy, CONFIG, N * WIDTH + head)
+    theirs = peft.get_peft_model(contract.copy_of(toy), peft.PromptTuningConfig(
+        task_type=PEFT_TASK[toy.name], num_virtual_tokens=N, num_transformer_submodules=1))
+    assert theirs.get_nb_trainable_parameters()[0] == N * WIDTH + head
+
+
+def test_peft_two_submodule_layout_on_t5_is_reproduced():
+    """PEFT's default for encoder-decoder models allocates a second, never-read block of rows."""
+    toy = contract.TOYS["t5"]
+    theirs = peft.get_peft_model(contract.copy_of(toy), peft.PromptTuningConfig(
+        task_type="SEQ_2_SEQ_LM", num_virtual_tokens=N))
+    assert theirs.get_nb_trainable_parameters()[0] == 2 * N * WIDTH
+    contract.check_trainable_count(toy, PromptTuningConfig(num_virtual_tokens=N, num_transformer_submodules=2),
+                                   2 * N * WIDTH)
+
+
+def test_merge_is_refused():
+    model = dt.attach(contract.TOYS["gpt2"].model(), CONFIG)
+    with pytest.raises(dt.AdapterError, match="cannot be merged"):
+        model.merge()
+
+
+@pytest.mark.parametrize("name", PARITY_TOYS)
+def test_peft_prompt_tuning_file_loads_with_identical_outputs(name, tmp_path):
+    toy = PARITY_TOYS[name]
+    virtual = N if name in ("gpt2", "llama", "bert-encoder") else 0
+    peft_file_loads_in_deltatune(toy, peft.PromptTuningConfig(task_type=PEFT_TASK[name], num_virtual_tokens=N),
+                                 tmp_path, virtual)
+
+
+@pytest.mark.parametrize("name", PARITY_TOYS)
+def test_deltatune_prompt_tuning_file_loads_in_peft_with_identical_outputs(name, tmp_path):
+    virtual = N if name in ("gpt2", "llama", "bert-encoder") else 0
+    deltatune_file_loads_in_peft(PARITY_TOYS[name], config_for(name, CONFIG), tmp_path, virtual)
+
+
+@pytest.mark.parametrize("name", GENERATING_TOYS)
+def test_generate_same_tokens_after_reload_and_in_peft(name, tmp_path):
+    toy = contract.TOYS[name]
+    tokens = generates_the_same_after_reload(toy, CONFIG, tmp_path)
+    if name != "t5":  # decoder-only: the output starts with the prompt's real tokens
+        torch.testing.assert_close(tokens[:, :7], toy.inputs()["input_ids"], atol=0, rtol=0)
+
+
+def test_forward_equals_base_model_on_prepended_embeddings():
+    """Independent of PEFT: the adapter is exactly the base model fed [prompt; tokens] embeddings,
+    with the mask widened and the loss not counting the virtual positions."""
+    toy = contract.TOYS["gpt2"]
+    inputs = toy.inputs()
+    model = contract.perturbed(dt.attach(toy.model(), CONFIG))
+    prompt = model.model_adapters["default"].prompts().detach()
+    base = toy.model()
+    embeds = torch.cat([prompt.expand(2, -1, -1), base.get_input_embeddings()(inputs["input_ids"])], dim=1)
+    mask = torch.cat([torch.ones(2, N, dtype=torch.long), inputs["attention_mask"]], dim=1)
+    with torch.no_grad():
+        reference = base(inputs_embeds=embeds, attention_mask=mask)
+        ours = model(**inputs)
+    torch.testing.assert_close(ours.logits, reference.logits[:, N:], atol=1e-6, rtol=0)
+    # next-token loss over the real tokens, plus the first real token predicted from the last virtual one
+    targets = inputs["input_ids"]
+    predicting = reference.logits[:, N - 1:-1]
+    expected_loss = torch.nn.functional.cross_entropy(predicting.reshape(-1, predicting.shape[-1]), targets.reshape(-1))
+    torch.testing.assert_close(ours.loss, expected_loss, atol=1e-5, rtol=0)
+
+
+def test_tuple_outputs_are_trimmed_too():
+    toy = contract.TOYS["llama"]
+    model = contract.perturbed(dt.attach(toy.model(), CONFIG))
+    inputs = {k: v for k, v in toy.inputs().items() if k != "labels"}
+    with torch.no_grad():
+        as_tuple = model(**inputs, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], contract.logits(model, inputs), atol=0, rtol=0)
+
+
+def test_saved_config_has_peft_names_and_the_model_sizes(tmp_path):
+    model = dt.attach(contract.TOYS["llama"].model(), PromptTuningConfig(
+        num_virtual_tokens=N, init="sample_vocab"))
+    model.save(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "PROMPT_TUNING" and saved["prompt_tuning_init"] == "SAMPLE_VOCAB"
+    assert (saved["num_virtual_tokens"], saved["token_dim"], saved["num_layers"], saved["num_attention_heads"],
+            saved["num_transformer_submodules"]) == (N, WIDTH, 4, 4, 1)
+    again = PromptTuningConfig.from_dict(saved)
+    assert again.init == "sample_vocab" and again.token_dim == WIDTH
+
+
+def test_sample_vocab_init_rows_are_word_embeddings():
+    base = contract.TOYS["gpt2"].model()
+    model = dt.attach(base, PromptTuningConfig(num_virtual_tokens=5, init="sample_vocab"))
+    table = model.model_adapters["default"].table().detach()
+    vocab = base.get_input_embeddings().weight
+    for row in table:
+        assert (vocab - row).abs().amax(dim=1).min() == 0, "a row is not one of the model's word embeddings"
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"num_virtual_tokens": 0}, "num_virtual_tokens"),
+    ({"init": "glove"}, "init must be one of"),
+    ({"init": "text", "tokenizer_name_or_path": "minilm"}, "init_text"),
+    ({"init": "text", "init_text": "hello"}, "tokenizer_name_or_path"),
+    ({"tokenizer_kwargs": {"use_fast": True}}, "only apply with init='text'"),
+    ({"num_transformer_submodules": 3}, "num_transformer_submodules"),
+    ({"token_dim": 0}, "token_dim"),
+])
+def test_invalid_configs_are_refused(bad, match):
+    with pytest.raises(dt.ConfigError, match=match):
+        PromptTuningConfig(**bad)
+
+
+def test_adapter_for_another_width_is_refused():
+    with pytest.raises(dt.ConfigError, match="token_dim=64 but this model has 32"):
+        dt.attach(contract.TOYS["gpt2"].model(), PromptTuningConfig(num_virtual_tokens=N, token_dim=64))
+
+
+# --- init from text (the embedded MiniLM and its tokenizer) ---------------------------------------
+
+@pytest.fixture(scope="module")
+def minilm():
+    return dt.load_model("minilm", num_labels=2).eval(), dt.load_tokenizer("minilm")
+
+
+@pytest.mark.parametrize("tokens", [10, 2])
+def test_text_init_is_the_models_embeddings_of_the_text(minilm, tokens):
+    base, tokenizer = minilm
+    text = "a great movie"
+    model = dt.attach(base, PromptTuningConfig(num_virtual_tokens=tokens, init="text", init_text=text,
+                                               tokenizer_name_or_path="minilm"))
+    try:
+        ids = tokenizer(text)["input_ids"]  # [CLS] a great movie [SEP]
+        wanted = (ids * tokens)[:tokens]  # repeated to fill, or cut
+        table = model.model_adapters["default"].table().detach()
+        torch.testing.assert_close(table, base.get_input_embeddings().weight[wanted].detach(), atol=0, rtol=0)
+        # PEFT's own text init, from the same tokenizer folder, agrees
+        from peft.tuners.prompt_tuning import PromptEmbedding
+        theirs = PromptEmbedding(peft.PromptTuningConfig(
+            task_type="SEQ_CLS", num_virtual_tokens=tokens, token_dim=base.config.hidden_size,
+            num_transformer_submodules=1, prompt_tuning_init="TEXT", prompt_tuning_init_text=text,
+            tokenizer_name_or_path=dt.resolve_model("minilm").path), base.get_input_embeddings())
+        torch.testing.assert_close(table, theirs.embedding.weight.detach(), atol=0, rtol=0)
+    finally:
+        model.remove("default")
+
+
+def test_missing_tokenizer_fails_on_use_but_a_saved_adapter_still_loads(tmp_path):
+    toy = contract.TOYS["gpt2"]
+    missing = str(tmp_path / "no-such-tokenizer")
+    text_config = PromptTuningConfig(num_virtual_tokens=N, init="text", init_text="hi", tokenizer_name_or_path=missing)
+    model = dt.attach(toy.model(), text_config)
+    with pytest.raises(dt.ConfigError, match="cannot load the tokenizer"):
+        model(**toy.inputs())
+    with pytest.raises(dt.ConfigError, match="cannot load the tokenizer"):
+        model.save(tmp_path / "never")
+    # a file whose config names an unavailable tokenizer (PEFT made it elsewhere) loads all the same
+    trained = contract.perturbed(dt.attach(toy.model(), CONFIG))
+    folder = tmp_path / "adapter"
+    trained.save(folder)
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    saved.update(prompt_tuning_init="TEXT", prompt_tuning_init_text="hi", tokenizer_name_or_path=missing)
+    (folder / "adapter_config.json").write_text(json.dumps(saved))
+    loaded = dt.load(toy.model(), folder)
+    torch.testing.assert_close(contract.logits(loaded, toy.inputs()), contract.logits(trained, toy.inputs()),
+                               atol=0, rtol=0)
+
+
+# --- with LoRA --------------------------------------------------------------------------------
+
+def test_prompt_and_lora_active_together(tmp_path):
+    toy = contract.TOYS["gpt2"]
+    inputs = toy.inputs()
+    model = dt.attach(toy.model(), CONFIG, name="prompt_adapter")
+    model.add(dt.LoraConfig(r=4, alpha=8, targets=["q", "v"], init="random"), "lora_adapter")
+    model.use(["prompt_adapter", "lora_adapter"])
+    contract.perturbed(model)
+    both = contract.logits(model, inputs)
+
+    # reference: the LoRA-only model fed the prompt by hand
+    prompt = model.model_adapters["prompt_adapter"].prompts().detach()
+    model.use("lora_adapter")
+    embeds = torch.cat([prompt.expand(2, -1, -1), model.get_input_embeddings()(inputs["input_ids"])], dim=1)
+    mask = torch.cat([torch.ones(2, N, dtype=torch.long), inputs["attention_mask"]], dim=1)
+    with torch.no_grad():
+        by_hand = model(inputs_embeds=embeds, attention_mask=mask).logits[:, N:]
+    torch.testing.assert_close(both, by_hand, atol=1e-6, rtol=0)
+    lora_only = contract.logits(model, inputs)
+    model.use("prompt_adapter")
+    prompt_only = contract.logits(model, inputs)
+    assert not torch.allclose(both, lora_only, atol=1e-4) and not torch.allclose(both, prompt_only, atol=1e-4)
+
+    # both train together
+    model.use(["prompt_adapter", "lora_adapter"])
+    model.train()
+    model(**inputs).loss.backward()
+    prompt_param = model.model_adapters["prompt_adapter"].source.weight
+    lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert prompt_param.grad is not None and all(p.grad is not None for p in lora_params)
+
+    # each saved on its own, both loaded onto a fresh base: the same combined output
+    model.save(tmp_path / "p", adapter="prompt_adapter")
+    model.save(tmp_path / "l", adapter="lora_adapter")
+    fresh = dt.load(toy.model(), tmp_path / "p", name="prompt_adapter")
+    fresh.load(tmp_path / "l", name="lora_adapter")
+    fresh.use(["prompt_adapter", "lora_adapter"])
+    torch.testing.assert_close(contract.logits(fresh, inputs), both, atol=1e-6, rtol=0)
