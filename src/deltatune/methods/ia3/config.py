@@ -1,0 +1,74 @@
+"""(IA)^3 configuration (Liu et al. 2022), stored with HF PEFT's field names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from deltatune.core.config import MethodConfig
+from deltatune.errors import ConfigError
+
+_INIT = ("ones", "random")
+# our spelling -> PEFT's init_ia3_weights value
+_INIT_TO_PEFT = {"ones": True, "random": False}
+
+
+def _check_selection(field: str, value) -> None:
+    if value is None or isinstance(value, str):
+        return
+    if not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"IA3 {field} must be a regex string or a list of module names, got {value!r}")
+
+
+@dataclass(frozen=True)
+class IA3Config(MethodConfig):
+    """Learned vectors that rescale activations: ``h = l * (W x + b)`` for most targets, and
+    ``h = W (l * x) + b`` for the feed-forward ones (Liu et al. 2022, "(IA)^3").
+
+    The vectors start at one (the model starts as the base model) and can be merged into the
+    weights, since each is a per-row or per-column scale of ``W``.
+
+    Attributes:
+        targets: modules whose output (or, for ``feedforward`` ones, input) is rescaled: names or
+            name suffixes, component aliases (``"k"``, ``"v"``, ``"down"`` ...), a regex string
+            matched against whole paths, or ``"all-linear"``. ``None`` means ``["k", "v", "down"]``,
+            the paper's choice.
+        feedforward: which of the targeted modules get their *input* rescaled (one scale per input
+            feature) instead of their output. Same syntax as ``targets``; ``None`` means the
+            feed-forward down projection (``"down"``) where it is targeted; ``[]`` means none.
+        layers: restrict to blocks: a list of indices, or ``"lower"``, ``"upper"``, ``"even"``,
+            ``"odd"``, ``"all"``.
+        exclude: names (suffixes) or a regex of modules to leave alone.
+        init: ``"ones"`` (identity at the start) or ``"random"`` (standard normal; for tests).
+    """
+
+    method = "ia3"
+    peft_type = "IA3"
+    peft_names = {"targets": "target_modules", "feedforward": "feedforward_modules",
+                  "exclude": "exclude_modules", "init": "init_ia3_weights"}
+
+    targets: str | Sequence[str] | None = None
+    feedforward: str | Sequence[str] | None = None
+    layers: str | Sequence[int] | int | None = None
+    exclude: str | Sequence[str] | None = None
+    init: str | bool = "ones"
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.init, bool):  # PEFT's spelling, from a file
+            object.__setattr__(self, "init", "ones" if self.init else "random")
+        if isinstance(self.layers, int) and not isinstance(self.layers, bool):
+            object.__setattr__(self, "layers", (self.layers,))
+        if self.init not in _INIT:
+            raise ConfigError(f"IA3 init must be one of {_INIT}, got {self.init!r}")
+        for name in ("targets", "feedforward", "exclude"):
+            _check_selection(name, getattr(self, name))
+        if self.targets is not None and not isinstance(self.targets, str) and not self.targets:
+            raise ConfigError("IA3 targets is empty; name at least one module, or leave it None for k, v, down")
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["init_ia3_weights"] = _INIT_TO_PEFT[self.init]
+        if out.get("layers") is None:  # PEFT's IA3 has no layer selection; saved configs never need one
+            out.pop("layers", None)
+        return out

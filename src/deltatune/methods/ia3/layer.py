@@ -1,0 +1,145 @@
+"""The (IA)^3 wrapper for ``nn.Linear`` and GPT-2 ``Conv1D``.
+
+Each adapter is one vector ``ia3_l`` laid out as HF PEFT lays it out: ``[out, 1]`` when it scales
+the layer's output, ``[1, in]`` when it scales the input (feed-forward targets), so files map one
+to one. Scaling the output also scales the bias, which merging therefore rescales too.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from deltatune.core.layer import AdapterLayer
+from deltatune.errors import AdapterError
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    # Vectors train in fp32 even over a half-precision or quantized base.
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class IA3Linear(AdapterLayer):
+    """Rescales the output (or the input) of a linear layer by learned per-feature vectors.
+
+    Several active adapters multiply their vectors, as HF PEFT does.
+    """
+
+    adapter_attrs = ("ia3_l",)
+    mergeable = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:  # not weight.shape: a quantized layer's weight is packed
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.ia3_l = nn.ParameterDict()
+        #: adapter name -> whether it scales the input (True) or the output (False)
+        self.feedforward: dict[str, bool] = {}
+
+    def add_adapter(self, name: str, feedforward: bool, init: str = "ones") -> None:
+        shape = (1, self.in_features) if feedforward else (self.out_features, 1)
+        weight = self.base_layer.weight
+        kw = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        value = torch.ones(shape, **kw) if init == "ones" else torch.randn(shape, **kw)
+        self.ia3_l[name] = nn.Parameter(value)
+        self.feedforward[name] = feedforward
+
+    def _forget(self, name: str) -> None:
+        self.feedforward.pop(name, None)
+
+    # Model code reads these through the wrapper (T5 checks ``self.wo.weight.dtype``).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def _live(self) -> list[str]:
+        if self.adapters_disabled:
+            return []
+        return [n for n in self.active_adapters if n not in self.merged_adapters]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        live = self._live()
+        in_scale = _product(self.ia3_l[n].flatten() for n in live if self.feedforward[n])
+        out_scale = _product(self.ia3_l[n].flatten() for n in live if not self.feedforward[n])
+        if in_scale is not None:
+            x = (x * in_scale).to(x.dtype)
+        result = self.base_layer(x, *args, **kwargs)
+        if out_scale is not None:
+            result = (result * out_scale).to(result.dtype)
+        return result
+
+    # --- merge algebra --------------------------------------------------------------------
+    def _weight_scale(self, name: str) -> torch.Tensor:
+        """The vector shaped to broadcast against ``base_layer.weight`` in its own layout."""
+        scale = self.ia3_l[name]  # [out, 1] or [1, in]: already the nn.Linear [out, in] layout
+        return scale.t() if self.fan_in_fan_out else scale
+
+    def _without(self, tensor: torch.Tensor, scale: torch.Tensor, name: str) -> torch.Tensor:
+        # A merged adapter has multiplied its scale in already: divide it out again.
+        return tensor / scale if name in self.merged_adapters else tensor
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``W' (l - 1)``, where ``W'`` is the current weight without this adapter's own factor
+        (the base weight when nothing is merged). Adding it applies the scale; subtracting it
+        from the merged weight takes the scale out again, so merges stack multiplicatively."""
+        scale = self._weight_scale(name)
+        return self._without(self._base_weight(), scale, name) * (scale - 1)
+
+    def delta_bias(self, name: str) -> torch.Tensor | None:
+        """The change to ``base_layer.bias`` (output scaling scales the bias), or None."""
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is None or self.feedforward[name]:
+            return None
+        scale = self.ia3_l[name].flatten()
+        return self._without(bias, scale, name) * (scale - 1)
+
+    def merge(self, names: Iterable[str] | None = None) -> None:
+        """Multiply the listed (default: active) adapters' vectors into the weight and bias."""
+        names = [n for n in (self.active_adapters if names is None else names) if n in self.adapter_names]
+        for name in names:
+            if name in self.merged_adapters:
+                raise AdapterError(f"adapter {name!r} is already merged; call unmerge() first")
+            if bool((self.ia3_l[name] == 0).any()):
+                raise AdapterError(f"IA3 adapter {name!r} has a scale of exactly 0; merging would erase those "
+                                   f"weights for good, so unmerge() could not restore them. Use the adapter unmerged")
+        weight = self._base_weight()
+        if not weight.is_floating_point():
+            raise AdapterError(f"a {type(self.base_layer).__name__} layer is quantized and cannot absorb an adapter "
+                               f"exactly in place; use merge_and_unload(), which dequantizes first")
+        bias = getattr(self.base_layer, "bias", None)
+        with torch.no_grad():
+            for name in names:
+                delta_b = self.delta_bias(name)
+                weight.data += self.delta_weight(name).to(weight.dtype)
+                if delta_b is not None:
+                    bias.data += delta_b.to(bias.dtype)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Divide every merged adapter's vectors out again (exact up to float rounding)."""
+        weight = self._base_weight()
+        bias = getattr(self.base_layer, "bias", None)
+        with torch.no_grad():
+            while self.merged_adapters:
+                name = self.merged_adapters[-1]
+                delta_w, delta_b = self.delta_weight(name), self.delta_bias(name)
+                weight.data -= delta_w.to(weight.dtype)
+                if delta_b is not None:
+                    bias.data -= delta_b.to(bias.dtype)
+                self.merged_adapters.pop()
+
+
+def _product(vectors: Iterable[torch.Tensor]) -> torch.Tensor | None:
+    out = None
+    for v in vectors:
+        out = v if out is None else out * v
+    return out
