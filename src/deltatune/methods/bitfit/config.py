@@ -1,0 +1,54 @@
+"""BitFit configuration (Ben Zaken et al. 2021): train only bias terms. HF PEFT has no such
+method, so files name it with deltatune's own ``deltatune_method`` key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from deltatune.core.config import MethodConfig
+from deltatune.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class BitFitConfig(MethodConfig):
+    """Train a delta on selected bias terms and nothing else; the base biases stay untouched.
+
+    Attributes:
+        targets: modules whose bias trains: ``"all"`` (every Linear and GPT-2 Conv1D that has a
+            bias, except the output and classification heads), names or name suffixes,
+            component aliases (``["q", "up"]``), or a regex string matched against whole paths.
+            Modules without a bias (``bias=None``, as in LLaMA) are skipped.
+        layer_norms: also train every LayerNorm bias (in the selected ``layers``, minus
+            ``exclude``), whatever ``targets`` says. On by default, as in the paper, where
+            "all biases" includes the LayerNorm ones.
+        layers: restrict to blocks: a list of indices, or ``"lower"``, ``"upper"``, ``"even"``,
+            ``"odd"``, ``"all"``. Modules outside the blocks (embeddings, pooler) then drop out.
+        exclude: names (suffixes) or a regex of modules to leave alone.
+    """
+
+    method = "bitfit"
+    peft_type = None
+
+    targets: str | Sequence[str] = "all"
+    layer_norms: bool = True
+    layers: str | Sequence[int] | int | None = None
+    exclude: str | Sequence[str] | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.layers, int) and not isinstance(self.layers, bool):
+            object.__setattr__(self, "layers", (self.layers,))
+        if self.targets is None:
+            object.__setattr__(self, "targets", "all")
+        if not isinstance(self.targets, str) and not (
+                self.targets and all(isinstance(t, str) and t for t in self.targets)):
+            raise ConfigError(f"BitFit targets must be 'all', a regex string or a non-empty list of module names, "
+                              f"got {self.targets!r}")
+        if not isinstance(self.layer_norms, bool):
+            raise ConfigError(f"BitFit layer_norms must be True or False, got {self.layer_norms!r}")
+
+    def with_targets(self, targets: list[str]) -> "BitFitConfig":
+        # the exact list already holds the chosen LayerNorms; adding all of them again on load
+        # would pick up ones outside the original layer selection
+        return self.replace(targets=targets, layers=None, exclude=None, layer_norms=False)
