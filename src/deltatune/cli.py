@@ -1,4 +1,5 @@
-"""The ``deltatune`` command: ``train``, ``eval``, ``merge``, ``inspect``, ``demo``, ``recipes``.
+"""The ``deltatune`` command: ``train``, ``eval``, ``merge``, ``inspect``, ``demo``, ``recipes``,
+``serve``, ``sweep``, ``analyze``.
 
 Each subcommand is a function registered with :func:`command`: it declares its arguments and
 runs; adding one (``serve``, ``sweep`` ...) is one more decorated function. Errors deltatune
@@ -123,6 +124,58 @@ def _recipes(args: argparse.Namespace) -> None:
         print(yaml.safe_dump(read_data(args.name), sort_keys=False), end="")
     else:
         print("\n".join(builtin_names()))
+
+
+# --- serve -----------------------------------------------------------------------------------
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from deltatune.serve.launch import add_arguments
+
+    add_arguments(p)
+
+
+@command("serve", "serve a base model and many adapters over HTTP, batched across adapters", _serve_args)
+def _serve(args: argparse.Namespace) -> None:
+    from deltatune.serve.launch import serve
+
+    serve(args)
+
+
+# --- sweep, analyze --------------------------------------------------------------------------
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep", help="sweep file (YAML: recipe, grid, seeds, baselines, output_dir)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="runs at a time, each in its own process (0: one after another in this process)")
+    p.add_argument("--out", help="output folder (default: the sweep file's output_dir)")
+    p.add_argument("--seeds", help="only these seeds, comma-separated (a part of the sweep; folders stay the same)")
+    p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                   help="only grid settings whose KEY is VALUE, as results.csv writes it (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild results.csv, results.md and the plots from the finished runs; train nothing")
+
+
+@command("sweep", "run a grid or random search over recipe keys with seeds and baselines; "
+                  "results.csv, a mean ± std table and plots", _sweep_args)
+def _sweep(args: argparse.Namespace) -> None:
+    from deltatune.experiments.cli import sweep_command
+
+    sweep_command(args)
+
+
+def _analyze_args(p: argparse.ArgumentParser) -> None:
+    from deltatune.experiments.cli import add_analyze_arguments
+
+    add_analyze_arguments(p)
+
+
+@command("analyze", "intrinsic dimension, LoRA subspace similarity and amplification, parameter and "
+                    "memory tables", _analyze_args)
+def _analyze(args: argparse.Namespace) -> None:
+    from deltatune.experiments.cli import analyze_command
+
+    analyze_command(args)
 
 
 # --- entry point -----------------------------------------------------------------------------

@@ -1,0 +1,360 @@
+"""Sweep files: parse, validate, and expand into the list of runs.
+
+```yaml
+recipe: path/to/recipe.yaml          # or a built-in recipe name, or an inline recipe mapping
+grid: {method.r: [1, 8], method.targets: [[q], [q, v]]}   # dotted recipe keys
+seeds: [0, 1, 2]
+baselines: [full, head-only]         # default; [] turns them off
+output_dir: runs/sweep-rank
+search: grid                         # or random (then ``trials: N`` settings drawn from the grid)
+```
+
+A grid key is a dotted recipe key (``train.lr``, ``data.max_length``, ``method.r``) or a whole
+section (``method: [{type: lora, r: 8}, {type: ia3}]``). Settings that must change together
+form a *bundle axis*: a grid key that is not a recipe key, whose values are mappings with a
+``name`` and dotted recipe keys::
+
+    grid:
+      dataset:
+        - {name: sst2, data.train: ../shared/data/sst2/train.tsv, data.eval: ../shared/data/sst2/dev.tsv}
+        - {name: mr, data.train: ../shared/data/mr/train.tsv, data.eval: ../shared/data/mr/test.tsv}
+      setup:
+        - {name: lora, method: {type: lora, r: 8, targets: [q, v]}, train.lr: 1.0e-3}
+        - {name: ia3, method: {type: ia3}, train.lr: 5.0e-3}
+
+Every run's recipe is built and its method resolved before anything trains, so a typo fails
+the sweep at once with the valid keys.
+
+Baselines are run once per seed with the recipe's ``method`` replaced: ``full`` (every parameter
+trains, ``train.lr`` 5e-5, weight decay 0.01) and ``head-only`` (``train.lr`` 2e-3), the settings
+of the built-in ``sst2-full`` / ``sst2-head-only`` recipes. A mapping gives other settings:
+``baselines: {full: {train.lr: 1.0e-4}, head-only: {}}``. ``baselines_over: [dataset]`` runs the
+baselines once per value of those grid keys too (e.g. per data set).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deltatune.errors import ConfigError, DeltatuneError
+from deltatune.train import recipe as recipe_mod
+from deltatune.train.methods import resolve as resolve_method
+
+#: keys a sweep file may hold
+SWEEP_KEYS = ("recipe", "grid", "seeds", "baselines", "output_dir", "search", "trials", "search_seed", "set",
+              "baselines_over")
+#: overrides of each built-in baseline (the built-in sst2-full / sst2-head-only settings)
+DEFAULT_BASELINES: dict[str, dict[str, Any]] = {
+    "full": {"train.lr": 5.0e-5, "train.weight_decay": 0.01},
+    "head-only": {"train.lr": 2.0e-3},
+}
+
+
+@dataclass
+class Run:
+    """One training run of a sweep.
+
+    Attributes:
+        setting: the grid values of this run, ``{dotted key: value}`` (empty for baselines).
+        seed: ``train.seed``.
+        kind: ``"grid"`` or ``"baseline"``.
+        label: a short human-readable name of the setting (``r=8 targets=q,v`` or ``full``).
+        folder: the run's output folder (``<output_dir>/runs/<setting id>/seed<seed>``).
+        recipe: the complete recipe data of the run (paths absolute, output_dir set).
+    """
+
+    setting: dict[str, Any]
+    seed: int
+    kind: str
+    label: str
+    folder: Path
+    recipe: dict = field(repr=False)
+
+    @property
+    def method(self) -> str:
+        return str(self.recipe["method"]["type"])
+
+
+@dataclass
+class Sweep:
+    """A parsed sweep file. ``runs()`` expands it."""
+
+    recipe: dict
+    grid: dict[str, list]
+    seeds: list[int]
+    baselines: dict[str, dict[str, Any]]
+    output_dir: Path
+    search: str = "grid"
+    trials: int | None = None
+    search_seed: int = 0
+    overrides: dict[str, Any] = field(default_factory=dict)
+    bundles: tuple[str, ...] = ()
+    baselines_over: tuple[str, ...] = ()
+
+    @property
+    def keys(self) -> list[str]:
+        """The grid keys, in file order."""
+        return list(self.grid)
+
+    def settings(self) -> list[dict[str, Any]]:
+        """The grid settings: the full product, or ``trials`` of them drawn without replacement."""
+        keys = self.keys
+        combos = [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
+        if self.search == "random":
+            rng = random.Random(self.search_seed)
+            combos = rng.sample(combos, min(self.trials or len(combos), len(combos)))
+        return combos
+
+    def runs(self) -> list[Run]:
+        """Every run (grid settings x seeds, then baselines x seeds), each validated."""
+        out = []
+        for setting in self.settings():
+            label = setting_label(setting)
+            for seed in self.seeds:
+                out.append(self._run(setting, seed, "grid", label, setting_id(setting),
+                                     {**self.overrides, **self.expand(setting)}))
+        over = self.baselines_over
+        contexts = [dict(zip(over, values)) for values in itertools.product(*(self.grid[k] for k in over))]
+        for name, changes in self.baselines.items():
+            for context in contexts:
+                label = " ".join([name] + ([setting_label(context)] if context else []))
+                ident = f"baseline-{_slug(name)}" + (f"-{setting_id(context)}" if context else "")
+                for seed in self.seeds:
+                    values = {**self.overrides, **self.expand(context), "method": {"type": name}, **changes}
+                    out.append(self._run(context, seed, "baseline", label, ident, values))
+        return out
+
+    def restrict(self, seeds: list[int] | None = None, where: dict[str, list[str]] | None = None) -> "Sweep":
+        """The part of this sweep with only ``seeds`` and the grid values of ``where``
+        (``{grid key: [value as results.csv writes it, ...]}``). Run folders stay the same, so a
+        reduced run's results count towards the whole sweep later."""
+        grid = dict(self.grid)
+        for key, wanted in (where or {}).items():
+            if key not in grid:
+                raise ConfigError(f"--where {key}: not a grid key; grid keys: {', '.join(grid) or 'none'}")
+            kept = [v for v in grid[key] if format_value(v) in wanted]
+            if not kept:
+                raise ConfigError(f"--where {key}: no value is {' or '.join(wanted)}; values: "
+                                  f"{', '.join(format_value(v) for v in grid[key])}")
+            grid[key] = kept
+        return dataclasses.replace(self, grid=grid, seeds=list(seeds) if seeds else self.seeds)
+
+    def expand(self, setting: dict[str, Any]) -> dict[str, Any]:
+        """A setting as ``{dotted recipe key: value}``: bundle values spread into their keys."""
+        out: dict[str, Any] = {}
+        for key, value in setting.items():
+            if key in self.bundles:
+                out.update({k: v for k, v in value.items() if k != "name"})
+            else:
+                out[key] = value
+        return out
+
+    def _run(self, setting: dict, seed: int, kind: str, label: str, ident: str, values: dict) -> Run:
+        folder = self.output_dir / "runs" / ident / f"seed{seed}"
+        data = set_keys(self.recipe, {**values, "train.seed": seed, "output_dir": str(folder)})
+        where = f"setting {label!r}" if kind == "grid" else f"baseline {label!r}"
+        try:
+            built = recipe_mod.from_dict(data, Path.cwd())
+            resolve_method(built.method)
+        except DeltatuneError as exc:
+            raise ConfigError(f"sweep {where}: {exc}") from None
+        return Run(setting, seed, kind, label, folder, built.to_dict())
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
+def load_sweep(source: str | Path | dict, output_dir: str | Path | None = None) -> Sweep:
+    """A validated :class:`Sweep` from a YAML file or a mapping.
+
+    ``recipe:`` may be a file (relative to the current folder, else to the sweep file's), a
+    built-in recipe name, or an inline mapping. Raises :class:`ConfigError` naming the bad key.
+    """
+    if isinstance(source, dict):
+        data, here = dict(source), Path.cwd()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"sweep file {str(source)!r} not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        here = path.resolve().parent
+    if not isinstance(data, dict):
+        raise ConfigError("a sweep file is a mapping with recipe:, grid:, seeds:, baselines:, output_dir:")
+    unknown = sorted(set(data) - set(SWEEP_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown sweep key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                          f"valid keys: {', '.join(SWEEP_KEYS)}")
+    if "recipe" not in data:
+        raise ConfigError("the sweep names no recipe: set recipe: to a recipe file, built-in name or mapping")
+    recipe = _recipe_data(data["recipe"], here)
+    grid = data.get("grid") or {}
+    if not isinstance(grid, dict):
+        raise ConfigError("grid must map dotted recipe keys to lists of values, e.g. {method.r: [1, 8]}")
+    grid = {str(k): _values(k, v) for k, v in grid.items()}
+    bundles = tuple(key for key, values in grid.items() if _is_bundle_axis(key, values))
+    for key, values in grid.items():
+        if key in bundles:
+            for value in values:
+                for inner in value:
+                    if inner != "name":
+                        check_key(str(inner), recipe)
+        else:
+            check_key(key, recipe)
+    overrides = data.get("set") or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError("set must map dotted recipe keys to values, e.g. {train.max_steps: 200}")
+    for key in overrides:
+        check_key(str(key), recipe)
+    seeds = data.get("seeds", [0])
+    seeds = [seeds] if isinstance(seeds, int) else seeds
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"seeds must be a non-empty list of integers, got {seeds!r}")
+    search = data.get("search", "grid")
+    if search not in ("grid", "random"):
+        raise ConfigError(f"search must be grid or random, got {search!r}")
+    trials = data.get("trials")
+    if search == "random" and (not isinstance(trials, int) or trials < 1):
+        raise ConfigError("search: random needs trials: N (how many settings to draw from the grid)")
+    over = data.get("baselines_over") or []
+    over = [over] if isinstance(over, str) else over
+    missing = [k for k in over if k not in grid]
+    if missing:
+        raise ConfigError(f"baselines_over names {', '.join(map(str, missing))}, which the grid does not have; "
+                          f"grid keys: {', '.join(grid) or 'none'}")
+    out = output_dir or data.get("output_dir")
+    if not out:
+        raise ConfigError("the sweep names no output_dir (set output_dir: or pass --out)")
+    return Sweep(recipe=recipe, grid=grid, seeds=list(seeds), baselines=_baselines(data.get("baselines", ["full", "head-only"])),
+                 output_dir=Path(out), search=search, trials=trials, search_seed=int(data.get("search_seed", 0)),
+                 overrides={str(k): v for k, v in overrides.items()}, bundles=bundles,
+                 baselines_over=tuple(over))
+
+
+def _recipe_data(value: Any, here: Path) -> dict:
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"recipe must be a file, a built-in recipe name or a mapping, got {value!r}")
+    if not Path(value).is_file() and (here / value).is_file():
+        value = str(here / value)
+    return recipe_mod.read_data(value)
+
+
+def _values(key: Any, values: Any) -> list:
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"grid key {key!r} needs a non-empty list of values, got {values!r}")
+    return values
+
+
+def _is_bundle_axis(key: str, values: list) -> bool:
+    """A grid key that is not a recipe section, with ``{name: ..., dotted.key: value}`` values."""
+    top = {f.name for f in dataclasses.fields(recipe_mod.Recipe)}
+    if key.split(".")[0] in top:
+        return False
+    if not all(isinstance(v, dict) and "name" in v for v in values):
+        return False
+    names = [str(v["name"]) for v in values]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"grid key {key!r}: every value needs its own name, got {', '.join(names)}")
+    return True
+
+
+def _baselines(value: Any) -> dict[str, dict[str, Any]]:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        value = {name: None for name in value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"baselines must be a list of method names or a mapping, got {value!r}")
+    out = {}
+    for name, changes in value.items():
+        if changes is None:
+            changes = DEFAULT_BASELINES.get(str(name), {})
+        if not isinstance(changes, dict):
+            raise ConfigError(f"baseline {name!r}: settings must be a mapping of dotted keys, got {changes!r}")
+        out[str(name)] = dict(changes)
+    return out
+
+
+def check_key(key: str, recipe: dict) -> None:
+    """Raise :class:`ConfigError` unless ``key`` names a recipe key (``train.lr``, ``method.r``).
+
+    Method options are checked against the method when each run is built (the method type can
+    itself be a grid key); top-level and ``data`` / ``train`` keys are checked here.
+    """
+    parts = key.split(".")
+    top = [f.name for f in dataclasses.fields(recipe_mod.Recipe) if not f.metadata.get("internal")]
+    if parts[0] not in top:
+        raise ConfigError(f"unknown recipe key {key!r} in the sweep (no section {parts[0]!r}); "
+                          f"valid top-level keys: {', '.join(top)}")
+    sections = {"data": recipe_mod.DataSpec, "train": recipe_mod.TrainSpec}
+    if parts[0] in sections:
+        valid = [f.name for f in dataclasses.fields(sections[parts[0]])]
+        if len(parts) != 2 or parts[1] not in valid:
+            raise ConfigError(f"unknown recipe key {key!r} in the sweep; valid {parts[0]} keys: {', '.join(valid)}")
+    elif parts[0] in ("model", "task", "output_dir") and len(parts) > 1:
+        raise ConfigError(f"recipe key {parts[0]!r} has no sub-keys; {key!r} is not a recipe key")
+
+
+def set_keys(data: dict, values: dict[str, Any]) -> dict:
+    """A deep copy of recipe ``data`` with ``{dotted key: value}`` assigned in order (values keep
+    their type, unlike ``--set`` strings; missing sections are created)."""
+    out = copy.deepcopy(data)
+    for key, value in values.items():
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"recipe key {key!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = copy.deepcopy(value)
+    return out
+
+
+# --- names -----------------------------------------------------------------------------------
+
+def format_value(value: Any) -> str:
+    """A compact text form of a grid value: ``[q, v]`` -> ``q,v``; mappings as ``k=v`` pairs."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(format_value(v) for v in value)
+    if isinstance(value, dict):
+        if "name" in value:
+            return str(value["name"])
+        return " ".join(f"{k}={format_value(v)}" for k, v in value.items())
+    return str(value)
+
+
+def setting_label(setting: dict[str, Any]) -> str:
+    """``method.r=8, method.targets=[q, v]`` -> ``r=8 targets=q,v`` (the last key part names it)."""
+    short = [k.split(".")[-1] for k in setting]
+    names = short if len(set(short)) == len(short) else list(setting)
+    return " ".join(f"{n}={format_value(v)}" if n != "method" else format_value(v)
+                    for n, v in zip(names, setting.values())) or "recipe"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.,=+-]+", "_", text).strip("_")[:60] or "x"
+
+
+def setting_id(setting: dict[str, Any]) -> str:
+    """A folder name for a setting: a readable slug plus a short hash of the exact values."""
+    digest = hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    return f"{_slug(setting_label(setting))}-{digest}"
