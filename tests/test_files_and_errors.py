@@ -88,6 +88,8 @@ BREAKAGES = {
     "missing-tensor": (lambda f: _edit_tensors(f, _drop_one_lora_b), dt.AdapterFileError, "lora_B"),
     "stray-tensor": (lambda f: _edit_tensors(f, _add_stray), dt.AdapterFileError, "attention.self.key"),
     "foreign-target": (lambda f: _edit_config(f, target_modules=["q_proj"]), dt.TargetError, "q_proj"),
+    "unknown-peft-type": (lambda f: _edit_config(f, peft_type="NOT_A_METHOD"), dt.DeltatuneError, "NOT_A_METHOD"),
+    "invalid-rank-in-config": (lambda f: _edit_config(f, r=0), dt.ConfigError, "r"),
 }
 
 
@@ -144,6 +146,33 @@ def test_pickled_adapter_is_never_unpickled(folder, monkeypatch):
     monkeypatch.setattr(torch, "load", no_unpickling)
     with pytest.raises(dt.AdapterFileError, match="adapter_model.bin"):
         dt.load(BERT.base(), folder)
+
+
+def test_loading_under_a_taken_name_is_an_adapter_error(folder):
+    model = bert_adapter(r=4, seed=3)
+    before = logits(model, BERT.batch())
+    with pytest.raises(dt.AdapterError, match="default"):
+        model.load(folder, name="default")
+    assert model.adapter_names == ["default"]
+    assert_same(logits(model, BERT.batch()), before)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("r", 0), ("r", 2.5), ("alpha", 0), ("alpha", -1), ("dropout", 1.0), ("dropout", -0.1), ("bias", "some"),
+    ("init", "xavier"), ("rank_pattern", {"query": 0}), ("alpha_pattern", {"query": -2}), ("modules_to_save", [3]),
+])
+def test_invalid_config_values_are_config_errors(field, value):
+    with pytest.raises(dt.ConfigError, match="rank" if field == "r" else re.escape(field)):
+        dt.LoraConfig(**{field: value})
+
+
+def test_configs_are_frozen_and_attach_wants_one():
+    config = dt.LoraConfig(targets=["q", "v"])
+    with pytest.raises(AttributeError):
+        config.r = 16
+    assert config.replace(r=16).r == 16 and config.r == 8
+    with pytest.raises(dt.ConfigError):
+        dt.attach(BERT.base(), {"r": 8})
 
 
 # --- atomic saves ----------------------------------------------------------------------------

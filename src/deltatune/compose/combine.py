@@ -69,7 +69,7 @@ def _factors(layer: LoraLinear, weights: dict[str, float], how: str, rank: int |
     delta = sum(w * layer.scaling[n] * (layer.lora_B[n].weight @ layer.lora_A[n].weight) for n, w in present)
     u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
     k = min(rank, sum(layer.r[n] for n, _ in present))  # beyond that the singular values are zero
-    energy = float((s[:k] ** 2).sum() / (s ** 2).sum().clamp_min(1e-30))
+    energy = float((s[:k] ** 2).sum().detach() / (s ** 2).sum().clamp_min(1e-30))
     root = s[:k].sqrt()
     return (root[:, None] * vh[:k]).to(delta.dtype), (u[:, :k] * root).to(delta.dtype), energy
 

@@ -42,6 +42,16 @@ class AdapterLayer(nn.Module):
         #: sends each row through its own adapter (see deltatune.compose.routing)
         self.routing = None
 
+    # Models read their layers' weights directly (T5 checks ``wo.weight.dtype``; tying code
+    # reads ``.weight``): a wrapper answers with its base layer's.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     # --- bookkeeping ----------------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:
@@ -93,6 +103,7 @@ class AdapterLayer(nn.Module):
 
     def load_adapter_state(self, name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
         """Copy ``tensors`` into adapter ``name``, checking every key and shape first."""
+        tensors = self._without_base_copies(tensors, where)
         current = self.adapter_state(name)
         missing = sorted(set(current) - set(tensors))
         extra = sorted(set(tensors) - set(current))
@@ -108,6 +119,24 @@ class AdapterLayer(nn.Module):
         with torch.no_grad():
             for key, value in tensors.items():
                 current[key].copy_(value.to(dtype=current[key].dtype))
+
+    def _without_base_copies(self, tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+        """Drop copies of the frozen base tensors that PEFT files may carry (it saves the full
+        embedding matrix when embeddings are adapted); a copy that differs from this model's
+        means the adapter was trained on another base (e.g. a resized vocabulary)."""
+        base = dict(self.base_layer.state_dict())
+        kept = {}
+        for key, value in tensors.items():
+            if not key.startswith("base_layer."):
+                kept[key] = value
+                continue
+            mine = base.get(key.removeprefix("base_layer."))
+            if mine is None or mine.shape != value.shape or not torch.equal(mine, value.to(mine.dtype)):
+                raise AdapterFileError(
+                    f"the adapter file carries its own {where}.{key} that differs from this model's "
+                    f"(shape {tuple(value.shape)}): it was trained on another base model, or one with a "
+                    f"resized vocabulary; load it onto that base")
+        return kept
 
     # --- merge algebra --------------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -164,6 +193,15 @@ class ModulesToSave(AdapterLayer):
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
         # PEFT stores the copy under the original module's own keys
         return dict(self.modules_to_save[name].state_dict()) if name in self.modules_to_save else {}
+
+    def _without_base_copies(self, tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+        # PEFT files with bias="all" also hold "original_module.*" (the frozen original) and
+        # "modules_to_save.*" (a second name for the trained copy's tensors)
+        kept = {k: v for k, v in tensors.items() if not k.startswith(("original_module.", "modules_to_save."))}
+        for key, value in tensors.items():
+            if key.startswith("modules_to_save."):
+                kept.setdefault(key.removeprefix("modules_to_save."), value)
+        return kept
 
     def forward(self, *args, **kwargs):
         if self.routing is not None:

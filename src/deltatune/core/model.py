@@ -6,6 +6,7 @@ import contextlib
 import warnings
 from typing import Iterator, Sequence
 
+import torch
 from torch import nn
 
 from deltatune.core import registry
@@ -15,6 +16,7 @@ from deltatune.core.layer import AdapterLayer, ModelAdapter, ModulesToSave
 from deltatune.core.quantized import handler_for
 from deltatune.core.report import format_report
 from deltatune.core.routing import RowRouting
+from deltatune.core.shared_params import SharedParameterValues
 from deltatune.core.targets import compact_targets, visible_modules
 from deltatune.errors import AdapterError, ConfigError, TargetError
 
@@ -34,7 +36,7 @@ class AdaptedModel(nn.Module):
         self.base_model = base_model
         self.configs: dict[str, MethodConfig] = {}
         self.active_adapters: list[str] = []
-        self._extra_params: dict[str, list[str]] = {}
+        self._shared = SharedParameterValues(base_model)
         self._trainable: set[str] = set()
         self._layer_index: dict[str, AdapterLayer] = {}
         #: per-adapter modules that act on the whole call (prompt encoders), by adapter name
@@ -85,6 +87,8 @@ class AdaptedModel(nn.Module):
                 raise AdapterError(f"adapter {n!r} acts on the inputs and cannot share a mixed batch")
         if self.merged:
             raise AdapterError("an adapter is merged into the weights: unmerge() before mixed-adapter calls")
+        if self._shared.owner_among(sorted(set(names))) is not None or self._shared.owner is not None:
+            raise AdapterError("adapters that train base biases (the bias option) cannot share a mixed batch")
         first = args[0] if args else next((v for v in kwargs.values() if hasattr(v, "device")), None)
         routing = RowRouting(names, device=first.device if first is not None else "cpu")
         layers = [layer for _, layer in self.adapter_layers()]
@@ -159,7 +163,7 @@ class AdaptedModel(nn.Module):
             self.model_adapters[name] = model_adapter
         extra = getattr(spec.injector, "extra_trainable", None)
         extras = extra(self.base_model, config, paths) if extra else []
-        self._extra_params[name] = [n for n in extras if not any(n.startswith(s + ".") for s in saved)]
+        self._shared.add(name, [n for n in extras if not any(n.startswith(s + ".") for s in saved)])
         if paths:
             config = config.with_targets(compact_targets(self.base_model, paths))
         self.configs[name] = config.replace(modules_to_save=saved)
@@ -201,9 +205,11 @@ class AdaptedModel(nn.Module):
         names = [names] if isinstance(names, str) else list(names)
         for n in names:
             self._check(n)
+        owner = self._shared.owner_among(names)
         self.active_adapters = names
         for _, layer in self.adapter_layers():
             layer.set_active(names)
+        self._shared.activate(owner)
         self._refresh_trainable()
         return self
 
@@ -216,12 +222,7 @@ class AdaptedModel(nn.Module):
             for n in layer.adapter_names:
                 for p in layer.adapter_parameters(n):
                     p.requires_grad_(n in live)
-        if any(self._extra_params.values()):
-            params = dict(self.base_model.named_parameters())
-            for n, extras in self._extra_params.items():
-                for pname in extras:
-                    if pname in params:
-                        params[pname].requires_grad_(n in live)
+        self._shared.set_trainable(live)
 
     def set_trainable(self, name: str, trainable: bool = True) -> None:
         """Mark adapter ``name`` as trained (its parameters get gradients while active) or frozen."""
@@ -250,7 +251,7 @@ class AdaptedModel(nn.Module):
         if name in self.model_adapters:
             del self.model_adapters[name]
         self.configs.pop(name, None)
-        self._extra_params.pop(name, None)
+        self._shared.remove(name)
         self._trainable.discard(name)
 
     @contextlib.contextmanager
@@ -262,9 +263,12 @@ class AdaptedModel(nn.Module):
             layer.unmerge()
             layer.adapters_disabled = True
         self._adapters_disabled = True
+        owner = self._shared.owner
+        self._shared.activate(None)
         try:
             yield self
         finally:
+            self._shared.activate(owner)
             self._adapters_disabled = False
             for layer in layers:
                 layer.adapters_disabled = False
@@ -281,14 +285,38 @@ class AdaptedModel(nn.Module):
                 raise AdapterError(f"adapter {n!r} ({type(self.configs[n]).__name__}) acts on the inputs, "
                                    f"not on weights, and cannot be merged")
         layers = [(p, layer) for p, layer in self.adapter_layers() if set(names) & set(layer.adapter_names)]
+        tied = self._tied_parameter_names()
         for path, layer in layers:
             if not layer.mergeable and not isinstance(layer, ModulesToSave):
                 raise AdapterError(f"{path}: a {type(layer).__name__} cannot be merged into the weights")
+            weight = getattr(layer.base_layer, "weight", None)
+            others = [n for n in tied.get(id(weight), []) if not n.startswith(path + ".")]
+            if weight is not None and others and not isinstance(layer, ModulesToSave):
+                raise AdapterError(f"{path}.weight is tied to {others[0]}: merging would change that module "
+                                   f"too; keep the adapter unmerged, or untie the weights first")
             twice = set(names) & set(layer.merged_adapters)
             if twice:
                 raise AdapterError(f"adapter {sorted(twice)[0]!r} is already merged; call unmerge() first")
         for _, layer in layers:
             layer.merge([n for n in names if n in layer.adapter_names])
+
+    def training_penalty(self) -> torch.Tensor | None:
+        """The regularisation term the active adapters' methods add to the training loss (e.g.
+        diff pruning's L0 penalty), or None when no active method has one."""
+        terms = []
+        for method in {type(self.configs[n]).method for n in self.active_adapters}:
+            hook = getattr(registry.get(method).injector, "training_penalty", None)
+            term = hook(self) if hook is not None else None
+            if term is not None:
+                terms.append(term)
+        return torch.stack(terms).sum() if terms else None
+
+    def _tied_parameter_names(self) -> dict[int, list[str]]:
+        """Parameters reachable under more than one name (tied weights), by id."""
+        names: dict[int, list[str]] = {}
+        for n, p in self.base_model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(n)
+        return {key: ns for key, ns in names.items() if len(ns) > 1}
 
     def unmerge(self) -> None:
         """Take every merged adapter out of the base weights again."""
@@ -339,6 +367,7 @@ class AdaptedModel(nn.Module):
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the original base model."""
         self.unmerge()
+        self._shared.activate(None)
         return self._unwrap(keep_trained_heads=False)
 
     def _unwrap(self, keep_trained_heads: bool) -> nn.Module:
@@ -352,7 +381,7 @@ class AdaptedModel(nn.Module):
         self._reindex()
         self.model_adapters = nn.ModuleDict()
         self.configs.clear()
-        self._extra_params.clear()
+        self._shared = SharedParameterValues(self.base_model)
         self.active_adapters = []
         return self.base_model
 

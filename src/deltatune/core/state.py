@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from deltatune.core import registry
+from deltatune.core.shared_params import canonical_name
 from deltatune.errors import AdapterFileError, ConfigError
 
 if TYPE_CHECKING:
@@ -35,10 +36,7 @@ def adapter_tensors(model: "AdaptedModel", name: str) -> dict[str, torch.Tensor]
             out.update({f"{KEY_PREFIX}{path}.{k}": v for k, v in layer.adapter_state(name).items()})
     if name in model.model_adapters:
         out.update(model.model_adapters[name].file_state())
-    extras = model._extra_params.get(name, [])
-    if extras:
-        params = dict(model.base_model.named_parameters())
-        out.update({KEY_PREFIX + pname: params[pname] for pname in extras})
+    out.update({KEY_PREFIX + pname: value for pname, value in model._shared.values(name).items()})
     return out
 
 
@@ -106,7 +104,7 @@ def split_by_layer(model: "AdaptedModel", name: str, tensors: dict[str, torch.Te
     """Group a file's tensors by the adapter layer of ``name`` they belong to; also returns the
     trained base parameters (bias option) and model-level tensors. Unplaceable keys raise."""
     layers = dict(model.adapter_layers())
-    extras = set(model._extra_params.get(name, []))
+    extras = {canonical_name(n) for n in model._shared.names(name)}
     per_layer: dict[str, dict[str, torch.Tensor]] = {p: {} for p, layer in layers.items() if name in layer.adapter_names}
     extra_values: dict[str, torch.Tensor] = {}
     model_level: dict[str, torch.Tensor] = {}
@@ -119,7 +117,7 @@ def split_by_layer(model: "AdaptedModel", name: str, tensors: dict[str, torch.Te
                 stray.append(key)
             continue
         rel = key[len(KEY_PREFIX):]
-        if rel in extras:
+        if canonical_name(rel) in extras:
             extra_values[rel] = value
             continue
         parts = rel.split(".")
@@ -152,15 +150,11 @@ def load_adapter(model: "AdaptedModel", directory: str | os.PathLike, name: str,
             layers[path].load_adapter_state(name, layer_tensors, where=path)
         if name in model.model_adapters:
             model.model_adapters[name].load_file_state(model_level)
-        missing = sorted(set(model._extra_params.get(name, [])) - set(extra_values))
+        found = {canonical_name(n) for n in extra_values}
+        missing = sorted(n for n in model._shared.names(name) if canonical_name(n) not in found)
         if missing:
             raise AdapterFileError(f"the adapter file lacks the trained biases {missing[:3]}")
-        params = dict(model.base_model.named_parameters())
-        with torch.no_grad():
-            for pname, value in extra_values.items():
-                if params[pname].shape != value.shape:
-                    raise AdapterFileError(f"{pname}: file shape {tuple(value.shape)} != model shape {tuple(params[pname].shape)}")
-                params[pname].copy_(value)
+        model._shared.set_values(name, extra_values)
     except Exception:
         active = [n for n in model.active_adapters if n != name]
         model._drop(name)

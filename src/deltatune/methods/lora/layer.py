@@ -15,6 +15,7 @@ from torch import nn
 
 from deltatune.core.layer import AdapterLayer, linear_kinds
 from deltatune.errors import TargetError
+from deltatune.methods.lora.fused import LoraLinearFunction
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -109,11 +110,24 @@ class LoraLinear(LoraLayer):
         self.lora_A[name], self.lora_B[name] = a, b
         self._set_hparams(name, r, alpha, dropout, use_rslora)
 
+    #: take the fused single-node path where it applies (see fused.py); tests compare both paths
+    use_fused: bool = True
+
+    def _fusable(self, names: list[str]) -> bool:
+        base = self.base_layer
+        return (self.use_fused and len(names) == 1 and type(base) in linear_kinds()
+                and not base.weight.requires_grad and (self.dropout_p[names[0]] == 0 or not self.training))
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.routing is not None:
             return self.routing(self, x, *args, **kwargs)
+        names = self._unmerged_active()
+        if not args and not kwargs and self._fusable(names):
+            base, name = self.base_layer, names[0]
+            return LoraLinearFunction.apply(x, base.weight, base.bias, self.lora_A[name].weight,
+                                            self.lora_B[name].weight, self.scaling[name], self.fan_in_fan_out)
         result = self.base_layer(x, *args, **kwargs)
-        for name in self._unmerged_active():
+        for name in names:
             a = self.lora_A[name].weight
             b = self.lora_B[name].weight
             xa = F.linear(self._dropped(x, name).to(a.dtype), a)
