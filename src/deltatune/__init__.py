@@ -14,13 +14,23 @@ from deltatune.core.model import BASE_ADAPTER, AdaptedModel
 from deltatune.core.models import ModelSource, load_model, load_tokenizer, resolve_model
 from deltatune.errors import (AdapterError, AdapterFileError, ConfigError, DeltatuneError, ModelNotFoundError,
                               TargetError)
+from deltatune.methods.adapters import AdapterConfig
+from deltatune.methods.bitfit import BitFitConfig
+from deltatune.methods.compacter import CompacterConfig
+from deltatune.methods.diff_pruning import DiffPruningConfig
+from deltatune.methods.freeze import FreezeConfig, FullConfig, HeadOnlyConfig
+from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.lora import LoraConfig
+from deltatune.methods.prefix import PrefixTuningConfig
+from deltatune.methods.prompt import PromptTuningConfig, PTuningConfig
 from deltatune.quant import prepare_for_kbit_training, quantization_report, quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "attach", "load", "AdaptedModel", "MethodConfig", "LoraConfig", "BASE_ADAPTER",
+    "attach", "load", "AdaptedModel", "MethodConfig", "BASE_ADAPTER",
+    "LoraConfig", "IA3Config", "AdapterConfig", "CompacterConfig", "PromptTuningConfig", "PTuningConfig",
+    "PrefixTuningConfig", "BitFitConfig", "DiffPruningConfig", "FreezeConfig", "HeadOnlyConfig", "FullConfig",
     "resolve_model", "load_model", "load_tokenizer", "ModelSource",
     "quantize", "prepare_for_kbit_training", "quantization_report",
     "DeltatuneError", "ConfigError", "TargetError", "AdapterError", "AdapterFileError", "ModelNotFoundError",

@@ -52,11 +52,14 @@ def assert_same_outputs(ours: dict, theirs: dict, virtual: int = 0, atol: float 
         torch.testing.assert_close(value, other, atol=atol, rtol=0, msg=f"{key} differs")
 
 
-def greedy(model, toy: contract.Toy, tokens: int = 6) -> torch.Tensor:
+def greedy(model, toy: contract.Toy, tokens: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy ``(sequences, scores)``: the tokens and, stacked, each step's next-token logits."""
     inputs = toy.inputs()
     with torch.no_grad():
-        return model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                              max_new_tokens=tokens, do_sample=False)
+        out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                             max_new_tokens=tokens, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.scores, dim=1)
 
 
 def peft_file_loads_in_deltatune(toy: contract.Toy, peft_config, tmp_path, virtual: int = 0) -> dt.AdaptedModel:
@@ -83,15 +86,19 @@ def deltatune_file_loads_in_peft(toy: contract.Toy, config: dt.MethodConfig, tmp
 
 
 def generates_the_same_after_reload(toy: contract.Toy, config: dt.MethodConfig, tmp_path) -> torch.Tensor:
-    """Greedy tokens of a (perturbed) adapter are the same after a reload, and in PEFT."""
+    """Greedy generation of a (perturbed) adapter is the same after a reload, and in PEFT: the same
+    tokens, and the same logits at every step (which the adapter changes)."""
     model = contract.perturbed(dt.attach(toy.model(), config))
-    tokens = greedy(model, toy)
+    tokens, scores = greedy(model, toy)
     model.save(tmp_path)
-    torch.testing.assert_close(greedy(dt.load(toy.model(), tmp_path), toy), tokens, atol=0, rtol=0)
-    torch.testing.assert_close(greedy(peft.PeftModel.from_pretrained(contract.copy_of(toy), tmp_path), toy),
-                               tokens, atol=0, rtol=0)
+    for other in (dt.load(toy.model(), tmp_path), peft.PeftModel.from_pretrained(contract.copy_of(toy), tmp_path)):
+        other_tokens, other_scores = greedy(other, toy)
+        torch.testing.assert_close(other_tokens, tokens, atol=0, rtol=0)
+        torch.testing.assert_close(other_scores, scores, atol=1e-5, rtol=0)
     with model.disabled():
-        assert not torch.equal(greedy(model, toy), tokens), "the adapter does not change what is generated"
+        base_scores = greedy(model, toy)[1]  # may stop at EOS after a different number of steps
+        assert base_scores.shape != scores.shape or not torch.allclose(base_scores, scores, atol=1e-4), \
+            "the adapter does not act in generate"
     return tokens
 
 

@@ -44,6 +44,8 @@ class BitFitLayer(AdapterLayer):
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.routing is not None:  # a mixed-adapter batch
+            return self.routing(self, x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.adapters_disabled:
             return result

@@ -67,6 +67,8 @@ class IA3Linear(AdapterLayer):
         return [n for n in self.active_adapters if n not in self.merged_adapters]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.routing is not None:  # a mixed-adapter batch
+            return self.routing(self, x, *args, **kwargs)
         live = self._live()
         in_scale = _product(self.ia3_l[n].flatten() for n in live if self.feedforward[n])
         out_scale = _product(self.ia3_l[n].flatten() for n in live if not self.feedforward[n])

@@ -1,0 +1,36 @@
+"""How diff pruning attaches: wrap the targeted linear layers and add a gated diff to each."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deltatune.core.layer import AdapterLayer, linear_kinds
+from deltatune.core.targets import resolve_targets
+from deltatune.errors import TargetError
+from deltatune.methods.diff_pruning.config import DiffPruningConfig
+from deltatune.methods.diff_pruning.layer import DiffPruningLinear
+
+
+class DiffPruningMethod:
+    """Injector registered for ``"diff_pruning"``."""
+
+    def training_penalty(self, model) -> torch.Tensor:
+        """The L0 term the training loop adds to the loss (see :func:`l0_penalty`)."""
+        from deltatune.methods.diff_pruning.penalty import l0_penalty
+
+        return l0_penalty(model)
+
+    def inject(self, model: nn.Module, config: DiffPruningConfig, name: str) -> list[str]:
+        paths = resolve_targets(model, config.targets, kinds=linear_kinds(), layers=config.layers,
+                                exclude=config.exclude)
+        for path in paths:
+            module = model.get_submodule(path)
+            if isinstance(module, AdapterLayer) and not isinstance(module, DiffPruningLinear):
+                raise TargetError(f"{path} already carries a {type(module).__name__} adapter; diff pruning cannot "
+                                  f"wrap it too: exclude it from one of the two configs")
+            if not isinstance(module, DiffPruningLinear):
+                module = DiffPruningLinear(module)
+                model.set_submodule(path, module)
+            module.add_adapter(name, init_log_alpha=config.init_log_alpha)
+        return paths

@@ -1,0 +1,53 @@
+"""How freezing attaches: a trainable copy (the core's ``ModulesToSave``) of every chosen module."""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from deltatune.core.layer import AdapterLayer, ModulesToSave
+from deltatune.errors import TargetError
+from deltatune.methods.freeze.config import FreezeConfig
+from deltatune.methods.freeze.select import train_paths
+
+
+class TiedModulesToSave(ModulesToSave):
+    """A ``ModulesToSave`` whose copies can share one ``deepcopy`` memo, so that weights tied in the
+    base model (GPT-2's ``lm_head`` and ``wte``; T5's ``shared``, ``embed_tokens`` and ``lm_head``)
+    stay tied across the copies of one adapter, and train as one parameter."""
+
+    def add_adapter(self, name: str, memo: dict | None = None) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.base_layer, memo)
+        for p in self.modules_to_save[name].parameters():
+            p.requires_grad_(True)
+
+
+class FreezeMethod:
+    """Injector registered for ``freeze``, ``head-only`` and ``full``."""
+
+    def inject(self, model: nn.Module, config: FreezeConfig, name: str) -> list[str]:
+        paths = train_paths(model, config.train)
+        for path in paths:  # check all before wrapping any
+            module = model.get_submodule(path)
+            if isinstance(module, AdapterLayer) and not isinstance(module, ModulesToSave):
+                raise TargetError(f"{path} already carries a {type(module).__name__}; freeze cannot also train "
+                                  f"a copy of it: give the two adapters disjoint modules")
+            base = module.base_layer if isinstance(module, ModulesToSave) else module
+            inner = [p for p, m in base.named_modules() if isinstance(m, AdapterLayer)]
+            if inner:
+                raise TargetError(f"{path} contains adapted layers ({path}.{inner[0]}); freeze would copy them: "
+                                  f"give the two adapters disjoint modules")
+        memo: dict = {}
+        for path in paths:
+            module = model.get_submodule(path)
+            if not isinstance(module, ModulesToSave):
+                module = TiedModulesToSave(module)
+                model.set_submodule(path, module)
+            if name in module.adapter_names:  # e.g. the classification head, a module to save already
+                continue
+            if isinstance(module, TiedModulesToSave):
+                module.add_adapter(name, memo)
+            else:
+                module.add_adapter(name)
+        return paths

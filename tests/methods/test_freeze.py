@@ -1,0 +1,184 @@
+"""Layer freezing and the head-only / full baselines: the shared contract (merge included) on the
+four toys, which modules each selection trains, tied weights, combinations, and training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.core import registry
+from deltatune.core.layer import ModulesToSave
+from deltatune.methods.freeze import FreezeConfig, FullConfig, HeadOnlyConfig
+from tests.methods import contract
+from tests.methods.short_training import train_briefly
+
+TOYS = contract.TOYS
+
+# the top two blocks of each toy, by hand (T5's stacks have two blocks each)
+UPPER_2 = {
+    "bert": ["bert.encoder.layer.2", "bert.encoder.layer.3"],
+    "gpt2": ["transformer.h.2", "transformer.h.3"],
+    "llama": ["model.layers.2", "model.layers.3"],
+    "t5": ["encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1"],
+}
+HEAD = {"bert": "classifier", "gpt2": "lm_head", "llama": "lm_head", "t5": "lm_head"}
+CONFIGS = {"upper:2": FreezeConfig(train="upper:2"), "head-only": HeadOnlyConfig(), "full": FullConfig()}
+
+
+def numel(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def expected_trainable(name: str, toy: str, base: torch.nn.Module) -> int:
+    head = numel(base.get_submodule(HEAD[toy]))
+    if name == "upper:2":
+        return sum(numel(base.get_submodule(p)) for p in UPPER_2[toy]) + (head if toy == "bert" else 0)
+    if name == "head-only":
+        return head  # for the LM toys a copy of the (tied) output head
+    return numel(base)  # full: every parameter once, tied weights staying tied
+
+
+def _trained_paths(model: dt.AdaptedModel, adapter: str = "default") -> list[str]:
+    return [p for p, layer in model.adapter_layers() if isinstance(layer, ModulesToSave) and adapter in layer.adapter_names]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("toy", TOYS.values(), ids=TOYS.keys())
+def test_freeze_contract(toy, name, tmp_path):
+    cfg = CONFIGS[name]
+    contract.check_only_adapter_parameters_train(toy, cfg)
+    contract.check_changes_and_disables(toy, cfg)
+    contract.check_save_load(toy, cfg, tmp_path)
+    contract.check_merge(toy, cfg)
+    contract.check_remove_restores_base(toy, cfg)
+    contract.check_trainable_count(toy, cfg, expected_trainable(name, toy.name, toy.model()))
+
+
+@pytest.mark.parametrize("toy", TOYS.values(), ids=TOYS.keys())
+def test_upper_2_trains_exactly_the_top_two_blocks(toy):
+    model = dt.attach(toy.model(), FreezeConfig(train="upper:2"))
+    expected = UPPER_2[toy.name] + (["classifier"] if toy.name == "bert" else [])
+    assert _trained_paths(model) == expected
+    trainable = [n for n, p in model.base_model.named_parameters() if p.requires_grad]
+    assert all(any(n.startswith(f"{p}.modules_to_save.default.") for p in expected) for n in trainable)
+
+
+def test_upper_1_takes_the_top_block_of_each_t5_stack():
+    model = dt.attach(TOYS["t5"].model(), FreezeConfig(train="upper:1"))
+    assert _trained_paths(model) == ["encoder.block.1", "decoder.block.1"]
+
+
+def test_a_training_step_changes_only_the_chosen_blocks():
+    toy = TOYS["llama"]
+    model = dt.attach(toy.model(), FreezeConfig(train=[0, 2]))
+    assert _trained_paths(model) == ["model.layers.0", "model.layers.2"]
+    before = {n: p.detach().clone() for n, p in model.base_model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    model(**toy.inputs()).loss.backward()
+    optimizer.step()
+    changed = {n for n, p in model.base_model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed, "nothing trained"
+    assert all(n.startswith(("model.layers.0.modules_to_save.", "model.layers.2.modules_to_save.")) for n in changed)
+    assert any(n.startswith("model.layers.0.") for n in changed) and any(n.startswith("model.layers.2.") for n in changed)
+
+
+def test_head_only_trains_only_the_classifier():
+    model = dt.attach(TOYS["bert"].model(), HeadOnlyConfig())
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert set(trainable) == {"base_model.classifier.modules_to_save.default.weight",
+                              "base_model.classifier.modules_to_save.default.bias"}
+    assert sum(trainable.values()) == 32 * 3 + 3
+
+
+def test_embeddings_selection_per_architecture():
+    picks = {name: _trained_paths(dt.attach(toy.model(), FreezeConfig(train="embeddings", modules_to_save=[])))
+             for name, toy in TOYS.items()}
+    assert picks == {"bert": ["bert.embeddings"], "gpt2": ["transformer.wte", "transformer.wpe"],
+                     "llama": ["model.embed_tokens"],
+                     "t5": ["shared", "encoder.embed_tokens", "decoder.embed_tokens"]}
+
+
+def test_tied_weights_stay_tied_in_the_copies():
+    gpt2 = dt.attach(TOYS["gpt2"].model(), FullConfig())
+    wte = gpt2.base_model.transformer.modules_to_save["default"].wte.weight
+    assert gpt2.base_model.lm_head.modules_to_save["default"].weight is wte
+    assert wte is not gpt2.base_model.transformer.base_layer.wte.weight
+    t5 = dt.attach(TOYS["t5"].model(), FreezeConfig(train="embeddings"))
+    copies = [t5.base_model.get_submodule(p).modules_to_save["default"].weight
+              for p in ("shared", "encoder.embed_tokens", "decoder.embed_tokens")]
+    assert copies[0] is copies[1] is copies[2]
+
+
+def test_combined_selection_and_merge_and_unload_returns_the_trained_copies():
+    toy = TOYS["gpt2"]
+    model = contract.perturbed(dt.attach(toy.model(), FreezeConfig(train="upper:1,embeddings,head")))
+    assert _trained_paths(model) == ["transformer.wte", "transformer.wpe", "transformer.h.3", "lm_head"]
+    trained = model.base_model.transformer.h[3].modules_to_save["default"]
+    expected = contract.logits(model, toy.inputs())
+    plain = model.merge_and_unload()
+    assert plain.transformer.h[3] is trained
+    torch.testing.assert_close(contract.logits(plain, toy.inputs()), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("train, parsed", [
+    ("upper:2", ("upper:2",)), ("upper:2, head", ("upper:2", "head")), (3, (3,)), ("0,3", (0, 3)),
+    ([1, "embeddings", 1], (1, "embeddings")), ("all", ("all",)),
+])
+def test_train_parsing(train, parsed):
+    assert FreezeConfig(train=train).train == parsed
+
+
+@pytest.mark.parametrize("train", ["upper:0", "middle:2", "top", -1, [], [True], 2.5])
+def test_train_validation(train):
+    with pytest.raises(dt.ConfigError, match="train|block|selects|upper"):
+        FreezeConfig(train=train)
+
+
+def test_missing_blocks_are_a_clear_error():
+    with pytest.raises(dt.TargetError, match=r"numbered 0\.\.3"):
+        dt.attach(TOYS["bert"].model(), FreezeConfig(train=[4]))
+    with pytest.raises(dt.TargetError, match="has 4"):
+        dt.attach(TOYS["bert"].model(), FreezeConfig(train="lower:5"))
+
+
+def test_presets_are_registered_and_fixed(tmp_path):
+    assert registry.get("head-only").config_cls is HeadOnlyConfig
+    assert registry.get("full").config_cls is FullConfig
+    assert registry.get("freeze").config_cls is FreezeConfig
+    with pytest.raises(dt.ConfigError, match="FreezeConfig"):
+        HeadOnlyConfig(train="upper:2")
+    toy = TOYS["bert"]
+    contract.perturbed(dt.attach(toy.model(), HeadOnlyConfig())).save(tmp_path)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert data["deltatune_method"] == "head-only"
+    assert isinstance(dt.load(toy.model(), tmp_path).configs["default"], HeadOnlyConfig)
+
+
+def test_lora_with_a_trainable_head():
+    toy = TOYS["bert"]
+    model = dt.attach(toy.model(), dt.LoraConfig(r=2, targets=["q", "v"]))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    heads = [n for n in trainable if ".classifier.modules_to_save.default." in n]
+    loras = [n for n in trainable if ".lora_" in n]
+    assert len(heads) == 2 and len(loras) == 4 * 2 * 2 and len(trainable) == len(heads) + len(loras)
+    model.train()
+    model(**toy.inputs()).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in model.named_parameters() if n in heads or ".lora_B." in n)
+
+
+def test_freeze_refuses_modules_holding_other_adapters():
+    model = dt.attach(TOYS["llama"].model(), dt.LoraConfig(r=2, targets=["q"], layers=[3]), "lora")
+    with pytest.raises(dt.TargetError, match="disjoint"):
+        model.add(FreezeConfig(train="upper:1"), "freeze")
+    model.add(FreezeConfig(train="lower:2"), "freeze")  # disjoint blocks are fine
+    assert _trained_paths(model, "freeze") == ["model.layers.0", "model.layers.1"]
+
+
+def test_freezing_learns_sst2_on_minilm():
+    run = train_briefly(FreezeConfig(train="upper:1"), steps=60, lr=1e-4)
+    assert run.accuracy_after > run.accuracy_before + 0.10, run
