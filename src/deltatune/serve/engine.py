@@ -1,0 +1,168 @@
+"""The model side of the server: tokenize, run one mixed-adapter forward, split the answers.
+
+Every method except the read-only views (``check_adapter``, ``describe``) runs on the batcher's model
+thread, one at a time, so the model is never used by two threads and never changes during a
+forward. The event loop reads only :attr:`Engine.loaded` and :attr:`Engine.pinned`, frozensets
+replaced whole after each change.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from deltatune.compose import AdapterCache
+from deltatune.core.archspec import task_type_of
+from deltatune.core.model import BASE_ADAPTER, AdaptedModel
+from deltatune.errors import ConfigError, DeltatuneError
+from deltatune.serve.errors import RequestError
+
+
+CLASSIFY, GENERATE = "classify", "generate"
+_KINDS = {"SEQ_CLS": CLASSIFY, "CAUSAL_LM": GENERATE}
+
+
+class Engine:
+    """Runs classify batches, generation and adapter loads on one :class:`AdaptedModel`.
+
+    ``pinned`` adapters (those given at start-up) are never evicted by the LRU cache, which
+    keeps at most ``max_adapters`` adapters loaded.
+    """
+
+    def __init__(self, model: AdaptedModel, tokenizer, *, max_adapters: int = 64, max_length: int = 512) -> None:
+        kind = _KINDS.get(task_type_of(model.base_model) or "")
+        if kind is None:
+            raise ConfigError(f"the server serves sequence classifiers and causal LMs, "
+                              f"not {type(model.base_model).__name__}")
+        self.kind = kind
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.device = next(model.parameters()).device
+        pinned = tuple(model.adapter_names)
+        self.cache = AdapterCache(model, max(max_adapters, len(pinned), 1), pinned=pinned)
+        self._evicted: OrderedDict[str, None] = OrderedDict()  # recent evictions, for clearer 404s
+        self.loaded: frozenset[str] = frozenset()
+        self.pinned: frozenset[str] = frozenset()
+        self._refresh()
+        if kind == GENERATE and tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+            raise ConfigError("the tokenizer has neither a pad nor an eos token")
+
+    # --- reads (safe from the event loop) -------------------------------------------------
+    def check_adapter(self, name: str) -> None:
+        """Raise a 404 unless ``name`` is loaded or ``"__base__"``."""
+        if name == BASE_ADAPTER or name in self.loaded:
+            return
+        why = " (it was evicted to make room for others; load it again)" if name in self._evicted else ""
+        raise RequestError(404, f"unknown adapter {name!r}{why}; loaded: {sorted(self.loaded) or 'none'} "
+                                f"(or {BASE_ADAPTER!r} for the base model)")
+
+    def describe(self) -> list[dict]:
+        """The loaded adapters by name; pinned ones are never evicted."""
+        loaded, pinned = self.loaded, self.pinned
+        return [{"name": n, "pinned": n in pinned} for n in sorted(loaded)]
+
+    # --- classification (model thread) ---------------------------------------------------
+    def classify(self, requests: list[tuple[str, list[str]]]) -> list:
+        """One result per ``(adapter, texts)`` request: a list of ``{"label", "probabilities"}``
+        per text, or the exception that request met. All rows go through one forward."""
+        if self.kind != CLASSIFY:
+            return [RequestError(400, "this server's model is a causal LM: use /v1/generate")] * len(requests)
+        results: list = [None] * len(requests)
+        live = []
+        for i, (name, _) in enumerate(requests):
+            try:
+                self.check_adapter(name)  # it may have been removed while the request waited
+                live.append(i)
+            except RequestError as exc:
+                results[i] = exc
+        # grouped by adapter, each adapter's rows form one contiguous slice of the batch
+        live.sort(key=lambda i: requests[i][0])
+        try:
+            self._classify_into(results, requests, live)
+        except Exception:
+            if len(live) < 2:
+                raise
+            # something in the batch broke the forward: run each request alone so only it fails
+            for i in live:
+                try:
+                    self._classify_into(results, requests, [i])
+                except Exception as exc:
+                    results[i] = exc
+        for name in {requests[i][0] for i in live} - {BASE_ADAPTER}:
+            if name in self.cache:
+                self.cache.touch(name)
+        return results
+
+    def _classify_into(self, results: list, requests: list[tuple[str, list[str]]], which: list[int]) -> None:
+        if not which:
+            return
+        names = [requests[i][0] for i in which for _ in requests[i][1]]
+        texts = [t for i in which for t in requests[i][1]]
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        with torch.inference_mode():
+            logits = self.model(**enc, adapter_names=names).logits
+        probs = torch.softmax(logits.float(), dim=-1).cpu()
+        labels = probs.argmax(dim=-1).tolist()
+        probs = probs.tolist()
+        start = 0
+        for i in which:
+            end = start + len(requests[i][1])
+            results[i] = [{"label": labels[r], "probabilities": probs[r]} for r in range(start, end)]
+            start = end
+
+    # --- generation (model thread) -------------------------------------------------------
+    def generate(self, name: str, prompt: str, max_new_tokens: int) -> dict:
+        """Greedy continuation of ``prompt`` with adapter ``name``: its text and token ids."""
+        if self.kind != GENERATE:
+            raise RequestError(400, "this server's model is a sequence classifier: use /v1/classify")
+        self.check_adapter(name)
+        enc = self.tokenizer([prompt], truncation=True, max_length=self.max_length, return_tensors="pt",
+                             return_token_type_ids=False)
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        pad = self.tokenizer.pad_token_id
+        with torch.inference_mode():
+            out = self.model.generate(**enc, adapter_names=[name], max_new_tokens=max_new_tokens, do_sample=False,
+                                      pad_token_id=self.tokenizer.eos_token_id if pad is None else pad)
+        new = out[0, enc["input_ids"].shape[1]:].tolist()
+        if name != BASE_ADAPTER:
+            self.cache.touch(name)
+        return {"text": self.tokenizer.decode(new, skip_special_tokens=True), "tokens": new}
+
+    # --- adapters (model thread) ---------------------------------------------------------
+    def load(self, name: str, directory: Path) -> list[str]:
+        """Load the adapter folder ``directory`` as ``name``; returns the adapters evicted."""
+        if name in self.cache:
+            raise RequestError(409, f"adapter {name!r} is loaded already; DELETE it first to replace it")
+        try:
+            evicted = self.cache.load(name, directory)
+        except DeltatuneError as exc:  # the core's own message: foreign base model, broken files ...
+            raise RequestError(400, f"cannot load adapter {name!r}: {exc}") from None
+        finally:
+            self._refresh()
+        if name in self.model.model_adapters:
+            method = type(self.model.configs[name]).__name__
+            self.cache.remove(name)
+            self._refresh()
+            raise RequestError(400, f"adapter {name!r} ({method}) acts on the inputs and cannot share a mixed "
+                                    f"batch; the server serves weight-space adapters (LoRA, IA3, ...)")
+        for victim in evicted:
+            self._evicted[victim] = None
+        while len(self._evicted) > 1000:
+            self._evicted.popitem(last=False)
+        self._evicted.pop(name, None)
+        return evicted
+
+    def remove(self, name: str) -> None:
+        """Unload adapter ``name``."""
+        if name not in self.cache:
+            raise RequestError(404, f"adapter {name!r} is not loaded; loaded: {sorted(self.loaded) or 'none'}")
+        self.cache.remove(name)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.loaded = frozenset(self.cache.names())
+        self.pinned = frozenset(self.cache.pinned)
