@@ -99,7 +99,8 @@ def sentiment_files(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture
 def recipe(toy_models, sentiment_files, tmp_path):
     """A recipe dict for a short LoRA run of the toy BERT on the synthetic sentiment data;
-    keyword arguments override sections (``train={...}`` updates the train section)."""
+    keyword arguments override sections (``train={...}`` updates the train section, ``method``
+    replaces the method)."""
     def make(model: str = "bert", **changes) -> dict:
         data = {
             "model": toy_models[model],
@@ -111,8 +112,9 @@ def recipe(toy_models, sentiment_files, tmp_path):
                       "threads": 1},
             "output_dir": str(tmp_path / "run"),
         }
-        for key, value in changes.items():
-            data[key] = {**data[key], **value} if isinstance(data.get(key), dict) and isinstance(value, dict) else value
+        for key, value in changes.items():  # sections are updated, except method (replaced)
+            merge = key in ("data", "train") and isinstance(value, dict)
+            data[key] = {**data[key], **value} if merge else value
         return data
     return make
 

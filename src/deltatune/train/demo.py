@@ -25,7 +25,7 @@ def demo_recipe(out: str) -> dict:
                  "label": "label", "max_length": 64},
         "method": {"type": "lora", "r": 8, "alpha": 16, "targets": ["q", "v"]},
         "train": {"epochs": 2, "batch_size": 32, "lr": 2.0e-3, "warmup": 0.06, "eval_every": 40,
-                  "log_every": 10, "seed": 0, "checkpoint_every": 1000},
+                  "log_every": 10, "seed": 0, "checkpoint_every": 1000, "threads": 1},
         "output_dir": out,
     }
 

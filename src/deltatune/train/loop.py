@@ -131,8 +131,12 @@ class Trainer:
             with sync:
                 with self.autocast():
                     out = self.model(**batch)
+                loss = out.loss.float()
+                penalty = self._penalty()
+                if penalty is not None:  # a method's regulariser, e.g. diff pruning's L0 term
+                    loss = loss + penalty.float()
                 # the model's loss is a mean over units[i] items; DDP divides by world_size
-                (out.loss.float() * (units[i] * self.dist.world_size / total_units)).backward()
+                (loss * (units[i] * self.dist.world_size / total_units)).backward()
             loss_sum += float(out.loss.detach()) * units[i]
         if self.spec.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.spec.max_grad_norm)
@@ -140,6 +144,10 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return self.dist.sum(loss_sum) / total_units, tokens
+
+    def _penalty(self) -> torch.Tensor | None:
+        hook = getattr(self.module, "training_penalty", None)
+        return hook() if hook is not None else None
 
     # --- reporting, evaluation, stopping ------------------------------------------------------
     def _record_step(self, loss: float, tokens: int, progress: Progress) -> None:

@@ -32,6 +32,9 @@ RESUMABLE_CHANGES = {("train", k) for k in ("max_steps", "epochs", "eval_every",
 #: files and folders a run writes (``--overwrite`` removes them first)
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "recipe.yaml", "tensorboard",
              "adapter", "model", "head")
+#: what marks a folder as holding a run worth keeping (a run that died before its first
+#: checkpoint left nothing to resume, and is simply started again)
+_KEEP = ("checkpoints", "summary.json", "adapter", "model", "head")
 
 
 def fingerprint(recipe: Recipe) -> str:
@@ -68,8 +71,9 @@ def train(recipe: Recipe | str | dict, overrides: list[str] | tuple[str, ...] = 
 
 def _prepare_output(out: Path, resume: bool, overwrite: bool, dist) -> None:
     previous = [name for name in RUN_FILES if (out / name).exists()]
-    if previous and not resume and not overwrite:
-        raise ConfigError(f"{out} holds a previous run ({', '.join(previous)}); pass --resume to continue it "
+    kept = [name for name in _KEEP if name in previous]
+    if kept and not resume and not overwrite:
+        raise ConfigError(f"{out} holds a previous run ({', '.join(kept)}); pass --resume to continue it "
                           f"or --overwrite to start again")
     if dist.main:
         if overwrite:
@@ -133,7 +137,10 @@ def quiet_load(name: str, auto_class: str, **kwargs):
 
 def build_model(recipe: Recipe, task: tasks.Task, method: TrainMethod, device: torch.device):
     """The base model for ``task``, on ``device``, made trainable by ``method``."""
-    model = quiet_load(recipe.model, task.auto_class, **task.model_kwargs())
+    kwargs = task.model_kwargs()
+    if "num_labels" in kwargs:  # a head for another label set is replaced, as fine-tuning wants
+        kwargs["ignore_mismatched_sizes"] = True
+    model = quiet_load(recipe.model, task.auto_class, **kwargs)
     if getattr(model.config, "pad_token_id", None) is None and task.tokenizer.pad_token_id is not None:
         model.config.pad_token_id = task.tokenizer.pad_token_id
     model.to(device)
@@ -156,6 +163,10 @@ def _counts(model) -> tuple[int, int]:
 def _train(recipe: Recipe, dist, resume: bool, overwrite: bool, stream: TextIO, quiet: bool) -> dict:
     began = time.perf_counter()
     spec, out = recipe.train, Path(recipe.output_dir)
+    metric = spec.best_metric or tasks.get(recipe.task).default_metric
+    if metric not in tasks.get(recipe.task).metrics:
+        raise ConfigError(f"train.best_metric {metric!r} is not an evaluation metric of {recipe.task}; "
+                          f"metrics: {', '.join(tasks.get(recipe.task).metrics)}")
     _prepare_output(out, resume, overwrite, dist)
     say = (lambda line: print(line, file=stream, flush=True)) if dist.main and not quiet else (lambda line: None)
     with warnings.catch_warnings():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -65,6 +65,8 @@ class Task:
     peft_task: ClassVar[str] = ""
     #: metric used for "best checkpoint" / early stopping unless the recipe names one
     default_metric: ClassVar[str] = "loss"
+    #: what :meth:`evaluate` reports
+    metrics: ClassVar[tuple[str, ...]] = ("loss", "perplexity")
 
     def __init__(self, spec: DataSpec, tokenizer) -> None:
         self.spec = spec
@@ -154,6 +156,7 @@ class SeqCls(Task):
     auto_class = "AutoModelForSequenceClassification"
     peft_task = "SEQ_CLS"
     default_metric = "accuracy"
+    metrics = ("accuracy", "f1", "loss")
 
     def fit_labels(self, rows: Any) -> None:
         self.labels = _label_ids(column(rows, self.spec.label, "the training data"), "the training data")
@@ -218,6 +221,7 @@ class TokenCls(Task):
     auto_class = "AutoModelForTokenClassification"
     peft_task = "TOKEN_CLS"
     default_metric = "accuracy"
+    metrics = ("accuracy", "f1", "loss")
 
     @staticmethod
     def _as_list(value: Any) -> list:
