@@ -151,6 +151,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", help="only these seeds, comma-separated (a part of the sweep; folders stay the same)")
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                    help="only grid settings whose KEY is VALUE, as results.csv writes it (repeatable)")
+    p.add_argument("--no-baselines", action="store_true", help="skip the sweep's baselines this time")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild results.csv, results.md and the plots from the finished runs; train nothing")

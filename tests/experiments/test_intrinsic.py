@@ -153,7 +153,7 @@ def test_d90_is_the_smallest_d_reaching_90_percent():
     assert d90(points, reference=1.0) is None
 
 
-def test_analyze_intrinsic_dim_on_the_toy_model(recipe, tmp_path):
+def test_analyze_intrinsic_dim_on_the_toy_model(recipe, tmp_path, capsys):
     data = recipe(train={"max_steps": 4, "eval_every": None, "lr": 0.05})
     result = analyze(data, [4, 16], out=str(tmp_path / "id"), reference=0.6, exclude=["word_embeddings"])
     assert [p["d"] for p in result["points"]] == [4, 16]
@@ -167,4 +167,19 @@ def test_analyze_intrinsic_dim_on_the_toy_model(recipe, tmp_path):
     assert (tmp_path / "id" / "intrinsic.csv").read_text().splitlines()[0] == "d,D,accuracy,fraction_of_full,wall_time_s"
     table = format_table(result)
     assert "| full fine-tuning | 0.6000 | 100% |" in table
+    # the reference read from a finished run; the finished subspace runs are reused, not retrained
+    stamp = (tmp_path / "id" / "d4" / "summary.json").stat().st_mtime_ns
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "summary.json").write_text(json.dumps({"metrics": {"accuracy": 0.5, "loss": 0.7}}))
+    again = analyze(data, [4], out=str(tmp_path / "id"), reference=str(tmp_path / "full"))
+    assert again["reference"] == 0.5 and again["points"][0]["value"] == result["points"][0]["value"]
+    assert (tmp_path / "id" / "d4" / "summary.json").stat().st_mtime_ns == stamp
+    import yaml
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    assert main(["analyze", "intrinsic-dim", str(tmp_path / "r.yaml"), "--dims", "4", "--out", str(tmp_path / "id"),
+                 "--reference", "0.5", "--exclude", "word_embeddings"]) == 0
+    assert "| full fine-tuning | 0.5000 | 100% |" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="neither a number nor a finished run"):
+        analyze(data, [4], out=str(tmp_path / "id"), reference=str(tmp_path / "nowhere"))
 

@@ -251,3 +251,20 @@ def test_sweep_command_with_worker_processes(recipe, tmp_path, capsys):
     run_yaml = yaml.safe_load((Path(rows[0]["folder"]) / "run.yaml").read_text())
     assert run_yaml["train"]["threads"] == 1
     assert "exit status 1" in rows[1]["error"] and "no_such_module" in rows[1]["error"]
+
+
+def test_sweep_command_dry_run_with_a_part_of_the_sweep(recipe, tmp_path, capsys):
+    import yaml
+
+    data = make_sweep(recipe, tmp_path, grid={"method.r": [1, 2]}, seeds=[0, 1], baselines=["full"])
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "6 runs, 0 finished"
+    assert main(["sweep", str(path), "--dry-run", "--seeds", "1", "--where", "method.r=2", "--no-baselines"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].split()[:4] == ["grid", "r=2", "seed", "1"] and lines[1] == "1 runs, 0 finished"
+    assert main(["sweep", str(path), "--dry-run", "--where", "method.r=3"]) == 1
+    assert "no value is 3; values: 1, 2" in capsys.readouterr().err
+    assert main(["sweep", str(path), "--where", "r"]) == 1
+    assert "--where expects KEY=VALUE" in capsys.readouterr().err

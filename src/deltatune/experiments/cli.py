@@ -7,6 +7,7 @@ calls and results into lines.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -38,6 +39,8 @@ def sweep_command(args: argparse.Namespace) -> None:
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     if seeds or where:
         sweep = sweep.restrict(seeds, where)
+    if args.no_baselines:
+        sweep = dataclasses.replace(sweep, baselines={})
     runs = sweep.runs()
     if args.dry_run:
         for run in runs:
@@ -88,8 +91,9 @@ def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                    help="parameters (by name) kept fixed instead of projected, e.g. word_embeddings (repeatable)")
     q.add_argument("--projection-seed", type=int, default=0, help="seed of the random projection")
-    q.add_argument("--reference", type=float,
-                   help="the full fine-tuning metric to compare with (default: run full fine-tuning once)")
+    q.add_argument("--reference",
+                   help="the full fine-tuning metric to compare with: a number, or a finished run's folder or "
+                        "summary.json (default: run full fine-tuning once)")
     q.add_argument("--full-set", dest="full_overrides", action="append", default=["train.lr=5e-5"],
                    metavar="KEY.SUB=VALUE", help="recipe changes for the full fine-tuning run (default train.lr=5e-5)")
 

@@ -199,12 +199,30 @@ def d90(points: list[dict], reference: float, fraction: float = 0.9) -> int | No
     return min(reached) if reached else None
 
 
+def reference_value(reference: float | str | Path, metric: str) -> float:
+    """A reference metric given as a number, or read from a finished run (its folder or its
+    ``summary.json``)."""
+    try:
+        return float(reference)
+    except (TypeError, ValueError):
+        pass
+    path = Path(reference)
+    path = path / "summary.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"--reference {reference!r} is neither a number nor a finished run (no {path})")
+    metrics = json.loads(path.read_text()).get("metrics") or {}
+    if metric not in metrics:
+        raise ConfigError(f"{path} has no {metric!r} metric (it has {', '.join(metrics) or 'none'})")
+    return float(metrics[metric])
+
+
 def analyze(recipe_source, dims: list[int], *, overrides: list[str] | tuple[str, ...] = (), out: str | None = None,
-            said: bool = False, exclude: Iterable[str] = (), projection_seed: int = 0, reference: float | None = None,
+            said: bool = False, exclude: Iterable[str] = (), projection_seed: int = 0,
+            reference: float | str | Path | None = None,
             full_overrides: list[str] | tuple[str, ...] = ("train.lr=5e-5",),
             say: Callable[[str], None] = lambda line: None) -> dict:
     """``deltatune analyze intrinsic-dim``: full fine-tuning once (unless ``reference`` is given),
-    then one subspace run per d; writes ``intrinsic.csv``, ``intrinsic.json`` and
+    then one subspace run per d (``reference`` may be a number or a finished run's folder); writes ``intrinsic.csv``, ``intrinsic.json`` and
     ``intrinsic.png`` into ``out`` and returns ``{"metric", "reference", "points", "d90", ...}``.
     Finished runs (their ``summary.json`` exists) are reused."""
     from deltatune.experiments.plots import intrinsic_plot
@@ -228,6 +246,9 @@ def analyze(recipe_source, dims: list[int], *, overrides: list[str] | tuple[str,
                      resume=True, quiet=True)
         reference = float(full["metrics"][metric])
         result["full_trainable_params"] = full["trainable_params"]
+    else:
+        result["reference_source"] = str(reference)
+        reference = reference_value(reference, metric)
     result["reference"] = reference
     points = []
     for d in sorted(set(dims)):

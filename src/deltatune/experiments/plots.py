@@ -83,11 +83,12 @@ def sweep_plots(rows: list[dict], keys: list[str], out: Path) -> dict[str, Path]
                 label = " ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(others, group)) or "LoRA"
                 ax.errorbar(xs, [m for m, _ in stats], yerr=[s or 0.0 for _, s in stats], marker="o", capsize=3,
                             label=label)
+            ax.set_xscale("log", base=2)
             for e in entries:
                 if e["kind"] == "baseline":
                     ax.axhline(e[metric][0], linestyle="--", linewidth=1, color="gray")
-                    ax.annotate(e["label"], (ax.get_xlim()[0], e[metric][0]), fontsize=7, va="bottom")
-            ax.set_xscale("log", base=2)
+                    ax.text(0.01, e[metric][0], f" {e['label']}", transform=ax.get_yaxis_transform(), fontsize=7,
+                            va="bottom", color="gray")
             ax.set_xlabel("rank r")
             ax.set_ylabel(name)
             ax.set_title(f"{name} vs LoRA rank")
