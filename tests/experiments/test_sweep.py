@@ -110,6 +110,9 @@ def test_random_search_draws_distinct_settings_from_the_grid(recipe, tmp_path):
     assert all(s["method.r"] in grid["method.r"] and s["train.lr"] in grid["train.lr"] for s in settings)
     assert settings == load_sweep(data).settings()  # reproducible from search_seed
     assert len(load_sweep({**data, "trials": 100}).settings()) == 8  # never more than the grid holds
+    # a part of a random search is a part of the same draw
+    part = load_sweep(data).restrict(None, {"train.lr": ["0.01"]}).settings()
+    assert part and part == [s for s in settings if s["train.lr"] == 1e-2]
 
 
 @pytest.mark.parametrize("grid, words", [

@@ -101,6 +101,8 @@ class Sweep:
     overrides: dict[str, Any] = field(default_factory=dict)
     bundles: tuple[str, ...] = ()
     baselines_over: tuple[str, ...] = ()
+    #: only settings whose grid values (as results.csv writes them) are among these
+    where: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def keys(self) -> list[str]:
@@ -114,7 +116,10 @@ class Sweep:
         if self.search == "random":
             rng = random.Random(self.search_seed)
             combos = rng.sample(combos, min(self.trials or len(combos), len(combos)))
-        return combos
+        return [c for c in combos if self._selected(c)]
+
+    def _selected(self, setting: dict[str, Any]) -> bool:
+        return all(format_value(setting[k]) in wanted for k, wanted in self.where.items() if k in setting)
 
     def runs(self) -> list[Run]:
         """Every run (grid settings x seeds, then baselines x seeds), each validated."""
@@ -126,6 +131,7 @@ class Sweep:
                                      {**self.overrides, **self.expand(setting)}))
         over = self.baselines_over
         contexts = [dict(zip(over, values)) for values in itertools.product(*(self.grid[k] for k in over))]
+        contexts = [c for c in contexts if self._selected(c)]
         for name, changes in self.baselines.items():
             for context in contexts:
                 label = " ".join([name] + ([setting_label(context)] if context else []))
@@ -138,17 +144,17 @@ class Sweep:
     def restrict(self, seeds: list[int] | None = None, where: dict[str, list[str]] | None = None) -> "Sweep":
         """The part of this sweep with only ``seeds`` and the grid values of ``where``
         (``{grid key: [value as results.csv writes it, ...]}``). Run folders stay the same, so a
-        reduced run's results count towards the whole sweep later."""
-        grid = dict(self.grid)
+        reduced run's results count towards the whole sweep later (and a random search draws the
+        same settings before the selection)."""
+        grid = self.grid
         for key, wanted in (where or {}).items():
             if key not in grid:
                 raise ConfigError(f"--where {key}: not a grid key; grid keys: {', '.join(grid) or 'none'}")
-            kept = [v for v in grid[key] if format_value(v) in wanted]
-            if not kept:
+            if not any(format_value(v) in wanted for v in grid[key]):
                 raise ConfigError(f"--where {key}: no value is {' or '.join(wanted)}; values: "
                                   f"{', '.join(format_value(v) for v in grid[key])}")
-            grid[key] = kept
-        return dataclasses.replace(self, grid=grid, seeds=list(seeds) if seeds else self.seeds)
+        return dataclasses.replace(self, where={**self.where, **(where or {})},
+                                   seeds=list(seeds) if seeds else self.seeds)
 
     def expand(self, setting: dict[str, Any]) -> dict[str, Any]:
         """A setting as ``{dotted recipe key: value}``: bundle values spread into their keys."""
