@@ -51,9 +51,25 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def cpu_clock_note() -> str:
+    return ("CPU time of this process (time.process_time) with one torch thread: on a shared machine "
+            "wall time measures the neighbours too")
+
+
+def use_cpu_time(device: str) -> bool:
+    """On the CPU, time with the process's own CPU time and one torch thread, so that other
+    work on this (shared, 2-core) machine does not count; on CUDA, wall time."""
+    if device == "cpu":
+        torch.set_num_threads(1)
+        return True
+    return False
+
+
 def interleaved_medians(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 2,
                         device: str = "cpu") -> dict[str, float]:
-    """Median seconds per call of each function, run round-robin so drift hits all alike."""
+    """Median seconds per call of each function, run round-robin so drift hits all alike.
+    On the CPU the clock is the process's CPU time (see :func:`use_cpu_time`)."""
+    clock = time.process_time if device == "cpu" else time.perf_counter
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -61,10 +77,10 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], rounds: int, warmup:
     for _ in range(rounds):
         for key, fn in fns.items():
             _sync(device)
-            start = time.perf_counter()
+            start = clock()
             fn()
             _sync(device)
-            times[key].append(time.perf_counter() - start)
+            times[key].append(clock() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

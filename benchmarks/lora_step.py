@@ -23,8 +23,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (bf16_is_native, interleaved_medians, machine, peak_rss_mib, reset_peak_rss,  # noqa: E402
-                    rss_mib, run_probe)
+from common import (bf16_is_native, cpu_clock_note, interleaved_medians, machine, peak_rss_mib,  # noqa: E402
+                    reset_peak_rss, rss_mib, run_probe, use_cpu_time)
 
 import transformers  # noqa: E402
 
@@ -146,8 +146,11 @@ def main() -> None:
     if args.probe:
         probe(*args.probe)
         return
+    cpu_time = use_cpu_time(args.device)
     result: dict = {"benchmark": "lora_step", "batch": BATCH, "length": LENGTH, "rank": RANK,
                     "device": args.device, "machine": machine()}
+    if cpu_time:
+        result["clock"] = cpu_clock_note()
     precisions = ["fp32"] + (["bf16"] if bf16_is_native(args.device) else [])
     if "bf16" not in precisions:
         result["bf16"] = {"skipped": "no native bf16 on this CPU (bf16 autocast would be ~20x slower)"}

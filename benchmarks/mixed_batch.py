@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved_medians, machine  # noqa: E402
+from common import cpu_clock_note, interleaved_medians, machine, use_cpu_time  # noqa: E402
 
 import transformers  # noqa: E402
 
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--length", type=int, default=128)
     args = parser.parse_args()
+    use_cpu_time("cpu")
     reference, ours, names, batch = build(args.length)
     merged = copy.deepcopy(ours)
     merged.use("a0")
@@ -77,7 +78,7 @@ def main() -> None:
             med = interleaved_medians(calls, rounds=args.rounds)
     print(json.dumps({
         "benchmark": "mixed_batch", "adapters": ADAPTERS, "batch": BATCH, "length": args.length, "rank": RANK,
-        "machine": machine(), "seconds": {k: round(v, 4) for k, v in med.items()},
+        "machine": machine(), "clock": cpu_clock_note(), "seconds": {k: round(v, 4) for k, v in med.items()},
         "deltatune_mixed_vs_merged": round(med["deltatune_mixed"] / med["merged"], 3),
         "peft_mixed_vs_merged": round(med["peft_mixed"] / med["merged"], 3),
         "deltatune_vs_peft": round(med["deltatune_mixed"] / med["peft_mixed"], 3),

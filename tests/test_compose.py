@@ -89,6 +89,36 @@ def test_mixed_batch_generate_equals_each_row_alone():
     assert not torch.equal(mixed[0], mixed[1])  # the adapters really differ
 
 
+def test_interleaved_rows_are_grouped_and_answered_in_the_callers_order():
+    """Distinct rows, interleaved adapters: the batch is sorted by adapter inside and put back."""
+    toy = TOYS["llama"]
+    model = two_adapter_model(toy)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 90, (6, 7), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    assert routing.grouping_order(NAMES).tolist() == [0, 4, 1, 3, 2, 5]
+    with torch.no_grad():
+        out = model(**batch, labels=ids, adapter_names=NAMES)
+        alone = one_by_one(model, batch, NAMES)
+        torch.testing.assert_close(out.logits, alone, atol=1e-4, rtol=1e-4)
+        # the loss is a mean over every token of the batch, whatever the row order
+        logp = torch.log_softmax(alone[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])
+        torch.testing.assert_close(out.loss, -logp.mean(), atol=1e-4, rtol=1e-4)
+    prompts = torch.randint(3, 90, (4, 5), generator=g)
+    names = ["a", "b", "a", dt.BASE_ADAPTER]
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    mixed = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), adapter_names=names, **kwargs)
+    for i, name in enumerate(names):
+        row = dict(input_ids=prompts[i:i + 1], attention_mask=torch.ones_like(prompts[i:i + 1]), **kwargs)
+        if name == dt.BASE_ADAPTER:
+            with model.disabled():
+                alone_tokens = model.generate(**row)
+        else:
+            model.use(name)
+            alone_tokens = model.generate(**row)
+        assert torch.equal(mixed[i], alone_tokens[0]), (i, name)
+
+
 def test_mixed_batch_refuses_bad_requests():
     model = two_adapter_model(TOYS["bert"])
     batch = rows_of(TOYS["bert"])

@@ -15,7 +15,7 @@ from deltatune.core.config import MethodConfig
 from deltatune.core.layer import AdapterLayer, ModelAdapter, ModulesToSave
 from deltatune.core.quantized import handler_for
 from deltatune.core.report import format_report
-from deltatune.core.routing import RowRouting
+from deltatune.core.routing import RowRouting, grouping_order, inverse_order, take_rows
 from deltatune.core.shared_params import SharedParameterValues
 from deltatune.core.targets import compact_targets, visible_modules
 from deltatune.errors import AdapterError, ConfigError, TargetError
@@ -50,8 +50,7 @@ class AdaptedModel(nn.Module):
         """The base model's forward with the active adapters; ``adapter_names`` (one name per
         row, ``"__base__"`` for none) runs each row through its own adapter instead."""
         if adapter_names is not None:
-            with self._routed(adapter_names, args, kwargs):
-                return self.base_model(*args, **kwargs)
+            return self._mixed(self.base_model, adapter_names, args, kwargs)
         live = self._live_model_adapters()
         if not live:
             return self.base_model(*args, **kwargs)
@@ -68,8 +67,7 @@ class AdaptedModel(nn.Module):
         if adapter_names is not None:
             if kwargs.get("num_beams", 1) > 1:
                 raise AdapterError("mixed-adapter generation supports greedy and sampling, not beam search")
-            with self._routed(adapter_names, args, kwargs):
-                return self.base_model.generate(*args, **kwargs)
+            return self._mixed(self.base_model.generate, adapter_names, args, kwargs)
         live = self._live_model_adapters()
         if live:
             kwargs = self._as_keywords(args, kwargs)
@@ -77,6 +75,19 @@ class AdaptedModel(nn.Module):
             for adapter in live:
                 kwargs = adapter.transform_generate_inputs(self.base_model, kwargs)
         return self.base_model.generate(*args, **kwargs)
+
+    def _mixed(self, call, adapter_names: Sequence[str], args: tuple, kwargs: dict):
+        """``call`` with each row through its own adapter; rows are grouped by adapter first
+        (and put back in the caller's order after) unless a cache already fixes their order."""
+        names = list(adapter_names)
+        order = None if kwargs.get("past_key_values") is not None else grouping_order(names)
+        if order is not None:
+            batch = len(names)
+            args, kwargs = take_rows(args, order, batch), take_rows(kwargs, order, batch)
+            names = [names[i] for i in order.tolist()]
+        with self._routed(names, args, kwargs):
+            out = call(*args, **kwargs)
+        return out if order is None else take_rows(out, inverse_order(order), len(names))
 
     @contextlib.contextmanager
     def _routed(self, adapter_names: Sequence[str], args: tuple, kwargs: dict) -> Iterator[None]:

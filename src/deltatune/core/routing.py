@@ -54,7 +54,9 @@ class RowRouting:
             for name in present:
                 rows = self.segments[name]
                 if isinstance(rows, slice):
-                    out[rows] += layer.adapter_delta(x[rows], name).to(out.dtype)
+                    add_in_place = getattr(layer, "add_adapter_delta_", None)
+                    if add_in_place is None or not add_in_place(out[rows], x[rows], name):
+                        out[rows] += layer.adapter_delta(x[rows], name).to(out.dtype)
                 else:
                     out.index_add_(0, rows, layer.adapter_delta(x.index_select(0, rows), name).to(out.dtype))
             return out
@@ -79,3 +81,42 @@ class RowRouting:
             else:
                 out.index_copy_(0, rows, value)
         return out
+
+
+def grouping_order(names: Sequence[str]) -> torch.Tensor | None:
+    """A stable row order that makes each adapter's rows one contiguous segment, or None when
+    they are contiguous already. Sorting the batch once at the model's entry turns every layer's
+    per-adapter work into slices (views) instead of gathers and scatters."""
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        first.setdefault(name, i)
+    order = sorted(range(len(names)), key=lambda i: first[names[i]])
+    runs = sum(1 for i in range(len(names)) if i == 0 or names[i] != names[i - 1])
+    return None if runs == len(first) else torch.tensor(order)
+
+
+def inverse_order(order: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    return inverse
+
+
+def take_rows(value, order: torch.Tensor, batch: int):
+    """``value`` with its batch rows reordered by ``order``: tensors whose first dimension is the
+    batch, inside tuples, lists and dicts (model outputs included); caches via ``reorder_cache``."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() >= 1 and value.shape[0] == batch:
+            return value.index_select(0, order.to(value.device))
+        return value
+    if hasattr(value, "reorder_cache"):  # a transformers Cache: reordered in place, as beam search does
+        value.reorder_cache(order)
+        return value
+    if isinstance(value, dict):  # includes ModelOutput, which keeps its class when updated in place
+        if type(value) is dict:
+            return {k: take_rows(v, order, batch) for k, v in value.items()}
+        for k in list(value.keys()):
+            value[k] = take_rows(value[k], order, batch)
+        return value
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(take_rows(v, order, batch) for v in value)
+    return value

@@ -46,7 +46,9 @@ class SharedParameterValues:
 
     def names(self, adapter: str) -> dict[str, int]:
         """Current parameter names of what ``adapter`` trains, mapped to their keys."""
-        mine = self._values.get(adapter, {})
+        mine = self._values.get(adapter)
+        if not mine:
+            return {}
         return {n: id(p) for n, p in self._model.named_parameters() if id(p) in mine}
 
     def values(self, adapter: str) -> dict[str, torch.Tensor]:

@@ -17,7 +17,8 @@ _LAYER_WORDS = ("all", "lower", "upper", "even", "odd")
 
 
 def _is_wrapper(module: nn.Module) -> bool:
-    return hasattr(module, "base_layer") and hasattr(module, "adapter_names")
+    # a dict lookup first: hasattr on a module without the attribute raises inside __getattr__
+    return module._modules.get("base_layer") is not None and hasattr(module, "adapter_names")
 
 
 def visible_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -142,6 +142,17 @@ class LoraLinear(LoraLayer):
         a = self.lora_A[name].weight
         return F.linear(F.linear(self._dropped(x, name).to(a.dtype), a), self.lora_B[name].weight) * self.scaling[name]
 
+    def add_adapter_delta_(self, out: torch.Tensor, x: torch.Tensor, name: str) -> bool:
+        """Add adapter ``name``'s update for ``x`` to ``out`` in place, in one ``addmm`` with the
+        scale applied to the small ``x A`` (no full-size temporary); False when ``out`` is not a
+        contiguous tensor of the adapter's dtype, for the caller to add the update itself."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if out.dtype != a.dtype or not out.is_contiguous():
+            return False
+        xa = F.linear(self._dropped(x, name).to(a.dtype), a) * self.scaling[name]
+        out.view(-1, out.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), b.t())
+        return True
+
     def adapter_delta_gathered(self, x: torch.Tensor, names: tuple[str, ...], row_index: torch.Tensor) -> torch.Tensor:
         """Per-row updates in two batched matmuls: row i uses ``names[row_index[i]]`` (no adapter
         when the index is ``len(names)``). Smaller ranks are zero-padded, which is exact."""
