@@ -32,7 +32,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m '' $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) benchmarks/lora_step.py
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -1,11 +1,11 @@
-"""One LoRA training step on the embedded MiniLM, deltatune vs HF peft, side by side.
+"""One LoRA (or IA3) training step on the embedded MiniLM, deltatune vs HF peft, side by side.
 
-Batch 32 x 128 tokens, LoRA r=8 on q and v, AdamW. Times fp32 and, where the hardware has it
+Batch 32 x 128 tokens, LoRA r=8 on q and v (``--method ia3``: IA3 on k, v and the FFN), AdamW. Times fp32 and, where the hardware has it
 natively, bf16 autocast; also the frozen-model lower bound (forward + activation gradients, no
 adapter), peak memory of a step (each variant in its own process), and adapter load time.
 Prints one JSON line with the ratios.
 
-    python benchmarks/lora_step.py [--rounds 5] [--device cpu|cuda]
+    python benchmarks/lora_step.py [--method lora|ia3] [--rounds 5] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -40,12 +40,15 @@ def base_model(device: str) -> torch.nn.Module:
     return dt.load_model("minilm", num_labels=2).to(device)
 
 
-def adapt(base: torch.nn.Module, variant: str) -> torch.nn.Module:
-    """The model a variant trains: deltatune LoRA, peft LoRA, or the frozen base (lower bound)."""
+def adapt(base: torch.nn.Module, variant: str, method: str = "lora") -> torch.nn.Module:
+    """The model a variant trains: deltatune's method, peft's, or the frozen base (lower bound)."""
     if variant == "deltatune":
-        return dt.attach(base, dt.LoraConfig(r=RANK, alpha=ALPHA, targets=["q", "v"]))
+        config = dt.IA3Config() if method == "ia3" else dt.LoraConfig(r=RANK, alpha=ALPHA, targets=["q", "v"])
+        return dt.attach(base, config)
     if variant == "peft":
         import peft
+        if method == "ia3":  # peft's defaults for BERT: key, value, output.dense (feed-forward)
+            return peft.get_peft_model(base, peft.IA3Config(task_type="SEQ_CLS"))
         return peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["query", "value"],
                                                          task_type="SEQ_CLS"))
     for p in base.parameters():
@@ -78,9 +81,9 @@ def make_step(model: torch.nn.Module, data: dict, device: str, precision: str):
     return step
 
 
-def time_steps(device: str, precision: str, rounds: int) -> dict:
+def time_steps(device: str, precision: str, rounds: int, method: str) -> dict:
     data = batch(device)
-    steps = {v: make_step(adapt(base_model(device), v), data, device, precision) for v in VARIANTS}
+    steps = {v: make_step(adapt(base_model(device), v, method), data, device, precision) for v in VARIANTS}
     med = interleaved_medians(steps, rounds=rounds, device=device)
     return {
         "deltatune_s": round(med["deltatune"], 4), "peft_s": round(med["peft"], 4), "frozen_s": round(med["frozen"], 4),
@@ -90,9 +93,9 @@ def time_steps(device: str, precision: str, rounds: int) -> dict:
     }
 
 
-def probe(variant: str, device: str, precision: str) -> None:
+def probe(variant: str, device: str, precision: str, method: str) -> None:
     """Child process: peak memory a step adds on top of the loaded model, MiB."""
-    step = make_step(adapt(base_model(device), variant), batch(device), device, precision)
+    step = make_step(adapt(base_model(device), variant, method), batch(device), device, precision)
     step()  # first step allocates optimizer state and warms the allocator
     before = rss_mib()
     reset_peak_rss()
@@ -107,9 +110,11 @@ def probe(variant: str, device: str, precision: str) -> None:
 
 
 def adapter_load_times(device: str, repeats: int = 10) -> dict:
-    """Median ms to load a saved r=8 q,v adapter: onto a fresh base, and into a loaded model."""
+    """Median ms to load a saved r=8 q,v adapter: onto a fresh base (deltatune and peft), into a
+    loaded model, and to hot-swap the weights of a loaded adapter from a file."""
     import peft
 
+    clock = time.process_time if device == "cpu" else time.perf_counter
     reference = base_model(device)
     with tempfile.TemporaryDirectory() as ours_dir, tempfile.TemporaryDirectory() as peft_dir:
         adapt(copy.deepcopy(reference), "deltatune").save(ours_dir)
@@ -117,50 +122,56 @@ def adapter_load_times(device: str, repeats: int = 10) -> dict:
         bases = [copy.deepcopy(reference) for _ in range(2 * repeats)]
         fresh, fresh_peft = [], []
         for i in range(repeats):
-            start = time.perf_counter()
+            start = clock()
             dt.load(bases[2 * i], ours_dir)
-            fresh.append(time.perf_counter() - start)
-            start = time.perf_counter()
+            fresh.append(clock() - start)
+            start = clock()
             peft.PeftModel.from_pretrained(bases[2 * i + 1], peft_dir)
-            fresh_peft.append(time.perf_counter() - start)
+            fresh_peft.append(clock() - start)
         serving = dt.load(reference, ours_dir)
-        into = []
+        into, swap = [], []
         for i in range(repeats):
-            start = time.perf_counter()
+            start = clock()
             serving.load(ours_dir, name=f"extra{i}")
-            into.append(time.perf_counter() - start)
+            into.append(clock() - start)
             serving.remove(f"extra{i}")
+            start = clock()
+            serving.hot_swap("default", ours_dir)
+            swap.append(clock() - start)
     ms = {k: 1000 * statistics.median(v) for k, v in
-          {"fresh": fresh, "fresh_peft": fresh_peft, "into_loaded": into}.items()}
+          {"fresh": fresh, "fresh_peft": fresh_peft, "into_loaded": into, "swap": swap}.items()}
     return {"deltatune_fresh_base_ms": round(ms["fresh"], 2), "peft_fresh_base_ms": round(ms["fresh_peft"], 2),
             "ratio_vs_peft": round(ms["fresh"] / ms["fresh_peft"], 3),
-            "deltatune_into_loaded_model_ms": round(ms["into_loaded"], 2)}
+            "deltatune_into_loaded_model_ms": round(ms["into_loaded"], 2), "hot_swap_ms": round(ms["swap"], 2)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", choices=["lora", "ia3"], default="lora")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-load", action="store_true", help="skip the adapter load timing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--probe", nargs=3, metavar=("VARIANT", "DEVICE", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--probe", nargs=4, metavar=("VARIANT", "DEVICE", "PRECISION", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
         probe(*args.probe)
         return
     cpu_time = use_cpu_time(args.device)
-    result: dict = {"benchmark": "lora_step", "batch": BATCH, "length": LENGTH, "rank": RANK,
-                    "device": args.device, "machine": machine()}
+    result: dict = {"benchmark": f"{args.method}_step", "batch": BATCH, "length": LENGTH,
+                    **({"rank": RANK} if args.method == "lora" else {}), "device": args.device, "machine": machine()}
     if cpu_time:
         result["clock"] = cpu_clock_note()
     precisions = ["fp32"] + (["bf16"] if bf16_is_native(args.device) else [])
     if "bf16" not in precisions:
         result["bf16"] = {"skipped": "no native bf16 on this CPU (bf16 autocast would be ~20x slower)"}
     for precision in precisions:
-        timing = time_steps(args.device, precision, args.rounds)
-        peaks = {v: run_probe(__file__, v, args.device, precision) for v in ("deltatune", "peft")}
+        timing = time_steps(args.device, precision, args.rounds, args.method)
+        peaks = {v: run_probe(__file__, v, args.device, precision, args.method) for v in ("deltatune", "peft")}
         timing["step_peak_mib"] = {v: peaks[v]["step_peak_mib"] for v in peaks}
         timing["memory_ratio_vs_peft"] = round(peaks["deltatune"]["step_peak_mib"] / peaks["peft"]["step_peak_mib"], 3)
         result[precision] = timing
-    result["adapter_load"] = adapter_load_times(args.device)
+    if not args.no_load:
+        result["adapter_load"] = adapter_load_times(args.device)
     print(json.dumps(result))
 
 

@@ -162,6 +162,8 @@ def main() -> None:
         dt.load_tokenizer("smollm2").save_pretrained(folder)
         variants = [run_probe(__file__, v, folder, str(args.steps)) for v in VARIANTS]
     result = {"benchmark": "qlora_memory", "steps": args.steps, "machine": machine(), "variants": variants}
+    result["bits_per_quantized_param"] = next(v for v in variants if v["variant"] == "qlora-nf4").get(
+        "bits_per_quantized_param")
     full = next(v for v in variants if v["variant"] == "full")
     result["ratios_vs_full"] = {v["variant"]: {"weight": round(v["weight_mib"] / full["weight_mib"], 3),
                                                **({"step_peak": round(v["step_peak_mib"] / full["step_peak_mib"], 3)}

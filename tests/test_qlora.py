@@ -209,3 +209,21 @@ def test_qlora_smollm2_on_tiny_shakespeare_lowers_the_held_out_loss():
     model = dt.attach(model, dt.LoraConfig(r=8, alpha=16, targets=["q", "k", "v", "o"]))
     before, after = qlora_finetune(model, blocks[:-4], blocks[-4:], steps=10, lr=3e-4, batch=4)
     assert after < before, (before, after)
+
+
+@pytest.mark.slow
+def test_smollm2_from_gguf_merges_and_saves_as_a_plain_model(tmp_path):
+    """The GGUF checkpoint is dequantized on load; transformers still flags it as quantized and
+    would refuse save_pretrained, which `deltatune merge` needs."""
+    from transformers import AutoModelForCausalLM
+
+    model = dt.attach(dt.load_model("smollm2", auto_class="AutoModelForCausalLM"),
+                      dt.LoraConfig(r=4, targets=["q", "v"], init="random")).eval()
+    ids = torch.tensor([[1, 20, 300, 4000, 5]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    merged = model.merge_and_unload()
+    merged.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)

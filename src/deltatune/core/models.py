@@ -64,7 +64,22 @@ def load_model(name: str | os.PathLike, auto_class: str = "AutoModelForSequenceC
     source = resolve_model(name)
     kwargs.setdefault("dtype", torch.float32)
     cls = getattr(transformers, auto_class)
-    return cls.from_pretrained(source.path, **source.pretrained_kwargs(), **kwargs)
+    model = cls.from_pretrained(source.path, **source.pretrained_kwargs(), **kwargs)
+    if source.gguf_file:
+        _forget_gguf_origin(model)
+    return model
+
+
+def _forget_gguf_origin(model) -> None:
+    """A GGUF checkpoint is dequantized on load, so the model holds plain float weights, but
+    transformers still marks it as "quantized with gguf" and refuses ``save_pretrained`` (which
+    merging an adapter and saving the result needs). Drop that mark."""
+    if getattr(model, "hf_quantizer", None) is not None and \
+            getattr(model.hf_quantizer, "quantization_config", None) is not None and \
+            str(getattr(model.hf_quantizer.quantization_config, "quant_method", "")).lower().endswith("gguf"):
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
 
 
 def load_tokenizer(name: str | os.PathLike):

@@ -1,0 +1,147 @@
+"""Run every benchmark, each in its own process, and write docs/benchmarks.md: the ratios
+against peft and against the frozen-model bound, the targets, the machine and the versions.
+
+    python benchmarks/run_all.py [--out docs/benchmarks.md] [--only lora_step,mixed_batch,...]
+
+Each benchmark prints one JSON line (its last line of output); the raw lines are kept in the
+document too, so any figure can be traced back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+#: name -> the command line after `python`
+BENCHMARKS = {
+    "lora_step": ["lora_step.py", "--method", "lora", "--rounds", "3"],
+    "ia3_step": ["lora_step.py", "--method", "ia3", "--rounds", "3", "--no-load"],
+    "mixed_batch": ["mixed_batch.py", "--rounds", "5"],
+    "qlora_memory": ["qlora_memory.py", "--steps", "4", "--markdown", "docs/memory.md"],
+    "serve_load": ["serve_load.py", "--requests", "400", "--rounds", "2"],
+}
+
+
+def run(name: str) -> tuple[dict, float]:
+    """Run one benchmark; its JSON line and the wall time it took."""
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, str(HERE / BENCHMARKS[name][0]), *BENCHMARKS[name][1:]],
+                         capture_output=True, text=True, cwd=HERE.parent)
+    took = time.perf_counter() - start
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}, took
+    return json.loads(out.stdout.strip().splitlines()[-1]), took
+
+
+def _check(value: float | None, target: float, lower_is_better: bool = True) -> str:
+    if value is None:
+        return "n/a"
+    met = value <= target if lower_is_better else value >= target
+    return "met" if met else "**not met**"
+
+
+def _step_rows(label: str, result: dict) -> list[str]:
+    rows = []
+    for precision in ("fp32", "bf16"):
+        r = result.get(precision)
+        if not r:
+            continue
+        if "skipped" in r:
+            rows.append(f"| {label} step, {precision} | skipped: {r['skipped']} | | |")
+            continue
+        rows += [
+            f"| {label} step, {precision}: deltatune / frozen bound | {r['ratio_vs_frozen']:.3f} | <= 1.03 | "
+            f"{_check(r['ratio_vs_frozen'], 1.03)} (peft: {r['peft_ratio_vs_frozen']:.3f}) |",
+            f"| {label} step, {precision}: deltatune / peft | {r['ratio_vs_peft']:.3f} | <= 1.00 | "
+            f"{_check(r['ratio_vs_peft'], 1.0)} |",
+            f"| {label} step, {precision}: peak step memory deltatune / peft | {r['memory_ratio_vs_peft']:.3f} "
+            f"({r['step_peak_mib']['deltatune']} vs {r['step_peak_mib']['peft']} MiB) | <= 1.00 | "
+            f"{_check(r['memory_ratio_vs_peft'], 1.0)} |",
+        ]
+    return rows
+
+
+def table(results: dict[str, dict]) -> list[str]:
+    rows = ["| measure | value | target | |", "|---|---|---|---|"]
+    for label, key in (("LoRA", "lora_step"), ("IA3", "ia3_step")):
+        if key in results and "error" not in results[key]:
+            rows += _step_rows(label, results[key])
+    load = results.get("lora_step", {}).get("adapter_load")
+    if load:
+        rows += [
+            f"| adapter load onto a fresh base (ms) | {load['deltatune_fresh_base_ms']:.1f} (peft "
+            f"{load['peft_fresh_base_ms']:.1f}) | | ratio {load['ratio_vs_peft']:.2f} |",
+            f"| adapter load into a loaded model (ms) | {load['deltatune_into_loaded_model_ms']:.1f} | <= 5 | "
+            f"{_check(load['deltatune_into_loaded_model_ms'], 5.0)} |",
+            f"| hot swap of an r=8 adapter (ms) | {load['hot_swap_ms']:.1f} | <= 5 | {_check(load['hot_swap_ms'], 5.0)} |",
+        ]
+    mixed = results.get("mixed_batch", {})
+    if "deltatune_mixed_vs_merged" in mixed:
+        rows.append(f"| mixed batch, 8 adapters / merged | {mixed['deltatune_mixed_vs_merged']:.3f} | <= 1.05 | "
+                    f"{_check(mixed['deltatune_mixed_vs_merged'], 1.05)} (peft: {mixed['peft_mixed_vs_merged']:.3f}) |")
+    qlora = results.get("qlora_memory", {})
+    if "bits_per_quantized_param" in qlora:
+        rows.append(f"| QLoRA storage bits per quantized parameter | {qlora['bits_per_quantized_param']:.3f} | "
+                    f"<= 4.2 | {_check(qlora['bits_per_quantized_param'], 4.2)} |")
+    serve = results.get("serve_load", {})
+    if "throughput_ratio_32_vs_1" in serve:
+        rows.append(f"| serving throughput, 32 adapters / 1 | {serve['throughput_ratio_32_vs_1']:.3f} | >= 0.8 | "
+                    f"{_check(serve['throughput_ratio_32_vs_1'], 0.8, lower_is_better=False)} |")
+    return rows
+
+
+def document(results: dict[str, dict], times: dict[str, float]) -> str:
+    machine = next((r["machine"] for r in results.values() if "machine" in r), {})
+    lines = [
+        "# Benchmarks",
+        "",
+        "Every figure is a ratio measured side by side in one run (the reference in the same process),",
+        "produced by `python benchmarks/run_all.py`. On the CPU the step timings use the process's own CPU",
+        "time with one torch thread, so other work on this shared 2-core machine does not count.",
+        "",
+        f"Machine: {machine.get('cpu', '?')}, capability {machine.get('cpu_capability', '?')}, native bf16: "
+        f"{machine.get('native_bf16', '?')}, CUDA: {machine.get('cuda') or 'none'}. torch {machine.get('torch', '?')}, "
+        f"transformers {machine.get('transformers', '?')}, peft {machine.get('peft', '?')}, "
+        f"Python {machine.get('python', '?')}.",
+        "",
+        *table(results),
+        "",
+        "Wall time of each benchmark: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ".",
+        "",
+        "## Raw results",
+        "",
+    ]
+    for name, result in results.items():
+        shown = {k: v for k, v in result.items() if k != "machine"}
+        lines += [f"`{name}`:", "", "```json", json.dumps(shown, indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="docs/benchmarks.md")
+    parser.add_argument("--only", help="comma-separated subset of: " + ", ".join(BENCHMARKS))
+    args = parser.parse_args()
+    names = args.only.split(",") if args.only else list(BENCHMARKS)
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown:
+        parser.error(f"unknown benchmarks {unknown}; choose from {', '.join(BENCHMARKS)}")
+    results, times = {}, {}
+    for name in names:
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        results[name], times[name] = run(name)
+        print(json.dumps({name: results[name]}), flush=True)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    Path(args.out).write_text(document(results, times))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
