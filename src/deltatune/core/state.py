@@ -40,7 +40,11 @@ def adapter_tensors(model: "AdaptedModel", name: str) -> dict[str, torch.Tensor]
     return out
 
 
-def _atomic_write(target: Path, write: Callable[[str], None]) -> None:
+def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(temp_path)`` on a temp file in ``target``'s folder, fsync it, then rename it
+    to ``target``: readers see the old file or the whole new one, never half of it."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -68,8 +72,8 @@ def save_adapter(model: "AdaptedModel", directory: str | os.PathLike, name: str 
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(model, name).items()}
     text = json.dumps(data, indent=2, sort_keys=True)
     # weights first: a config without its weights is never left behind
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from deltatune.core.state import atomic_write
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -20,19 +22,9 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_atomic(target: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(temp_path)``, then move the finished file to ``target``."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Call ``write(temp_path)``, then move the finished file to ``target`` (see
+    :func:`deltatune.core.state.atomic_write`)."""
+    atomic_write(target, write)
 
 
 def write_text(target: str | os.PathLike, text: str) -> None:

@@ -43,15 +43,6 @@ class DiffPruningLinear(AdapterLayer):
         self.diff_weight[name] = nn.Parameter(torch.zeros(weight.shape, **kw))
         self.diff_log_alpha[name] = nn.Parameter(torch.full(weight.shape, float(init_log_alpha), **kw))
 
-    # Model code reads these through the wrapper (T5 checks ``self.wo.weight.dtype``).
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
-
     # --- gates and the diff ---------------------------------------------------------------
     def gates(self, name: str) -> torch.Tensor:
         """Stochastic gates in training mode, deterministic ones in eval mode."""

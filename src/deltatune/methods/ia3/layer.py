@@ -52,15 +52,6 @@ class IA3Linear(AdapterLayer):
     def _forget(self, name: str) -> None:
         self.feedforward.pop(name, None)
 
-    # Model code reads these through the wrapper (T5 checks ``self.wo.weight.dtype``).
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
-
     def _live(self) -> list[str]:
         if self.adapters_disabled:
             return []

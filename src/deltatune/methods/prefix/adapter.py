@@ -10,7 +10,7 @@ from deltatune.core.layer import ModelAdapter
 from deltatune.errors import AdapterError, AdapterFileError, ConfigError
 from deltatune.methods.prefix.cache import LENGTH_ATTR, extend_cache, keys_and_values
 from deltatune.methods.prompt.adapter import FILE_KEY
-from deltatune.methods.prompt.encoders import SoftPrompt
+from deltatune.methods.prompt.encoders import SoftPrompt, folded
 
 
 def _batch_size(kw: dict) -> int:
@@ -53,13 +53,7 @@ class PrefixAdapter(ModelAdapter):
 
     def fold(self) -> None:
         """Replace the reparameterisation MLP by a plain table of its current output."""
-        if isinstance(self.source, SoftPrompt):
-            return
-        trainable = any(p.requires_grad for p in self.source.parameters())
-        with torch.no_grad():
-            values = self.source().detach().clone()
-        self.source = SoftPrompt(values)
-        self.source.weight.requires_grad_(trainable)
+        self.source = folded(self.source)
 
     # --- calls ----------------------------------------------------------------------------
     def transform_inputs(self, base_model: nn.Module, kwargs: dict) -> dict:

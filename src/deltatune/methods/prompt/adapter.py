@@ -10,7 +10,7 @@ from torch import nn
 
 from deltatune.core.layer import ModelAdapter
 from deltatune.errors import AdapterError, AdapterFileError
-from deltatune.methods.prompt.encoders import SoftPrompt
+from deltatune.methods.prompt.encoders import SoftPrompt, folded
 
 FILE_KEY = "prompt_embeddings"  # HF PEFT's key for every prompt-learning method
 _SEQUENCE_OUTPUTS = ("logits", "last_hidden_state", "start_logits", "end_logits")
@@ -67,13 +67,7 @@ class VirtualTokenAdapter(ModelAdapter):
 
     def fold(self) -> None:
         """Replace an encoder by a plain table of its current output (what inference needs)."""
-        if isinstance(self.source, SoftPrompt):
-            return
-        trainable = any(p.requires_grad for p in self.source.parameters())
-        with torch.no_grad():
-            values = self.source().detach().clone()
-        self.source = SoftPrompt(values)
-        self.source.weight.requires_grad_(trainable)
+        self.source = folded(self.source)
 
     # --- calls ----------------------------------------------------------------------------
     def transform_inputs(self, base_model: nn.Module, kwargs: dict) -> dict:

@@ -48,3 +48,16 @@ class PromptEncoder(nn.Module):
             # the LSTM reads the virtual tokens as one sequence, so each output sees all of them
             x = self.lstm_head(x.unsqueeze(0))[0].squeeze(0)
         return self.mlp_head(x)
+
+
+def folded(source: nn.Module) -> SoftPrompt:
+    """``source`` (an encoder or reparameterisation MLP) replaced by a plain table of its current
+    output, trainable if the encoder was; a table is returned as it is."""
+    if isinstance(source, SoftPrompt):
+        return source
+    trainable = any(p.requires_grad for p in source.parameters())
+    with torch.no_grad():
+        values = source().detach().clone()
+    table = SoftPrompt(values)
+    table.weight.requires_grad_(trainable)
+    return table
