@@ -109,3 +109,23 @@ def test_auto_precision_follows_the_hardware():
     if not native:
         with pytest.warns(UserWarning, match="emulated"):
             assert precision.resolve("bf16", torch.device("cpu")) == "bf16"
+
+
+def test_adamw8bit_keeps_8_bit_state_and_trains():
+    """train.optimizer: adamw8bit is bitsandbytes' AdamW8bit (block-wise 8-bit moments); it must
+    still minimise a loss like AdamW does."""
+    pytest.importorskip("bitsandbytes", reason="the 8-bit optimizer comes from bitsandbytes (quant extra)")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False))  # 4,096 weights: bnb's 8-bit threshold
+    target = torch.randn(64, 64)
+    opt = build_optimizer(model, TrainSpec(optimizer="adamw8bit", lr=1e-2))
+    first = None
+    for _ in range(50):
+        loss = ((model[0].weight - target) ** 2).mean()
+        first = float(loss) if first is None else first
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    state = opt.state[model[0].weight]
+    assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
+    assert float(((model[0].weight - target) ** 2).mean()) < 0.7 * first
