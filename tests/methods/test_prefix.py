@@ -121,3 +121,12 @@ def test_deltatune_prefix_file_loads_in_peft_with_identical_outputs(name, tmp_pa
 @pytest.mark.parametrize("name", GENERATING_TOYS)
 def test_generate_same_tokens_after_reload_and_in_peft(name, tmp_path):
     generates_the_same_after_reload(contract.TOYS[name], PLAIN, tmp_path)
+
+
+@pytest.mark.slow
+def test_prefix_tuning_learns_sst2():
+    from tests.methods.short_training import train_briefly
+
+    run = train_briefly(PrefixTuningConfig(num_virtual_tokens=10), steps=60, lr=1e-2)
+    assert run.trainable == 10 * 6 * 2 * 384 + (384 * 2 + 2), run  # MiniLM: 6 layers, width 384; + head
+    assert run.accuracy_after > run.accuracy_before + 0.10, run

@@ -327,3 +327,12 @@ def test_prompt_and_lora_active_together(tmp_path):
     fresh.load(tmp_path / "l", name="lora_adapter")
     fresh.use(["prompt_adapter", "lora_adapter"])
     torch.testing.assert_close(contract.logits(fresh, inputs), both, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_prompt_tuning_learns_sst2():
+    from tests.methods.short_training import train_briefly
+
+    run = train_briefly(PromptTuningConfig(num_virtual_tokens=20), steps=60, lr=3e-2)
+    assert run.trainable == 20 * 384 + (384 * 2 + 2), run  # the prompt table + the classifier copy
+    assert run.accuracy_after > run.accuracy_before + 0.05, run  # the slowest learner of the methods
