@@ -140,7 +140,11 @@ def markdown(result: dict) -> str:
     q = next(r for r in rows if r["variant"] == "qlora-nf4")
     lines += ["", f"QLoRA storage: **{q['bits_per_quantized_param']} bits per quantized parameter** "
                   "(NF4 data + 8-bit block scales + fp32 second-level scales; the QLoRA paper reports 4.127).",
-              "Weight memory counts parameters and quantized storage; the output head stays in full precision."]
+              "Weight memory counts parameters and quantized storage; the output head stays in full precision.",
+              "QLoRA's perplexity before training is that of the 4-bit base: NF4 rounding of every weight costs",
+              "perplexity, which the short fine-tune partly recovers. s/step is wall time on a shared machine;",
+              "compare the rows of one run only. Step peak is the resident memory a training step adds on top",
+              "of the loaded model (the first step also allocates the optimizer state)."]
     lines += [f"- {r['variant']}: {r['skipped']}" for r in rows if "skipped" in r]
     return "\n".join(lines) + "\n"
 

@@ -3,6 +3,9 @@ against peft and against the frozen-model bound, the targets, the machine and th
 
     python benchmarks/run_all.py [--out docs/benchmarks.md] [--only lora_step,mixed_batch,...]
 
+The raw results are also written to docs/benchmarks.json; with --only, the benchmarks not rerun
+keep their results from there.
+
 Each benchmark prints one JSON line (its last line of output); the raw lines are kept in the
 document too, so any figure can be traced back.
 """
@@ -24,7 +27,7 @@ BENCHMARKS = {
     "lora_step": ["lora_step.py", "--method", "lora", "--rounds", "3"],
     "ia3_step": ["lora_step.py", "--method", "ia3", "--rounds", "3", "--no-load"],
     "mixed_batch": ["mixed_batch.py", "--rounds", "5"],
-    "qlora_memory": ["qlora_memory.py", "--steps", "4", "--markdown", "docs/memory.md"],
+    "qlora_memory": ["qlora_memory.py", "--steps", "8", "--markdown", "docs/memory.md"],
     "serve_load": ["serve_load.py", "--requests", "400", "--rounds", "2"],
 }
 
@@ -133,12 +136,19 @@ def main() -> None:
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
         parser.error(f"unknown benchmarks {unknown}; choose from {', '.join(BENCHMARKS)}")
-    results, times = {}, {}
+    # the raw results live next to the document; --only reruns some and keeps the others
+    raw = Path(args.out).with_suffix(".json")
+    previous = json.loads(raw.read_text()) if args.only and raw.is_file() else {}
+    results = {k: v for k, v in previous.get("results", {}).items() if k not in names}
+    times = {k: v for k, v in previous.get("wall_s", {}).items() if k not in names}
     for name in names:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         results[name], times[name] = run(name)
         print(json.dumps({name: results[name]}), flush=True)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    results = {k: results[k] for k in BENCHMARKS if k in results}
+    times = {k: times[k] for k in BENCHMARKS if k in times}
+    raw.write_text(json.dumps({"results": results, "wall_s": times}, indent=1))
     Path(args.out).write_text(document(results, times))
     print(f"wrote {args.out}", file=sys.stderr)
 
