@@ -14,7 +14,7 @@ from typing import ClassVar, Iterable
 import torch
 from torch import nn
 
-from deltatune.errors import AdapterError, AdapterFileError
+from deltatune.errors import AdapterError, AdapterFileError, TargetError
 
 
 @lru_cache(maxsize=1)
@@ -257,3 +257,18 @@ class ModelAdapter(nn.Module):
         with torch.no_grad():
             for key, value in tensors.items():
                 current[key].copy_(value.to(dtype=current[key].dtype))
+
+
+def wrapped(model: nn.Module, path: str, wrapper: type, method: str, make=None) -> "AdapterLayer":
+    """The ``wrapper`` instance at ``path``: the one already there, or a new one around the module
+    (``make(module)``, default ``wrapper(module)``) put in its place. A module that carries another
+    method's wrapper is refused: two wrappers cannot share one layer."""
+    module = model.get_submodule(path)
+    if isinstance(module, wrapper):
+        return module
+    if isinstance(module, AdapterLayer):
+        raise TargetError(f"{path} already carries a {type(module).__name__} adapter; {method} cannot wrap it too: "
+                          f"exclude it from one of the two configs")
+    module = (make or wrapper)(module)
+    model.set_submodule(path, module)
+    return module

@@ -5,9 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from deltatune.core.archspec import classification_head_names, output_head_names
-from deltatune.core.layer import AdapterLayer, ModulesToSave, linear_kinds
+from deltatune.core.layer import ModulesToSave, linear_kinds, wrapped
 from deltatune.core.targets import resolve_targets, visible_modules
-from deltatune.errors import ConfigError, TargetError
+from deltatune.errors import ConfigError
 from deltatune.methods.bitfit.config import BitFitConfig
 from deltatune.methods.bitfit.layer import BitFitLayer, bitfit_kinds
 
@@ -57,12 +57,5 @@ class BitFitMethod:
                 f"{type(model).__name__}: its selected modules have bias=None. Target modules that have a bias, "
                 f"or use a method that adapts weights (LoRA, IA3)")
         for path in paths:
-            module = model.get_submodule(path)
-            if isinstance(module, AdapterLayer) and not isinstance(module, BitFitLayer):
-                raise TargetError(f"{path} already carries a {type(module).__name__} adapter; BitFit cannot wrap it "
-                                  f"too: exclude it from one of the two configs")
-            if not isinstance(module, BitFitLayer):
-                module = BitFitLayer(module)
-                model.set_submodule(path, module)
-            module.add_adapter(name)
+            wrapped(model, path, BitFitLayer, "BitFit").add_adapter(name)
         return paths

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deltatune.core.layer import AdapterLayer, linear_kinds
+from deltatune.core.layer import linear_kinds, wrapped
 from deltatune.core.targets import resolve_targets
-from deltatune.errors import TargetError
 from deltatune.methods.diff_pruning.config import DiffPruningConfig
 from deltatune.methods.diff_pruning.layer import DiffPruningLinear
 
@@ -25,12 +24,5 @@ class DiffPruningMethod:
         paths = resolve_targets(model, config.targets, kinds=linear_kinds(), layers=config.layers,
                                 exclude=config.exclude)
         for path in paths:
-            module = model.get_submodule(path)
-            if isinstance(module, AdapterLayer) and not isinstance(module, DiffPruningLinear):
-                raise TargetError(f"{path} already carries a {type(module).__name__} adapter; diff pruning cannot "
-                                  f"wrap it too: exclude it from one of the two configs")
-            if not isinstance(module, DiffPruningLinear):
-                module = DiffPruningLinear(module)
-                model.set_submodule(path, module)
-            module.add_adapter(name, init_log_alpha=config.init_log_alpha)
+            wrapped(model, path, DiffPruningLinear, "diff pruning").add_adapter(name, init_log_alpha=config.init_log_alpha)
         return paths

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from deltatune.core.layer import AdapterLayer, linear_kinds
+from deltatune.core.layer import linear_kinds, wrapped
 from deltatune.core.targets import compact_targets, resolve_targets
 from deltatune.errors import TargetError
 from deltatune.methods.ia3.config import IA3Config
@@ -41,14 +41,7 @@ class IA3Method:
                                 exclude=config.exclude, default=DEFAULT_TARGETS)
         feedforward = feedforward_paths(model, config, paths)
         for path in paths:
-            module = model.get_submodule(path)
-            if isinstance(module, AdapterLayer) and not isinstance(module, IA3Linear):
-                raise TargetError(f"{path} already carries a {type(module).__name__} adapter; IA3 cannot wrap it "
-                                  f"too: exclude it from one of the two configs")
-            if not isinstance(module, IA3Linear):
-                module = IA3Linear(module)
-                model.set_submodule(path, module)
-            module.add_adapter(name, feedforward=path in feedforward, init=config.init)
+            wrapped(model, path, IA3Linear, "IA3").add_adapter(name, feedforward=path in feedforward, init=config.init)
         return paths
 
     def file_extras(self, model, name: str) -> dict[str, Any]:

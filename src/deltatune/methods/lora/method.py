@@ -7,9 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from deltatune.core.layer import AdapterLayer
+from deltatune.core.layer import wrapped
 from deltatune.core.targets import resolve_targets
-from deltatune.errors import TargetError
 from deltatune.methods.lora.config import LoraConfig
 from deltatune.methods.lora.layer import LoraLayer, LoraLinear, lora_kinds, wrap_with_lora
 
@@ -29,13 +28,7 @@ class LoraMethod:
         paths = resolve_targets(model, config.targets, kinds=lora_kinds(), layers=config.layers,
                                 exclude=config.exclude)
         for path in paths:
-            module = model.get_submodule(path)
-            if isinstance(module, AdapterLayer) and not isinstance(module, LoraLayer):
-                raise TargetError(f"{path} already carries a {type(module).__name__} adapter; "
-                                  f"LoRA cannot wrap it too: exclude it from one of the two configs")
-            if not isinstance(module, LoraLayer):
-                module = wrap_with_lora(module, path)
-                model.set_submodule(path, module)
+            module = wrapped(model, path, LoraLayer, "LoRA", make=lambda m, p=path: wrap_with_lora(m, p))
             module.add_adapter(name, r=pattern_value(config.rank_pattern, path, config.r),
                                alpha=pattern_value(config.alpha_pattern, path, config.alpha),
                                dropout=config.dropout, init=config.init, use_rslora=config.use_rslora)
