@@ -10,7 +10,7 @@ import pytest
 from deltatune.core import registry
 from deltatune.errors import ConfigError
 from deltatune.train import recipe as rc
-from deltatune.train.methods import BASELINES, AdapterMethod, resolve
+from deltatune.train.methods import AdapterMethod, resolve
 
 
 def test_seed_recipes_ship_with_the_package():
@@ -23,7 +23,7 @@ def test_every_builtin_recipe_parses_and_names_a_known_method(name):
     assert recipe.task in rc.TASKS
     method = resolve(recipe.method)
     kind = recipe.method["type"]
-    assert kind in registry.names() or kind in BASELINES
+    assert kind in registry.names()
     if isinstance(method, AdapterMethod):
         assert type(method.config).method == kind
 
