@@ -375,3 +375,33 @@ def test_generate_with_an_adapter_equals_the_merged_model(toy):
         with model.disabled():
             assert torch.equal(model.generate(**batch, **kwargs), toy.base().generate(**batch, **kwargs))
     assert tokens.shape == (batch["input_ids"].shape[0], batch["input_ids"].shape[1] + 6)
+
+
+def test_loading_skips_random_init_only_for_the_loaded_adapter(tmp_path):
+    """Loading leaves new factors unfilled until the file's values arrive; an adapter added
+    afterwards must still start from LoRA's own init (B zero: output equals the base)."""
+    batch = BERT.batch()
+    saved = bert_adapter()
+    saved.save(tmp_path)
+    model = dt.load(BERT.base(), tmp_path).eval()
+    assert_same(logits(model, batch), logits(saved, batch))
+    model.add(dt.LoraConfig(r=4, alpha=8, targets=["k"]), name="fresh")
+    model.use("fresh")
+    assert_same(logits(model, batch), logits(BERT.base().eval(), batch), atol=1e-6)
+    a = model.get_submodule("base_model.bert.encoder.layer.0.attention.self.key").lora_A["fresh"].weight
+    assert a.abs().max() <= 1 / a.shape[1] ** 0.5 and a.abs().max() > 0
+
+
+def test_adapter_layers_stay_in_model_order_as_adapters_come_and_go():
+    from deltatune.core.layer import AdapterLayer
+
+    def walked(model):
+        return [p for p, m in model.base_model.named_modules() if isinstance(m, AdapterLayer)]
+
+    model = dt.attach(BERT.base(), dt.LoraConfig(r=2, targets=["v"]))
+    model.add(dt.LoraConfig(r=2, targets=["q", "k"]), name="b")
+    listed = [p for p, _ in model.adapter_layers()]
+    assert listed == walked(model) and len(listed) == 3 * BERT.n_blocks + 1  # q, k, v per block + the head
+    model.remove("default")
+    assert [p for p, _ in model.adapter_layers()] == walked(model)
+    assert not any(p.endswith("value") for p, _ in model.adapter_layers())

@@ -7,6 +7,8 @@ top of ``delta_weight(name)``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 from functools import lru_cache
 from typing import ClassVar, Iterable
@@ -15,6 +17,26 @@ import torch
 from torch import nn
 
 from deltatune.errors import AdapterError, AdapterFileError, TargetError
+
+
+_FILLED_FROM_FILE = contextvars.ContextVar("deltatune_filled_from_file", default=False)
+
+
+@contextlib.contextmanager
+def weights_from_file():
+    """Within the block, adapters being added get their tensors from a file right after, so
+    wrappers may skip their random initialisation (it costs more than the load itself). The
+    loader checks that the file fills every tensor, so no uninitialised value survives."""
+    token = _FILLED_FROM_FILE.set(True)
+    try:
+        yield
+    finally:
+        _FILLED_FROM_FILE.reset(token)
+
+
+def needs_initial_values() -> bool:
+    """False inside :func:`weights_from_file`: new adapter tensors will be overwritten."""
+    return not _FILLED_FROM_FILE.get()
 
 
 @lru_cache(maxsize=1)
@@ -56,8 +78,12 @@ class AdapterLayer(nn.Module):
     @property
     def adapter_names(self) -> list[str]:
         """Adapters present in this layer, in the order they were added."""
-        first = getattr(self, self.adapter_attrs[0])
-        return list(first.keys())
+        return list(self._container(self.adapter_attrs[0]).keys())
+
+    def _container(self, attr: str) -> nn.Module:
+        # the per-adapter ModuleDict/ParameterDict; read from _modules directly because
+        # nn.Module.__getattr__ is slow and these lookups run per layer on every add/use
+        return self._modules[attr]
 
     def set_active(self, names: Iterable[str]) -> None:
         self.active_adapters = [n for n in names if n in self.adapter_names]
@@ -66,7 +92,7 @@ class AdapterLayer(nn.Module):
         if name in self.merged_adapters:
             self.unmerge()
         for attr in self.adapter_attrs:
-            container = getattr(self, attr)
+            container = self._container(attr)
             if name in container:
                 del container[name]
         self.active_adapters = [n for n in self.active_adapters if n != name]
@@ -78,7 +104,7 @@ class AdapterLayer(nn.Module):
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         params: list[nn.Parameter] = []
         for attr in self.adapter_attrs:
-            container = getattr(self, attr)
+            container = self._container(attr)
             entry = container[name] if name in container else None
             if isinstance(entry, nn.Parameter):
                 params.append(entry)
@@ -91,7 +117,7 @@ class AdapterLayer(nn.Module):
         """This layer's tensors of adapter ``name``, keyed as in a PEFT file (name removed)."""
         out: dict[str, torch.Tensor] = {}
         for attr in self.adapter_attrs:
-            container = getattr(self, attr)
+            container = self._container(attr)
             if name not in container:
                 continue
             entry = container[name]
@@ -111,7 +137,7 @@ class AdapterLayer(nn.Module):
             raise AdapterFileError(
                 f"adapter file does not fit layer {where}: missing {missing or 'nothing'}, "
                 f"unexpected {extra or 'nothing'}")
-        for key, value in tensors.items():
+        for key, value in sorted(tensors.items()):
             if tuple(value.shape) != tuple(current[key].shape):
                 raise AdapterFileError(
                     f"adapter file does not fit layer {where}: {key} has shape {tuple(value.shape)} in the "
@@ -124,6 +150,8 @@ class AdapterLayer(nn.Module):
         """Drop copies of the frozen base tensors that PEFT files may carry (it saves the full
         embedding matrix when embeddings are adapted); a copy that differs from this model's
         means the adapter was trained on another base (e.g. a resized vocabulary)."""
+        if not any(k.startswith("base_layer.") for k in tensors):
+            return tensors
         base = dict(self.base_layer.state_dict())
         kept = {}
         for key, value in tensors.items():

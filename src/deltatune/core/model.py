@@ -39,6 +39,8 @@ class AdaptedModel(nn.Module):
         self._shared = SharedParameterValues(base_model)
         self._trainable: set[str] = set()
         self._layer_index: dict[str, AdapterLayer] = {}
+        self._module_rank: dict[str, int] = {}
+        self._reindex()
         #: per-adapter modules that act on the whole call (prompt encoders), by adapter name
         self.model_adapters = nn.ModuleDict()
         self._adapters_disabled = False
@@ -146,9 +148,24 @@ class AdaptedModel(nn.Module):
         yield from list(self._layer_index.items())
 
     def _reindex(self) -> None:
-        # wrappers only appear or go in add/_drop/_unwrap, so one walk there keeps lookups cheap
-        self._layer_index = {path: module for path, module in self.base_model.named_modules()
-                             if isinstance(module, AdapterLayer)}
+        # Wrappers only appear or go in add/_drop/_unwrap, so keeping this index there makes
+        # lookups cheap. The full walk is the fallback; it also ranks every path in model order
+        # (a wrapper takes the path of the module it wraps), which keeps adapter_layers() in
+        # model order when add() indexes new wrappers without a walk.
+        modules = list(self.base_model.named_modules())
+        self._module_rank = {path: i for i, (path, _) in enumerate(modules)}
+        self._layer_index = {path: module for path, module in modules if isinstance(module, AdapterLayer)}
+
+    def _index_new_wrappers(self, paths: Sequence[str]) -> None:
+        # Injectors return the paths they wrapped (registry contract); a path that holds no
+        # wrapper, or one the model did not have before, means the structure changed in ways
+        # the index cannot follow, so walk the model instead.
+        found = {p: self.base_model.get_submodule(p) for p in paths}
+        if not all(isinstance(m, AdapterLayer) and p in self._module_rank for p, m in found.items()):
+            self._reindex()
+            return
+        merged = {**self._layer_index, **found}
+        self._layer_index = dict(sorted(merged.items(), key=lambda item: self._module_rank[item[0]]))
 
     def add(self, config: MethodConfig, name: str = "default", *, trainable: bool = True) -> "AdaptedModel":
         """Add adapter ``name`` described by ``config``. The first adapter becomes active."""
@@ -167,7 +184,7 @@ class AdaptedModel(nn.Module):
             self._reindex()
             self._drop(name)
             raise
-        self._reindex()
+        self._index_new_wrappers([*saved, *paths])
         build = getattr(spec.injector, "build_model_adapter", None)
         model_adapter = build(self.base_model, config, name) if build else None
         if model_adapter is not None:
@@ -258,7 +275,7 @@ class AdaptedModel(nn.Module):
                 layer.remove_adapter(name)
                 if not layer.adapter_names:
                     self.base_model.set_submodule(path, layer.base_layer)
-        self._reindex()
+                    del self._layer_index[path]
         if name in self.model_adapters:
             del self.model_adapters[name]
         self.configs.pop(name, None)

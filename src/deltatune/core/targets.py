@@ -10,15 +10,11 @@ from typing import Iterable, Sequence
 from torch import nn
 
 from deltatune.core.archspec import COMPONENTS, classification_head_names, output_head_names, spec_for
+from deltatune.core.layer import AdapterLayer, linear_kinds
 from deltatune.errors import TargetError
 
 LayerSelection = None | str | Sequence[int]
 _LAYER_WORDS = ("all", "lower", "upper", "even", "odd")
-
-
-def _is_wrapper(module: nn.Module) -> bool:
-    # a dict lookup first: hasattr on a module without the attribute raises inside __getattr__
-    return module._modules.get("base_layer") is not None and hasattr(module, "adapter_names")
 
 
 def visible_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -31,7 +27,7 @@ def visible_modules(model: nn.Module) -> dict[str, nn.Module]:
             if child is None:
                 continue
             path = f"{prefix}{name}"
-            if _is_wrapper(child):
+            if isinstance(child, AdapterLayer):
                 out[path] = child.base_layer
             else:
                 out[path] = child
@@ -106,7 +102,6 @@ def resolve_targets(
     if targets is None:
         targets = tuple(default)
     if isinstance(targets, str) and targets == "all-linear":
-        from deltatune.core.layer import linear_kinds
         skip = output_head_names(model) | set(classification_head_names(model))
         chosen = {p for p, m in modules.items()
                   if isinstance(m, linear_kinds()) and not any(_matches_name(p, s) for s in skip)}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.core.layer import AdapterLayer, linear_kinds
+from deltatune.core.layer import AdapterLayer, linear_kinds, needs_initial_values
 from deltatune.errors import TargetError
 from deltatune.methods.lora.fused import LoraLinearFunction
 
@@ -38,7 +38,10 @@ def _fan_in_uniform_(weight: torch.Tensor) -> None:
 
 
 def _init_factors(a: torch.Tensor, b: torch.Tensor, r: int, init: str) -> None:
-    """A Kaiming-uniform (or N(0, 1/r) for "gaussian"); B zero, or random for "random"."""
+    """A Kaiming-uniform (or N(0, 1/r) for "gaussian"); B zero, or random for "random".
+    Nothing to do when a file is about to fill them (:func:`weights_from_file`)."""
+    if not needs_initial_values():
+        return
     with torch.no_grad():
         if init == "gaussian":
             a.normal_(std=1.0 / r)
