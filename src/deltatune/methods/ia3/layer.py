@@ -12,8 +12,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from deltatune.core.layer import AdapterLayer
+from deltatune.core.layer import AdapterLayer, linear_kinds
 from deltatune.errors import AdapterError
+from deltatune.methods.ia3.fused import IA3LinearFunction
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -52,6 +53,13 @@ class IA3Linear(AdapterLayer):
     def _forget(self, name: str) -> None:
         self.feedforward.pop(name, None)
 
+    #: take the fused single-node path (see fused.py) where it applies; tests compare both paths
+    use_fused: bool = True
+
+    def _fusable(self) -> bool:
+        base = self.base_layer
+        return self.use_fused and type(base) in linear_kinds() and not base.weight.requires_grad
+
     def _live(self) -> list[str]:
         if self.adapters_disabled:
             return []
@@ -63,6 +71,9 @@ class IA3Linear(AdapterLayer):
         live = self._live()
         in_scale = _product(self.ia3_l[n].flatten() for n in live if self.feedforward[n])
         out_scale = _product(self.ia3_l[n].flatten() for n in live if not self.feedforward[n])
+        if live and not args and not kwargs and self._fusable():
+            base = self.base_layer
+            return IA3LinearFunction.apply(x, base.weight, base.bias, in_scale, out_scale, self.fan_in_fan_out)
         if in_scale is not None:
             x = (x * in_scale).to(x.dtype)
         result = self.base_layer(x, *args, **kwargs)
