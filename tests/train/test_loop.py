@@ -150,3 +150,21 @@ def test_every_task_trains(model, task, data, recipe, tmp_path):
     if task in ("causal-lm", "seq2seq"):
         assert summary["metrics"]["perplexity"] == pytest.approx(torch.tensor(summary["metrics"]["loss"]).exp().item(),
                                                                  rel=1e-4)
+
+
+@pytest.mark.slow  # torch.compile takes about a minute on a 2-core CPU, even for the toy
+def test_compiled_training_equals_eager_training(recipe, tmp_path):
+    eager = recipe(model="bert-nodrop", output_dir=str(tmp_path / "eager"), train={"max_steps": 3})
+    compiled = recipe(model="bert-nodrop", output_dir=str(tmp_path / "compiled"),
+                      train={"max_steps": 3, "compile": True})
+    from torch._dynamo.utils import counters
+
+    first = train(eager, quiet=True)
+    counters.clear()
+    second = train(compiled, quiet=True)
+    assert counters["stats"]["unique_graphs"] >= 1  # the compiled run really went through dynamo
+    a, b = _adapter(tmp_path / "eager"), _adapter(tmp_path / "compiled")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    assert second["metrics"]["loss"] == pytest.approx(first["metrics"]["loss"], abs=1e-5)

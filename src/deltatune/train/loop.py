@@ -63,6 +63,9 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
             ids = [dist.device.index] if dist.device.type == "cuda" else None
             self.model = DistributedDataParallel(model, device_ids=ids)
+        if spec.compile:
+            # only the training calls; evaluation and saving use self.module, uncompiled
+            self.model = torch.compile(self.model)
         self.global_batch = spec.batch_size * dist.world_size
         self.batches_per_epoch = len(self._batches(0))
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / spec.grad_accum)

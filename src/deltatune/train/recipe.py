@@ -74,6 +74,8 @@ class TrainSpec:
     """How to train.
 
     ``threads`` sets torch's CPU threads (default: torch's choice; 1 helps on a busy machine).
+    ``compile`` runs the training forward and backward through ``torch.compile`` (off by
+    default: see docs/benchmarks.md for where it helps).
     ``batch_size`` is per process and micro-batch: one optimizer step sees
     ``batch_size * grad_accum * world_size`` examples. ``epochs`` and ``max_steps`` both bound
     the run; whichever is reached first ends it. ``warmup`` below 1 is a fraction of the
@@ -93,6 +95,7 @@ class TrainSpec:
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
+    compile: bool = False
     layer_decay: float | None = None
     loraplus_ratio: float | None = None
     seed: int = 0
