@@ -141,3 +141,19 @@ def test_seq2seq_targets_become_labels(bert_tok):
     batch = task.collate([feature, {**feature, "labels": feature["labels"][:2]}])
     assert batch["labels"][1].tolist()[-1] == -100  # padded labels are ignored by the loss
     assert torch.equal(batch["input_ids"][0], batch["input_ids"][1])
+
+
+def test_a_tsv_line_broken_in_two_is_left_out_with_a_note(bert_tok, tmp_path):
+    # as in the SUBJ file: one sentence lost its tab and label to a line break
+    from deltatune.train.data import read_rows
+
+    path = tmp_path / "train.tsv"
+    path.write_text("sentence\tlabel\na fine film\t1\nthe plot is thin \nand the acting worse\t0\ndull\t0\n")
+    rows = read_rows(path)
+    task = tasks.SeqCls(DataSpec(text="sentence"), bert_tok)
+    task.fit_labels(rows)
+    assert task.labels == ["0", "1"]  # no third class made of the broken line
+    enc = task.encode(rows, "train")
+    assert [f["labels"] for f in enc.features] == [1, 0, 0] and enc.unlabelled == 1
+    with pytest.warns(UserWarning, match="1 train rows were left out: their label field is empty"):
+        tasks.warn_truncation(enc, "train", 128)

@@ -26,6 +26,7 @@ class Encoded:
     features: list[dict]
     truncated: int = 0  #: examples cut at max_length
     dropped: int = 0    #: examples left out (nothing to learn from after truncation)
+    unlabelled: int = 0  #: rows left out because their label field is empty (e.g. a broken TSV line)
 
     @property
     def lengths(self) -> list[int]:
@@ -39,7 +40,13 @@ class Encoded:
         cut = len(self.features) - max(1, round(len(self.features) * fraction))
         if cut < 1:
             raise ConfigError(f"data.eval_fraction={fraction} leaves no training examples")
-        return Encoded(self.features[:cut], self.truncated, self.dropped), Encoded(self.features[cut:])
+        return (Encoded(self.features[:cut], self.truncated, self.dropped, self.unlabelled),
+                Encoded(self.features[cut:]))
+
+
+def _unlabelled(value: Any) -> bool:
+    # a TSV line without its label column reads as None; an empty cell as ""
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 def _label_ids(values: list, where: str) -> list[str]:
@@ -159,7 +166,8 @@ class SeqCls(Task):
     metrics = ("accuracy", "f1", "loss")
 
     def fit_labels(self, rows: Any) -> None:
-        self.labels = _label_ids(column(rows, self.spec.label, "the training data"), "the training data")
+        values = [v for v in column(rows, self.spec.label, "the training data") if not _unlabelled(v)]
+        self.labels = _label_ids(values, "the training data")
 
     def model_kwargs(self) -> dict:
         labels = self.labels or ["0", "1"]
@@ -181,11 +189,16 @@ class SeqCls(Task):
             raise ConfigError(f"{where} is plain text; seq-cls needs rows with a text and a label field")
         texts = [str(t) for t in column(rows, self.spec.text, where)]
         pairs = [str(t) for t in column(rows, self.spec.text_pair, where)] if self.spec.text_pair else None
-        labels = self._label_index(column(rows, self.spec.label, where), where)
+        raw_labels = column(rows, self.spec.label, where)
+        keep = [i for i, v in enumerate(raw_labels) if not _unlabelled(v)]
+        if len(keep) < len(raw_labels):
+            texts = [texts[i] for i in keep]
+            pairs = [pairs[i] for i in keep] if pairs is not None else None
+        labels = self._label_index([raw_labels[i] for i in keep], where)
         enc, truncated = self._tokenize(texts, pairs)
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
         features = [{**{k: enc[k][i] for k in keys}, "labels": labels[i]} for i in range(len(texts))]
-        return Encoded(features, truncated)
+        return Encoded(features, truncated, unlabelled=len(raw_labels) - len(keep))
 
     def make_collator(self) -> Callable:
         from transformers import DataCollatorWithPadding
@@ -388,6 +401,9 @@ def warn_truncation(encoded: Encoded, where: str, max_length: int) -> str | None
                      f"data.max_length={max_length} tokens and were truncated")
     if encoded.dropped:
         notes.append(f"{encoded.dropped} {where} examples were left out: their prompt alone fills max_length")
+    if encoded.unlabelled:
+        notes.append(f"{encoded.unlabelled} {where} rows were left out: their label field is empty "
+                     f"(a line broken in two, or a missing value)")
     if notes:
         message = "; ".join(notes)
         warnings.warn(message, stacklevel=2)
