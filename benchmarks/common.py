@@ -7,7 +7,6 @@ seconds alone: machines here differ (AVX2 only vs AMX with native bf16).
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -106,6 +105,31 @@ def reset_peak_rss() -> None:
 def peak_rss_mib() -> float:
     """Peak resident set size since the last :func:`reset_peak_rss`, MiB."""
     return _status_mib("VmHWM")
+
+
+def training_memory_mib(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> dict[str, float]:
+    """What a training step holds beyond the model itself, counted exactly rather than read off
+    the allocator: the tensors autograd saves for the backward (distinct storages, not counting
+    the model's own parameters and buffers), plus gradient and two AdamW moments per trainable
+    parameter. ``forward()`` returns the loss. Unlike peak RSS this does not depend on what the
+    allocator kept from earlier work, so variants compare within one process."""
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = forward()
+    del loss
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    mib = 2**20
+    return {"saved_for_backward_mib": round(sum(saved.values()) / mib, 1),
+            "grads_and_adamw_mib": round(3 * trainable / mib, 1),
+            "total_mib": round((sum(saved.values()) + 3 * trainable) / mib, 1)}
 
 
 def run_probe(script: str, *args: str) -> dict:

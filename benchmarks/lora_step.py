@@ -24,14 +24,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (bf16_is_native, cpu_clock_note, interleaved_medians, machine, peak_rss_mib,  # noqa: E402
-                    reset_peak_rss, rss_mib, run_probe, use_cpu_time)
+                    reset_peak_rss, rss_mib, run_probe, training_memory_mib, use_cpu_time)
 
 import transformers  # noqa: E402
 
 import deltatune as dt  # noqa: E402
 
 transformers.logging.set_verbosity_error()
-VARIANTS = ("deltatune", "peft", "frozen")
+VARIANTS = ("deltatune", "deltatune-other", "peft", "frozen")
 BATCH, LENGTH, RANK, ALPHA = 32, 128, 8, 16
 
 
@@ -40,11 +40,28 @@ def base_model(device: str) -> torch.nn.Module:
     return dt.load_model("minilm", num_labels=2).to(device)
 
 
+def layer_class(method: str) -> type:
+    from deltatune.methods.ia3.layer import IA3Linear
+    from deltatune.methods.lora import LoraLinear
+    return IA3Linear if method == "ia3" else LoraLinear
+
+
+def other_path(method: str) -> str:
+    """The path deltatune does not take by default ("fused" or "plain"), timed alongside."""
+    return "plain" if layer_class(method).use_fused else "fused"
+
+
 def adapt(base: torch.nn.Module, variant: str, method: str = "lora") -> torch.nn.Module:
-    """The model a variant trains: deltatune's method, peft's, or the frozen base (lower bound)."""
-    if variant == "deltatune":
+    """The model a variant trains: deltatune's method (its default path, or the other one),
+    peft's, or the frozen base (lower bound)."""
+    if variant.startswith("deltatune"):
         config = dt.IA3Config() if method == "ia3" else dt.LoraConfig(r=RANK, alpha=ALPHA, targets=["q", "v"])
-        return dt.attach(base, config)
+        model = dt.attach(base, config)
+        if variant == "deltatune-other":
+            for _, layer in model.adapter_layers():
+                if isinstance(layer, layer_class(method)):
+                    layer.use_fused = other_path(method) == "fused"
+        return model
     if variant == "peft":
         import peft
         if method == "ia3":  # peft's defaults for BERT: key, value, output.dense (feed-forward)
@@ -71,8 +88,7 @@ def make_step(model: torch.nn.Module, data: dict, device: str, precision: str):
     model.train()
 
     def step() -> None:
-        ctx = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-        with ctx:
+        with autocast(device, precision):
             loss = model(**data).loss
         loss.backward()
         if opt is not None:
@@ -81,15 +97,30 @@ def make_step(model: torch.nn.Module, data: dict, device: str, precision: str):
     return step
 
 
+def autocast(device: str, precision: str):
+    return torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
 def time_steps(device: str, precision: str, rounds: int, method: str) -> dict:
     data = batch(device)
-    steps = {v: make_step(adapt(base_model(device), v, method), data, device, precision) for v in VARIANTS}
+    models = {v: adapt(base_model(device), v, method) for v in VARIANTS}
+    memory = {}
+    for v in ("deltatune", "peft", "frozen"):
+        def forward(model=models[v]):
+            with autocast(device, precision):
+                return model.train()(**data).loss
+        memory[v] = training_memory_mib(models[v], forward)
+    steps = {v: make_step(models[v], data, device, precision) for v in VARIANTS}
     med = interleaved_medians(steps, rounds=rounds, device=device)
     return {
         "deltatune_s": round(med["deltatune"], 4), "peft_s": round(med["peft"], 4), "frozen_s": round(med["frozen"], 4),
         "ratio_vs_peft": round(med["deltatune"] / med["peft"], 3),
         "ratio_vs_frozen": round(med["deltatune"] / med["frozen"], 3),
         "peft_ratio_vs_frozen": round(med["peft"] / med["frozen"], 3),
+        "other_path": {"path": other_path(method), "s": round(med["deltatune-other"], 4),
+                       "ratio_vs_frozen": round(med["deltatune-other"] / med["frozen"], 3)},
+        "training_memory_mib": memory,
+        "training_memory_ratio_vs_peft": round(memory["deltatune"]["total_mib"] / memory["peft"]["total_mib"], 3),
     }
 
 

@@ -6,7 +6,7 @@ perplexity on held-out tiny-shakespeare before and after the same short fine-tun
 storage bits per quantized parameter (the QLoRA paper reports 4.127 for NF4 + double quant).
 Prints a JSON line and, with --markdown FILE, writes the table.
 
-    python benchmarks/qlora_memory.py [--steps 8] [--markdown docs/memory.md]
+    python benchmarks/qlora_memory.py [--steps 4] [--parallel 2] [--markdown docs/memory.md]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -73,6 +74,7 @@ def perplexity(model, blocks: torch.Tensor, autocast) -> float:
 
 def probe(variant: str, folder: str, steps: int) -> None:
     """Child process: one variant's memory and perplexity, as a JSON line."""
+    torch.set_num_threads(1)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     train, held = token_blocks(tokenizer)
     rss_before_model = rss_mib()
@@ -151,8 +153,9 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--markdown", help="write the table to this Markdown file")
+    parser.add_argument("--parallel", type=int, default=2, help="probe processes at a time")
     parser.add_argument("--probe", nargs=3, metavar=("VARIANT", "FOLDER", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
@@ -164,7 +167,10 @@ def main() -> None:
         # the GGUF file takes ~15 s to dequantize: do it once, then every probe loads safetensors
         dt.load_model("smollm2", auto_class="AutoModelForCausalLM").save_pretrained(folder)
         dt.load_tokenizer("smollm2").save_pretrained(folder)
-        variants = [run_probe(__file__, v, folder, str(args.steps)) for v in VARIANTS]
+        # the probes are separate processes (peak RSS is per process), so two run at a time,
+        # each on one torch thread: the whole benchmark stays within a couple of minutes
+        with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+            variants = list(pool.map(lambda v: run_probe(__file__, v, folder, str(args.steps)), VARIANTS))
     result = {"benchmark": "qlora_memory", "steps": args.steps, "machine": machine(), "variants": variants}
     result["bits_per_quantized_param"] = next(v for v in variants if v["variant"] == "qlora-nf4").get(
         "bits_per_quantized_param")

@@ -1,0 +1,57 @@
+"""``train.compile: true`` measured: one LoRA training step eager vs through ``torch.compile``.
+
+Same step as lora_step.py (MiniLM, batch 32 x 128, LoRA r=8 on q and v, AdamW, fp32; bf16
+autocast too where the hardware has it natively), timed interleaved in one process after the
+compiled model's first steps (which compile). Prints one JSON line with the ratio and the time
+the compilation took (wall clock; a warm inductor cache makes later runs much faster).
+
+    python benchmarks/compile_step.py [--rounds 3] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import bf16_is_native, cpu_clock_note, interleaved_medians, machine, use_cpu_time  # noqa: E402
+from lora_step import adapt, base_model, batch, make_step  # noqa: E402
+
+
+def compare(device: str, precision: str, rounds: int) -> dict:
+    data = batch(device)
+    model = adapt(base_model(device), "deltatune")
+    eager = make_step(model, data, device, precision)
+    compiled = make_step(torch.compile(model), data, device, precision)
+    start = time.perf_counter()
+    compiled()  # the first call compiles forward and backward
+    compile_s = time.perf_counter() - start
+    med = interleaved_medians({"eager": eager, "compiled": compiled}, rounds=rounds, warmup=1, device=device)
+    return {"eager_s": round(med["eager"], 4), "compiled_s": round(med["compiled"], 4),
+            "compiled_vs_eager": round(med["compiled"] / med["eager"], 3), "first_call_wall_s": round(compile_s, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    cpu_time = use_cpu_time(args.device)
+    result: dict = {"benchmark": "compile_step", "device": args.device, "machine": machine()}
+    if cpu_time:
+        result["clock"] = cpu_clock_note()
+    precisions = ["fp32"] + (["bf16"] if bf16_is_native(args.device) else [])
+    if "bf16" not in precisions:
+        result["bf16"] = {"skipped": "no native bf16 on this CPU (bf16 autocast would be ~20x slower)"}
+    for precision in precisions:
+        result[precision] = compare(args.device, precision, args.rounds)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
