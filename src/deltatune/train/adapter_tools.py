@@ -74,8 +74,6 @@ def inspect_adapter(adapter: str | os.PathLike) -> AdapterInfo:
         hint = ""
         if (folder / "config.json").is_file():
             hint = " It is a full model folder (config.json): load it with transformers' from_pretrained."
-        elif (folder / "head.safetensors").is_file():
-            hint = " It holds a trained classification head (method head-only)."
         raise AdapterFileError(f"{folder} is not an adapter folder: it has no {CONFIG_NAME}.{hint}")
     try:
         data = json.loads(config_path.read_text())

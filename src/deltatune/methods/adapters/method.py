@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from deltatune.core.layer import AdapterLayer
+from deltatune.core.layer import AdapterLayer, wrapped
 from deltatune.errors import TargetError
 from deltatune.methods.adapters.config import AdapterConfig, BottleneckConfig
 from deltatune.methods.adapters.layer import Bottleneck, BottleneckLayer, adapter_dtype, reference_weight
@@ -34,7 +34,7 @@ class BottleneckMethod:
         paths = adapter_paths(model, config)
         # check every site before wrapping any, so a bad config leaves the model untouched
         sites = [self.site(model, path, config) for path in paths]
-        layers = [self._wrapper(model, site) for site in sites]
+        layers = [wrapped(model, site.path, self.layer_cls, self.layer_cls.__name__) for site in sites]
         self.add_adapters(list(zip(sites, layers)), config, name)
         return paths
 
@@ -53,14 +53,6 @@ class BottleneckMethod:
         placement = placement_of(module, config.style)
         d_in, d_out = adapter_dims(module, placement, path)
         return Site(path, module, placement, d_in, d_out, config.width(d_out))
-
-    def _wrapper(self, model: nn.Module, site: Site) -> BottleneckLayer:
-        current = model.get_submodule(site.path)
-        if isinstance(current, self.layer_cls):
-            return current
-        layer = self.layer_cls(current)
-        model.set_submodule(site.path, layer)
-        return layer
 
     def add_adapters(self, sites: list[tuple[Site, BottleneckLayer]], config: BottleneckConfig, name: str) -> None:
         """Add adapter ``name`` to every wrapped site."""
