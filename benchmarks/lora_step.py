@@ -199,7 +199,9 @@ def main() -> None:
         timing = time_steps(args.device, precision, args.rounds, args.method)
         peaks = {v: run_probe(__file__, v, args.device, precision, args.method) for v in ("deltatune", "peft")}
         timing["step_peak_mib"] = {v: peaks[v]["step_peak_mib"] for v in peaks}
-        timing["memory_ratio_vs_peft"] = round(peaks["deltatune"]["step_peak_mib"] / peaks["peft"]["step_peak_mib"], 3)
+        # the resident set may not grow at all when the allocator reuses freed blocks: no ratio then
+        peft_peak = peaks["peft"]["step_peak_mib"]
+        timing["memory_ratio_vs_peft"] = round(peaks["deltatune"]["step_peak_mib"] / peft_peak, 3) if peft_peak > 0 else None
         result[precision] = timing
     if not args.no_load:
         result["adapter_load"] = adapter_load_times(args.device)

@@ -76,8 +76,9 @@ def _step_rows(label: str, result: dict) -> list[str]:
                         f"AdamW state) | {r['training_memory_ratio_vs_peft']:.3f} ({mem['deltatune']['total_mib']} vs "
                         f"{mem['peft']['total_mib']} MiB; frozen bound {mem['frozen']['total_mib']}) | <= 1.00 | "
                         f"{_check(r['training_memory_ratio_vs_peft'], 1.0)} |")
+        ratio = r["memory_ratio_vs_peft"]
         rows.append(f"| {label} step, {precision}: peak RSS growth deltatune / peft (coarse, see below) | "
-                    f"{r['memory_ratio_vs_peft']:.3f} ({r['step_peak_mib']['deltatune']} vs "
+                    f"{'n/a' if ratio is None else f'{ratio:.3f}'} ({r['step_peak_mib']['deltatune']} vs "
                     f"{r['step_peak_mib']['peft']} MiB) | | |")
     return rows
 
