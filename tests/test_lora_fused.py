@@ -8,17 +8,7 @@ from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
 from deltatune.methods.lora import LoraLinear
-from tests.methods.contract import TOYS, perturbed
-
-
-def outputs_and_grads(model, inputs, fused: bool, monkeypatch):
-    monkeypatch.setattr(LoraLinear, "use_fused", fused)
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(0)  # the same dropout masks in the base model for both paths
-    out = model(**inputs)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return out.logits.detach().clone(), grads
+from tests.methods.contract import TOYS, assert_fused_path_equals_plain, perturbed
 
 
 @pytest.mark.parametrize("bias", ["none", "all"])
@@ -27,12 +17,7 @@ def test_fused_path_equals_plain_autograd(toy, bias, monkeypatch):
     # a small perturbation keeps gradients O(1), so 1e-5 is a meaningful absolute tolerance
     model = perturbed(dt.attach(toy.model(), dt.LoraConfig(r=4, alpha=8, targets="all-linear", bias=bias)), scale=0.05)
     model.train()
-    fused_logits, fused_grads = outputs_and_grads(model, toy.inputs(), True, monkeypatch)
-    plain_logits, plain_grads = outputs_and_grads(model, toy.inputs(), False, monkeypatch)
-    torch.testing.assert_close(fused_logits, plain_logits, atol=1e-5, rtol=1e-5)
-    assert fused_grads.keys() == plain_grads.keys() and len(fused_grads) > 0
-    for name in plain_grads:
-        torch.testing.assert_close(fused_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert_fused_path_equals_plain(model, toy.inputs(), LoraLinear, monkeypatch)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
