@@ -224,6 +224,20 @@ def test_the_lru_evicts_runtime_adapters_but_never_pinned_ones(make_app, referen
         reference.check("a0", TEXTS[:2], r.json())
 
 
+def test_an_adapter_that_cannot_share_a_batch_is_refused_before_anything_is_evicted(make_app, adapter_root):
+    for folder, config in (("prompt", dt.PromptTuningConfig(num_virtual_tokens=3)),
+                           ("trains-biases", dt.LoraConfig(r=2, targets=["q"], bias="all"))):
+        if not (adapter_root / folder).is_dir():
+            dt.attach(tiny_bert(), config).save(adapter_root / folder)
+    with TestClient(make_app(names=["a0"], max_adapters=3)) as c:
+        for name in ["a1", "a2"]:
+            c.post("/v1/adapters", json={"name": name, "path": name}, headers=AUTH)
+        for folder, phrase in (("prompt", "acts on the inputs"), ("trains-biases", "base biases")):
+            r = c.post("/v1/adapters", json={"name": folder, "path": folder}, headers=AUTH)
+            assert r.status_code == 400 and phrase in r.json()["detail"]
+            assert loaded(c) == ["a0", "a1", "a2"]  # the cache was full: nothing made room for it
+
+
 # --- load and failures ---------------------------------------------------------------------------------
 
 def test_a_full_queue_answers_429_and_the_queued_requests_still_succeed(make_app, reference):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Callable
 from collections import OrderedDict
 
 from deltatune.core.model import AdaptedModel
@@ -37,12 +38,21 @@ class AdapterCache:
             raise AdapterError(f"adapter {name!r} is not loaded; loaded: {self.names()}")
         self._order.move_to_end(name)
 
-    def load(self, name: str, directory: str | os.PathLike) -> list[str]:
-        """Load ``directory`` as ``name`` (a no-op if it is loaded); returns the evicted names."""
+    def load(self, name: str, directory: str | os.PathLike,
+             check: Callable[[str], None] | None = None) -> list[str]:
+        """Load ``directory`` as ``name`` (a no-op if it is loaded); returns the evicted names.
+        ``check(name)`` may refuse the loaded adapter by raising: it is removed again, before
+        anything is evicted for it."""
         if name in self._order:
             self.touch(name)
             return []
         self.model.load(directory, name)
+        if check is not None:
+            try:
+                check(name)
+            except Exception:
+                self.model.remove(name)
+                raise
         self._order[name] = str(directory)
         return self._evict()
 

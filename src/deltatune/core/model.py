@@ -91,16 +91,24 @@ class AdaptedModel(nn.Module):
             out = call(*args, **kwargs)
         return out if order is None else take_rows(out, inverse_order(order), len(names))
 
-    @contextlib.contextmanager
-    def _routed(self, adapter_names: Sequence[str], args: tuple, kwargs: dict) -> Iterator[None]:
-        names = list(adapter_names)
-        for n in set(names) - {BASE_ADAPTER}:
+    def check_mixable(self, names: Sequence[str]) -> None:
+        """Raise :class:`AdapterError` unless every adapter in ``names`` can take part in a
+        mixed-adapter batch (``adapter_names=``): it must act on weights, not on the inputs, and
+        must not train base parameters that other adapters share (the bias option)."""
+        for n in sorted(set(names) - {BASE_ADAPTER}):
             self._check(n)
             if n in self.model_adapters:
                 raise AdapterError(f"adapter {n!r} acts on the inputs and cannot share a mixed batch")
+            if self._shared.owner_among([n]) is not None:
+                raise AdapterError("adapters that train base biases (the bias option) cannot share a mixed batch")
+
+    @contextlib.contextmanager
+    def _routed(self, adapter_names: Sequence[str], args: tuple, kwargs: dict) -> Iterator[None]:
+        names = list(adapter_names)
+        self.check_mixable(names)
         if self.merged:
             raise AdapterError("an adapter is merged into the weights: unmerge() before mixed-adapter calls")
-        if self._shared.owner_among(sorted(set(names))) is not None or self._shared.owner is not None:
+        if self._shared.owner is not None:
             raise AdapterError("adapters that train base biases (the bias option) cannot share a mixed batch")
         first = args[0] if args else next((v for v in kwargs.values() if hasattr(v, "device")), None)
         routing = RowRouting(names, device=first.device if first is not None else "cpu")

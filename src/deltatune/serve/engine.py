@@ -42,6 +42,7 @@ class Engine:
         self.max_length = max_length
         self.device = next(model.parameters()).device
         pinned = tuple(model.adapter_names)
+        model.check_mixable(pinned)  # every request batch mixes adapters
         self.cache = AdapterCache(model, max(max_adapters, len(pinned), 1), pinned=pinned)
         self._evicted: OrderedDict[str, None] = OrderedDict()  # recent evictions, for clearer 404s
         self.loaded: frozenset[str] = frozenset()
@@ -138,17 +139,12 @@ class Engine:
         if name in self.cache:
             raise RequestError(409, f"adapter {name!r} is loaded already; DELETE it first to replace it")
         try:
-            evicted = self.cache.load(name, directory)
+            # refused before anything is evicted for it: adapters that cannot share a mixed batch
+            evicted = self.cache.load(name, directory, check=lambda n: self.model.check_mixable([n]))
         except DeltatuneError as exc:  # the core's own message: foreign base model, broken files ...
             raise RequestError(400, f"cannot load adapter {name!r}: {exc}") from None
         finally:
             self._refresh()
-        if name in self.model.model_adapters:
-            method = type(self.model.configs[name]).__name__
-            self.cache.remove(name)
-            self._refresh()
-            raise RequestError(400, f"adapter {name!r} ({method}) acts on the inputs and cannot share a mixed "
-                                    f"batch; the server serves weight-space adapters (LoRA, IA3, ...)")
         for victim in evicted:
             self._evicted[victim] = None
         while len(self._evicted) > 1000:
