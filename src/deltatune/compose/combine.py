@@ -69,7 +69,7 @@ def _factors(layer: LoraLinear, weights: dict[str, float], how: str, rank: int |
     delta = sum(w * layer.scaling[n] * (layer.lora_B[n].weight @ layer.lora_A[n].weight) for n, w in present)
     u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
     k = min(rank, sum(layer.r[n] for n, _ in present))  # beyond that the singular values are zero
-    energy = float((s[:k] ** 2).sum().detach() / (s ** 2).sum().clamp_min(1e-30))
+    energy = float((s[:k] ** 2).sum() / (s ** 2).sum().clamp_min(1e-30))
     root = s[:k].sqrt()
     return (root[:, None] * vh[:k]).to(delta.dtype), (u[:, :k] * root).to(delta.dtype), energy
 
@@ -86,7 +86,8 @@ def combine(model: AdaptedModel, weights: dict[str, float], name: str, how: str 
     if name in model.configs:
         raise AdapterError(f"an adapter named {name!r} exists already")
     layers = _sources(model, weights)
-    built = {path: _factors(layer, weights, how, rank) for path, layer in layers}
+    with torch.no_grad():  # the combination is a fixed adapter: no graph through its sources
+        built = {path: _factors(layer, weights, how, rank) for path, layer in layers}
     ranks = {path: a.shape[0] for path, (a, _, _) in built.items()}
     common = max(set(ranks.values()), key=list(ranks.values()).count)
     first = model.configs[next(iter(weights))]
