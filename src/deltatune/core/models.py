@@ -56,15 +56,27 @@ def resolve_model(name: str | os.PathLike) -> ModelSource:
                              f"folder with a config.json (models cannot be downloaded here)")
 
 
-def load_model(name: str | os.PathLike, auto_class: str = "AutoModelForSequenceClassification", **kwargs):
-    """Load a base model by alias or folder with a ``transformers`` auto class (fp32 by default)."""
+def load_model(name: str | os.PathLike, auto_class: str = "AutoModelForSequenceClassification", *,
+               quiet: bool = False, **kwargs):
+    """Load a base model by alias or folder with a ``transformers`` auto class (fp32 by default).
+    ``quiet`` silences transformers' loading report and progress bar ("newly initialized head"
+    is exactly what fine-tuning, or an adapter that brings its own head, expects)."""
     import torch
     import transformers
 
     source = resolve_model(name)
     kwargs.setdefault("dtype", torch.float32)
     cls = getattr(transformers, auto_class)
-    model = cls.from_pretrained(source.path, **source.pretrained_kwargs(), **kwargs)
+    if quiet:
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        model = cls.from_pretrained(source.path, **source.pretrained_kwargs(), **kwargs)
+    finally:
+        if quiet:
+            transformers.logging.set_verbosity(verbosity)
+            transformers.utils.logging.enable_progress_bar()
     if source.gguf_file:
         _forget_gguf_origin(model)
     return model

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save_file
 
@@ -115,6 +115,23 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
         raise AdapterFileError(f"{weights_path} is not a readable safetensors file ({exc}); it may be "
                                f"truncated or of another format: save the adapter again") from None
     return data, tensors
+
+
+#: classification-head weights as adapter files name them (BERT-style, Llama-style, RoBERTa-style)
+_HEAD_WEIGHTS = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
+
+
+def saved_class_count(directory: str | os.PathLike) -> int | None:
+    """The class count of a classification adapter, from its saved head's shape (the file's
+    header only; no weights are read); None when it has no head or no weights file."""
+    weights = Path(directory) / WEIGHTS_NAME
+    if not weights.is_file():
+        return None
+    with safe_open(str(weights), framework="pt") as fh:
+        for key in fh.keys():
+            if key.endswith(_HEAD_WEIGHTS):
+                return fh.get_slice(key).get_shape()[0]
+    return None
 
 
 def split_by_layer(model: "AdaptedModel", name: str, tensors: dict[str, torch.Tensor]):

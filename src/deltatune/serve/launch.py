@@ -14,7 +14,6 @@ from pathlib import Path
 from deltatune.errors import ConfigError, DeltatuneError
 
 _AUTO_CLASSES = {"seq-cls": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
-_HEADS = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,14 +52,13 @@ def parse_adapters(spec: str) -> dict[str, str]:
 
 def adapter_facts(folder: str | os.PathLike) -> tuple[str | None, int | None]:
     """``(task_type, class count)`` of a saved adapter, read without loading its weights."""
-    from safetensors import safe_open
+    from deltatune.core.state import CONFIG_NAME, saved_class_count
 
     folder = Path(folder)
     task = labels = None
     try:
-        task = json.loads((folder / "adapter_config.json").read_text()).get("task_type")
-        with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as fh:
-            labels = next((fh.get_slice(k).get_shape()[0] for k in fh.keys() if k.endswith(_HEADS)), None)
+        task = json.loads((folder / CONFIG_NAME).read_text()).get("task_type")
+        labels = saved_class_count(folder)
     except (OSError, ValueError, AttributeError):
         pass  # loading the adapter later reports a broken folder with the core's message
     return task, labels
@@ -70,7 +68,6 @@ def build_model(model: str, adapters: dict[str, str], task: str | None = None, n
                 device: str = "auto"):
     """``(AdaptedModel, tokenizer)``: base ``model`` with ``adapters`` loaded, in eval mode."""
     import torch
-    import transformers
 
     import deltatune as dt
 
@@ -89,12 +86,7 @@ def build_model(model: str, adapters: dict[str, str], task: str | None = None, n
             kwargs["num_labels"] = labels
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected: adapters bring heads
-    try:
-        base = dt.load_model(model, auto_class=_AUTO_CLASSES[task], **kwargs)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
+    base = dt.load_model(model, auto_class=_AUTO_CLASSES[task], quiet=True, **kwargs)  # adapters bring heads
     adapted = dt.AdaptedModel(base)
     for name, path in adapters.items():
         adapted.load(path, name)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import secrets
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from deltatune.core.state import CONFIG_NAME, WEIGHTS_NAME
 from deltatune.serve.errors import RequestError
 
 #: the files a deltatune / HF PEFT adapter folder is read from (safetensors only)
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 
 
 def check_admin_token(given: str | None, expected: str | None) -> None:

@@ -12,12 +12,10 @@ from safetensors import safe_open
 
 import deltatune as dt
 from deltatune.core import registry
-from deltatune.core.state import CONFIG_NAME, WEIGHTS_NAME, read_adapter
+from deltatune.core.state import CONFIG_NAME, WEIGHTS_NAME, read_adapter, saved_class_count
 from deltatune.errors import AdapterFileError, ConfigError
 from deltatune.train.files import replace_dir
 from deltatune.train.tasks import PEFT_TASKS, TASKS
-
-_HEADS = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
 
 
 @dataclass
@@ -96,18 +94,6 @@ def inspect_adapter(adapter: str | os.PathLike) -> AdapterInfo:
                        weights.stat().st_size if weights.is_file() else 0, run_recipe(folder))
 
 
-def num_labels_of(adapter: str | os.PathLike) -> int | None:
-    """The class count of a classification adapter, from its saved head's shape."""
-    weights = Path(adapter) / WEIGHTS_NAME
-    if not weights.is_file():
-        return None
-    with safe_open(str(weights), framework="pt") as fh:
-        for key in fh.keys():
-            if key.endswith(_HEADS):
-                return fh.get_slice(key).get_shape()[0]
-    return None
-
-
 def base_for(adapter: str | os.PathLike, model: str | None = None, task: str | None = None) -> tuple[str, str]:
     """``(model, task)`` for an adapter: the arguments, else its run's recipe, else its config."""
     info = inspect_adapter(adapter)
@@ -123,14 +109,12 @@ def base_for(adapter: str | os.PathLike, model: str | None = None, task: str | N
 
 def load_adapted(adapter: str | os.PathLike, model: str | None = None, task: str | None = None):
     """``(adapted model, tokenizer, task name)``: the adapter loaded onto its base model."""
-    from deltatune.train.run import quiet_load
-
     model, task = base_for(adapter, model, task)
     kwargs = {}
-    labels = num_labels_of(adapter)
+    labels = saved_class_count(adapter)
     if labels:
         kwargs["num_labels"] = labels
-    base = quiet_load(model, TASKS[task].auto_class, **kwargs)
+    base = dt.load_model(model, TASKS[task].auto_class, quiet=True, **kwargs)
     return dt.load(base, str(adapter)), dt.load_tokenizer(model), task
 
 

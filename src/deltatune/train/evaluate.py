@@ -50,12 +50,11 @@ def evaluate(data: str | os.PathLike, adapter: str | os.PathLike | None = None, 
         model_name, task_name = base_for(adapter, model, task)
         net, tokenizer, _ = load_adapted(adapter, model_name, task_name)
     else:
-        from deltatune.train.run import quiet_load
         task_name = task or "seq-cls"
         if task_name not in TASKS:
             raise ConfigError(f"unknown task {task_name!r}; tasks: {', '.join(TASKS)}")
         model_name = model
-        net, tokenizer = quiet_load(model_name, TASKS[task_name].auto_class), dt.load_tokenizer(model_name)
+        net, tokenizer = dt.load_model(model_name, TASKS[task_name].auto_class, quiet=True), dt.load_tokenizer(model_name)
     job = TASKS[task_name](_data_spec(run, text, label, max_length), tokenizer)
     config_labels = getattr(net.config, "id2label", None)
     labels = _run_labels(adapter)

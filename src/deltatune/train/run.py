@@ -119,27 +119,12 @@ def _quantize(model, options: dict, gradient_checkpointing: bool):
     return dt.prepare_for_kbit_training(model, gradient_checkpointing=gradient_checkpointing)
 
 
-def quiet_load(name: str, auto_class: str, **kwargs):
-    """:func:`deltatune.load_model` without transformers' loading chatter ("newly initialized
-    head" is exactly what fine-tuning expects)."""
-    import transformers
-
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        return dt.load_model(name, auto_class=auto_class, **kwargs)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-        transformers.utils.logging.enable_progress_bar()
-
-
 def build_model(recipe: Recipe, task: tasks.Task, method: TrainMethod, device: torch.device):
     """The base model for ``task``, on ``device``, made trainable by ``method``."""
     kwargs = task.model_kwargs()
     if "num_labels" in kwargs:  # a head for another label set is replaced, as fine-tuning wants
         kwargs["ignore_mismatched_sizes"] = True
-    model = quiet_load(recipe.model, task.auto_class, **kwargs)
+    model = dt.load_model(recipe.model, task.auto_class, quiet=True, **kwargs)
     if getattr(model.config, "pad_token_id", None) is None and task.tokenizer.pad_token_id is not None:
         model.config.pad_token_id = task.tokenizer.pad_token_id
     model.to(device)
