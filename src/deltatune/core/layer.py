@@ -39,6 +39,18 @@ def needs_initial_values() -> bool:
     return not _FILLED_FROM_FILE.get()
 
 
+def adapter_dtype(base: torch.Tensor) -> torch.dtype:
+    """The dtype new adapter tensors take next to the base tensor ``base``: its own when that is
+    fp32/fp64, else fp32 (adapters train in fp32 over a half-precision or quantized base)."""
+    return base.dtype if base.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a fused autograd node computes in: autocast's where it is on, else ``x``'s."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 @lru_cache(maxsize=1)
 def linear_kinds() -> tuple[type, ...]:
     """Layer types that count as linear: ``nn.Linear`` and GPT-2's ``Conv1D``."""
@@ -84,6 +96,13 @@ class AdapterLayer(nn.Module):
         # the per-adapter ModuleDict/ParameterDict; read from _modules directly because
         # nn.Module.__getattr__ is slow and these lookups run per layer on every add/use
         return self._modules[attr]
+
+    def unmerged_active(self) -> list[str]:
+        """The active adapters this layer still has to apply in its forward (none while
+        disabled; merged ones are in the weights already)."""
+        if self.adapters_disabled:
+            return []
+        return [n for n in self.active_adapters if n not in self.merged_adapters]
 
     def set_active(self, names: Iterable[str]) -> None:
         self.active_adapters = [n for n in names if n in self.adapter_names]

@@ -25,11 +25,6 @@ def make_activation(name: str) -> nn.Module:
     return _ACTIVATIONS[name]()
 
 
-def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    """Adapters train in fp32 even over a half-precision base."""
-    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-
-
 def reference_weight(module: nn.Module) -> torch.Tensor:
     """A weight of ``module`` (its own, or its first sub-module's) for device and dtype."""
     return next(module.parameters())
@@ -84,7 +79,7 @@ class BottleneckLayer(AdapterLayer):
 
     def blocks(self) -> nn.ModuleDict:
         """The per-adapter blocks (subclasses keep them under their own attribute name)."""
-        return getattr(self, self.adapter_attrs[0])
+        return self._container(self.adapter_attrs[0])
 
     def _forget(self, name: str) -> None:
         self.placement.pop(name, None)

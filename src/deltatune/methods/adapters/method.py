@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from deltatune.core.layer import AdapterLayer, wrapped
+from deltatune.core.layer import AdapterLayer, adapter_dtype, wrapped
 from deltatune.errors import TargetError
 from deltatune.methods.adapters.config import AdapterConfig, BottleneckConfig
-from deltatune.methods.adapters.layer import Bottleneck, BottleneckLayer, adapter_dtype, reference_weight
+from deltatune.methods.adapters.layer import Bottleneck, BottleneckLayer, reference_weight
 from deltatune.methods.adapters.placement import adapter_dims, adapter_paths, placement_of
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deltatune.core.layer import AdapterLayer, linear_kinds
+from deltatune.core.layer import AdapterLayer, adapter_dtype, linear_kinds
 from deltatune.errors import TargetError
 
 
@@ -31,27 +31,14 @@ class BitFitLayer(AdapterLayer):
 
     def add_adapter(self, name: str) -> None:
         bias = self.base_layer.bias
-        dtype = bias.dtype if bias.dtype in (torch.float32, torch.float64) else torch.float32
-        self.bias_delta[name] = nn.Parameter(torch.zeros(bias.shape, dtype=dtype, device=bias.device))
-
-    # Model code reads these through the wrapper (T5 checks ``self.wo.weight.dtype``).
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor:
-        return self.base_layer.bias
+        self.bias_delta[name] = nn.Parameter(torch.zeros(bias.shape, dtype=adapter_dtype(bias), device=bias.device))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.routing is not None:  # a mixed-adapter batch
             return self.routing(self, x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        if self.adapters_disabled:
-            return result
-        for name in self.active_adapters:
-            if name not in self.merged_adapters:
-                result = result + self.bias_delta[name].to(result.dtype)
+        for name in self.unmerged_active():
+            result = result + self.bias_delta[name].to(result.dtype)
         return result
 
     def _base_weight(self) -> torch.Tensor:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from deltatune.core.layer import adapter_dtype
 from deltatune.errors import ConfigError
-from deltatune.methods.adapters.layer import adapter_dtype, reference_weight
+from deltatune.methods.adapters.layer import reference_weight
 from deltatune.methods.adapters.method import BottleneckMethod, Site
 from deltatune.methods.compacter.config import CompacterConfig
 from deltatune.methods.compacter.layer import CompacterLayer

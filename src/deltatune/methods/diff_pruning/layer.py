@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.core.layer import AdapterLayer
+from deltatune.core.layer import AdapterLayer, adapter_dtype
 from deltatune.errors import AdapterError, AdapterFileError
 from deltatune.methods.diff_pruning.gates import deterministic_gates, open_probability, sample_gates
 
@@ -38,8 +38,7 @@ class DiffPruningLinear(AdapterLayer):
 
     def add_adapter(self, name: str, init_log_alpha: float) -> None:
         weight = self.base_layer.weight
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        kw = {"dtype": dtype, "device": weight.device}
+        kw = {"dtype": adapter_dtype(weight), "device": weight.device}
         self.diff_weight[name] = nn.Parameter(torch.zeros(weight.shape, **kw))
         self.diff_log_alpha[name] = nn.Parameter(torch.full(weight.shape, float(init_log_alpha), **kw))
 
@@ -61,9 +60,7 @@ class DiffPruningLinear(AdapterLayer):
         if self.routing is not None:  # a mixed-adapter batch
             return self.routing(self, x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        if self.adapters_disabled:
-            return result
-        live = [n for n in self.active_adapters if n not in self.merged_adapters]
+        live = self.unmerged_active()
         if not live:
             return result
         diff = sum(self.diff_weight[n] * self.gates(n) for n in live)

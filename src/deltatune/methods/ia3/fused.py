@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from deltatune.methods.lora.fused import compute_dtype
+from deltatune.core.layer import compute_dtype
 
 
 class IA3LinearFunction(torch.autograd.Function):

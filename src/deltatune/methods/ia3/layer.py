@@ -12,14 +12,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from deltatune.core.layer import AdapterLayer, linear_kinds
+from deltatune.core.layer import AdapterLayer, adapter_dtype, linear_kinds
 from deltatune.errors import AdapterError
 from deltatune.methods.ia3.fused import IA3LinearFunction
-
-
-def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    # Vectors train in fp32 even over a half-precision or quantized base.
-    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 class IA3Linear(AdapterLayer):
@@ -45,7 +40,7 @@ class IA3Linear(AdapterLayer):
     def add_adapter(self, name: str, feedforward: bool, init: str = "ones") -> None:
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)
         weight = self.base_layer.weight
-        kw = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        kw = {"device": weight.device, "dtype": adapter_dtype(weight)}
         value = torch.ones(shape, **kw) if init == "ones" else torch.randn(shape, **kw)
         self.ia3_l[name] = nn.Parameter(value)
         self.feedforward[name] = feedforward
@@ -60,15 +55,10 @@ class IA3Linear(AdapterLayer):
         base = self.base_layer
         return self.use_fused and type(base) in linear_kinds() and not base.weight.requires_grad
 
-    def _live(self) -> list[str]:
-        if self.adapters_disabled:
-            return []
-        return [n for n in self.active_adapters if n not in self.merged_adapters]
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.routing is not None:  # a mixed-adapter batch
             return self.routing(self, x, *args, **kwargs)
-        live = self._live()
+        live = self.unmerged_active()
         in_scale = _product(self.ia3_l[n].flatten() for n in live if self.feedforward[n])
         out_scale = _product(self.ia3_l[n].flatten() for n in live if not self.feedforward[n])
         if live and not args and not kwargs and self._fusable():

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import torch
 
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+from deltatune.core.layer import compute_dtype
 
 
 class LoraLinearFunction(torch.autograd.Function):

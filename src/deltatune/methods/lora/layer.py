@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.core.layer import AdapterLayer, linear_kinds, needs_initial_values
+from deltatune.core.layer import AdapterLayer, adapter_dtype, linear_kinds, needs_initial_values
 from deltatune.errors import TargetError
 from deltatune.methods.lora.fused import LoraLinearFunction
 
@@ -53,11 +53,6 @@ def _init_factors(a: torch.Tensor, b: torch.Tensor, r: int, init: str) -> None:
             b.zero_()
 
 
-def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    # Adapters train in fp32 even over a half-precision or quantized base.
-    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-
-
 class LoraLayer(AdapterLayer):
     """Per-adapter rank, scale and dropout shared by every LoRA wrapper."""
 
@@ -77,11 +72,6 @@ class LoraLayer(AdapterLayer):
     def _forget(self, name: str) -> None:
         for d in (self.r, self.scaling, self.dropout_p):
             d.pop(name, None)
-
-    def _unmerged_active(self) -> list[str]:
-        if self.adapters_disabled:
-            return []
-        return [n for n in self.active_adapters if n not in self.merged_adapters]
 
     def _dropped(self, x: torch.Tensor, name: str) -> torch.Tensor:
         p = self.dropout_p[name]
@@ -106,7 +96,7 @@ class LoraLinear(LoraLayer):
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
                     init: str = "kaiming", use_rslora: bool = False) -> None:
         weight = self.base_layer.weight
-        kw = {"device": weight.device, "dtype": _adapter_dtype(weight), "bias": False}
+        kw = {"device": weight.device, "dtype": adapter_dtype(weight), "bias": False}
         a = _Factor(self.in_features, r, **kw)
         b = _Factor(r, self.out_features, **kw)
         _init_factors(a.weight, b.weight, r, init)
@@ -126,7 +116,7 @@ class LoraLinear(LoraLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.routing is not None:
             return self.routing(self, x, *args, **kwargs)
-        names = self._unmerged_active()
+        names = self.unmerged_active()
         if not args and not kwargs and self._fusable(names):
             base, name = self.base_layer, names[0]
             return LoraLinearFunction.apply(x, base.weight, base.bias, self.lora_A[name].weight,
@@ -191,7 +181,7 @@ class LoraEmbedding(LoraLayer):
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
                     init: str = "kaiming", use_rslora: bool = False) -> None:
         weight = self.base_layer.weight
-        kw = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        kw = {"device": weight.device, "dtype": adapter_dtype(weight)}
         num, dim = weight.shape
         a = torch.zeros(r, num, **kw) if init != "random" else torch.randn(r, num, **kw)
         b = torch.randn(dim, r, **kw)
@@ -203,7 +193,7 @@ class LoraEmbedding(LoraLayer):
         if self.routing is not None:
             return self.routing(self, x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        for name in self._unmerged_active():
+        for name in self.unmerged_active():
             result = result + self.adapter_delta(x, name).to(result.dtype)
         return result
 
@@ -233,7 +223,7 @@ class LoraConv2d(LoraLayer):
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
                     init: str = "kaiming", use_rslora: bool = False) -> None:
         base = self.base_layer
-        kw = {"device": base.weight.device, "dtype": _adapter_dtype(base.weight), "bias": False}
+        kw = {"device": base.weight.device, "dtype": adapter_dtype(base.weight), "bias": False}
         a = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, **kw)
         b = nn.Conv2d(r, base.out_channels, 1, 1, **kw)
         _init_factors(a.weight, b.weight, r, init)
@@ -244,7 +234,7 @@ class LoraConv2d(LoraLayer):
         if self.routing is not None:
             return self.routing(self, x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        for name in self._unmerged_active():
+        for name in self.unmerged_active():
             result = result + self.adapter_delta(x, name).to(result.dtype)
         return result
 
