@@ -6,10 +6,10 @@ sweep's results.csv (mean ± sample std where a setting has several seeds).
 
 from __future__ import annotations
 
-import csv
-import statistics
 import sys
 from collections import defaultdict
+
+from deltatune.experiments.results import mean_std, read_csv
 
 ORDER = ("lora", "ia3", "adapters", "prompt", "bitfit", "head-only", "full")
 DATASETS = ("sst2", "mr", "subj", "trec")
@@ -18,22 +18,20 @@ DATASETS = ("sst2", "mr", "subj", "trec")
 def cell(values: list[float]) -> str:
     if not values:
         return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} ({len(values)})"
+    mean, std = mean_std(values)
+    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f} ({len(values)})"
 
 
 def main(path: str = "runs/experiments/methods/results.csv") -> None:
     accuracy: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     params: dict[str, int] = {}
-    with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            if row["status"] != "ok":
-                continue
-            name = row["setup"] or row["method"]  # baseline rows have no grid setup
-            accuracy[name][row["dataset"]].append(float(row["eval_accuracy"]))
-            if row["dataset"] == "sst2":
-                params[name] = int(row["trainable_params"])
+    for row in read_csv(path):
+        if row["status"] != "ok":
+            continue
+        name = row["setup"] or row["method"]  # baseline rows have no grid setup
+        accuracy[name][row["dataset"]].append(float(row["eval_accuracy"]))
+        if row["dataset"] == "sst2":
+            params[name] = int(row["trainable_params"])
     print("| method | trainable params (SST-2) | " + " | ".join(d.upper() for d in DATASETS) + " |")
     print("|---|---|" + "---|" * len(DATASETS))
     for name in ORDER:

@@ -100,8 +100,7 @@ class Fastfood(nn.Module):
         """``P z`` for a vector ``z`` of length ``d``: a vector of length ``D``."""
         if z.shape != (self.d,):
             raise ConfigError(f"Fastfood expects a vector of length {self.d}, got shape {tuple(z.shape)}")
-        padded = torch.zeros(self.n, dtype=z.dtype, device=z.device)
-        padded = padded.index_copy(0, torch.arange(self.d, device=z.device), z) if self.d < self.n else z
+        padded = torch.nn.functional.pad(z, (0, self.n - self.d))  # zeros up to the block size
         x = self.signs.to(z.dtype) * padded          # B   (blocks, n)
         x = fwht(x)                                  # H
         x = torch.gather(x, 1, self.perm)            # Pi

@@ -124,7 +124,7 @@ class SubspaceMethod:
     def apply(self, model: nn.Module) -> SubspaceModel:
         return SubspaceModel(model, self.d, said=self.said, exclude=self.exclude, seed=self.seed)
 
-    def save(self, model: SubspaceModel, folder: Path, tokenizer=None) -> None:
+    def save(self, model: SubspaceModel, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {"z": model.z.detach().cpu().contiguous()}
         if model.scales is not None:

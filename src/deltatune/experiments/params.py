@@ -22,27 +22,22 @@ ADAMW_BYTES_PER_PARAM = 2 * 4
 GRAD_BYTES_PER_PARAM = 4
 
 
-def count(model: torch.nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameters, as ``deltatune train`` reports them."""
-    from deltatune.train.run import _counts
-
-    return _counts(model)
-
-
-def file_bytes(method, model: torch.nn.Module, tokenizer=None) -> int:
+def file_bytes(method, model: torch.nn.Module) -> int:
     """Bytes of the ``.safetensors`` files ``method.save`` writes for ``model``."""
     with tempfile.TemporaryDirectory(prefix="deltatune-params-") as tmp:
         folder = Path(tmp) / method.result
-        method.save(model, folder, tokenizer)
+        method.save(model, folder)
         return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
 
 
-def model_params(model: torch.nn.Module, method, tokenizer=None) -> dict:
+def model_params(model: torch.nn.Module, method) -> dict:
     """The parameter and memory table of an already built, method-applied ``model``."""
-    trainable, total = count(model)
+    from deltatune.train.run import parameter_counts
+
+    trainable, total = parameter_counts(model)
     return {"method": method.name, "trainable_params": trainable, "total_params": total,
             "trainable_percent": 100.0 * trainable / max(total, 1),
-            "file_bytes": file_bytes(method, model, tokenizer),
+            "file_bytes": file_bytes(method, model),
             "optimizer_bytes": ADAMW_BYTES_PER_PARAM * trainable,
             "gradient_bytes": GRAD_BYTES_PER_PARAM * trainable}
 
@@ -63,7 +58,7 @@ def recipe_params(source, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     task.fit_labels(read_rows(recipe.resolve_path(recipe.data.train), recipe.data.max_train))
     model = build_model(recipe, task, method, torch.device("cpu"))
     return {"model": recipe.model, "task": recipe.task, "method_config": dict(recipe.method),
-            **model_params(model, method, task.tokenizer)}
+            **model_params(model, method)}
 
 
 def _size(n: float) -> str:

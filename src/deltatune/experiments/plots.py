@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from deltatune.experiments.results import aggregate, metric_names
+from deltatune.experiments.results import aggregate, mean_std, metric_names
 
 
 def _pyplot():
@@ -74,8 +74,6 @@ def sweep_plots(rows: list[dict], keys: list[str], out: Path) -> dict[str, Path]
             group = tuple(r.get(k, "") for k in others)
             lines.setdefault(group, {}).setdefault(rank, []).append(float(r[metric]))
         if lines:
-            from deltatune.experiments.results import mean_std
-
             fig, ax = plt.subplots(figsize=(7, 4.5))
             for group, points in lines.items():
                 xs = sorted(points)

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 from deltatune.experiments.grid import Run, Sweep, format_value
 from deltatune.experiments.sweep import ERROR_FILE, is_finished
+from deltatune.train.files import write_atomic, write_text
 
 #: the columns every row has, after the grid keys
 BASE_COLUMNS = ("seed", "kind", "label", "method", "status", "trainable_params", "total_params", "trainable_percent")
@@ -61,13 +62,15 @@ def metric_names(rows: list[dict]) -> list[str]:
 def write_csv(rows: list[dict], keys: list[str], path: Path) -> Path:
     """``results.csv``: grid keys, then :data:`BASE_COLUMNS`, the metrics, :data:`TAIL_COLUMNS`."""
     columns = list(keys) + list(BASE_COLUMNS) + metric_names(rows) + list(TAIL_COLUMNS)
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: row.get(c, "") for c in columns})
-    tmp.replace(path)
+
+    def write(temp: str) -> None:
+        with open(temp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({c: row.get(c, "") for c in columns})
+
+    write_atomic(path, write)
     return path
 
 
@@ -119,9 +122,7 @@ def markdown(entries: list[dict], metrics: list[str] | None = None) -> str:
     """A Markdown table: setting, method, seeds, each metric as mean ± std, trainable
     parameters and mean wall time. ``metrics`` picks and orders the ``eval_*`` columns."""
     if metrics is None:
-        metrics = []
-        for entry in entries:
-            metrics += [k for k in entry if k.startswith("eval_") and k not in metrics]
+        metrics = metric_names(entries)
     head = ["setting", "method", "seeds"] + [m.removeprefix("eval_") for m in metrics] + ["trainable params", "wall time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in entries:
@@ -136,8 +137,6 @@ def markdown(entries: list[dict], metrics: list[str] | None = None) -> str:
 def write_report(sweep: Sweep, plots: bool = True) -> dict[str, Path]:
     """Write ``results.csv``, ``results.md`` and (with ``plots``) the plots into the sweep's
     output folder from the run folders on disk; returns the paths written."""
-    from deltatune.train.files import write_text
-
     out = sweep.output_dir
     out.mkdir(parents=True, exist_ok=True)
     rows = collect(sweep)

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from deltatune.core.state import atomic_write
+from deltatune.core.state import atomic_write as write_atomic  # write(temp path), then rename
 
 
 def fsync_dir(path: Path) -> None:
@@ -19,12 +19,6 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_atomic(target: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(temp_path)``, then move the finished file to ``target`` (see
-    :func:`deltatune.core.state.atomic_write`)."""
-    atomic_write(target, write)
 
 
 def write_text(target: str | os.PathLike, text: str) -> None:

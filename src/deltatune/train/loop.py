@@ -18,7 +18,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from deltatune.errors import ConfigError
 from deltatune.train import checkpoint
 from deltatune.train.batching import epoch_batches, shard
 from deltatune.train.callbacks import MetricsLog, Progress
@@ -73,7 +72,7 @@ class Trainer:
         if spec.max_steps is not None:
             self.total_steps = min(self.total_steps, spec.max_steps)
         self.scheduler = build_schedule(self.optimizer, spec, self.total_steps)
-        self.metric = spec.best_metric or task.default_metric
+        self.metric = task.selection_metric(spec.best_metric)
         self._window_start = time.perf_counter()
         self.state = {"step": 0, "epoch": 0, "micro": 0, "best": None, "bad_evals": 0, "elapsed": 0.0,
                       "tokens": 0, "window": [0.0, 0, 0], "last_loss": None, "last_eval": None,
@@ -195,9 +194,6 @@ class Trainer:
         self._write({"kind": "eval", "step": step, "epoch": round(self._epochs(), 4), **metrics})
         if progress is not None:
             progress.write(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if self.metric not in metrics:
-            raise ConfigError(f"train.best_metric {self.metric!r} is not an evaluation metric of this task; "
-                              f"metrics: {', '.join(metrics)}")
         if step == 0:
             return False  # the untrained start is a reference point, not a candidate
         value, best = metrics[self.metric], self.state["best"]

@@ -29,7 +29,7 @@ class TrainMethod:
         """The model to train (parameters to train have ``requires_grad``)."""
         raise NotImplementedError
 
-    def save(self, model: nn.Module, folder: Path, tokenizer=None) -> None:
+    def save(self, model: nn.Module, folder: Path) -> None:
         """Write the trained result into ``folder``."""
         raise NotImplementedError
 
@@ -41,8 +41,6 @@ class AdapterMethod(TrainMethod):
     """A registered PEFT method, attached with :func:`deltatune.attach`; saved as a
     PEFT-compatible adapter folder."""
 
-    result = "adapter"
-
     def __init__(self, config: dt.MethodConfig) -> None:
         self.config = config
         self.name = type(config).method
@@ -50,7 +48,7 @@ class AdapterMethod(TrainMethod):
     def apply(self, model: nn.Module) -> nn.Module:
         return dt.attach(model, self.config)
 
-    def save(self, model: nn.Module, folder: Path, tokenizer=None) -> None:
+    def save(self, model: nn.Module, folder: Path) -> None:
         replace_dir(folder, lambda tmp: model.save(str(tmp)))
 
     def describe(self) -> dict:

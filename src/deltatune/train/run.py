@@ -137,7 +137,8 @@ def build_model(recipe: Recipe, task: tasks.Task, method: TrainMethod, device: t
     return method.apply(model)
 
 
-def _counts(model) -> tuple[int, int]:
+def parameter_counts(model) -> tuple[int, int]:
+    """``(trainable, total)`` parameters as a run reports them (a model may say itself)."""
     if hasattr(model, "parameter_counts"):
         return model.parameter_counts()
     params = list(model.parameters())
@@ -147,10 +148,7 @@ def _counts(model) -> tuple[int, int]:
 def _train(recipe: Recipe, dist, resume: bool, overwrite: bool, stream: TextIO, quiet: bool) -> dict:
     began = time.perf_counter()
     spec, out = recipe.train, Path(recipe.output_dir)
-    metric = spec.best_metric or tasks.get(recipe.task).default_metric
-    if metric not in tasks.get(recipe.task).metrics:
-        raise ConfigError(f"train.best_metric {metric!r} is not an evaluation metric of {recipe.task}; "
-                          f"metrics: {', '.join(tasks.get(recipe.task).metrics)}")
+    tasks.get(recipe.task).selection_metric(spec.best_metric)  # a bad name fails before anything loads
     _prepare_output(out, resume, overwrite, dist)
     say = (lambda line: print(line, file=stream, flush=True)) if dist.main and not quiet else (lambda line: None)
     with warnings.catch_warnings():
@@ -163,7 +161,7 @@ def _train(recipe: Recipe, dist, resume: bool, overwrite: bool, stream: TextIO, 
         train_set, eval_set, notes = load_data(recipe, task)
         model = build_model(recipe, task, method, dist.device)
     used = precision_mod.resolve(spec.precision, dist.device)
-    trainable, total = _counts(model)
+    trainable, total = parameter_counts(model)
     say(f"deltatune: {recipe.task} on {recipe.model} with {method.name}: {trainable:,} trainable of {total:,} "
         f"parameters; {len(train_set):,} train / {len(eval_set) if eval_set else 0:,} eval examples; "
         f"{used} on {dist.device}" + (f" x {dist.world_size} processes" if dist.active else ""))
@@ -218,7 +216,7 @@ def _train(recipe: Recipe, dist, resume: bool, overwrite: bool, stream: TextIO, 
     if dist.device.type == "cuda":
         summary["cuda_peak_memory_mb"] = round(torch.cuda.max_memory_allocated(dist.device) / 2**20, 1)
     if dist.main:
-        method.save(model, result, task.tokenizer)
+        method.save(model, result)
         if plot_losses(read_records(out / "metrics.jsonl"), out / "loss.png",
                        f"{recipe.model} {method.name} {recipe.task}"):
             summary["plot"] = str(out / "loss.png")

@@ -84,6 +84,16 @@ class Task:
         self.labels: list[str] | None = None
         self._collator: Callable | None = None
 
+    @classmethod
+    def selection_metric(cls, best_metric: str | None) -> str:
+        """The metric that picks the best checkpoint and drives early stopping: ``best_metric``
+        (checked against what this task reports) or the task's default."""
+        metric = best_metric or cls.default_metric
+        if metric not in cls.metrics:
+            raise ConfigError(f"train.best_metric {metric!r} is not an evaluation metric of {cls.name}; "
+                              f"metrics: {', '.join(cls.metrics)}")
+        return metric
+
     # --- set-up ----------------------------------------------------------------------------
     def fit_labels(self, rows: Any) -> None:
         """Learn the label set from the training rows (classification tasks)."""
@@ -191,9 +201,8 @@ class SeqCls(Task):
         pairs = [str(t) for t in column(rows, self.spec.text_pair, where)] if self.spec.text_pair else None
         raw_labels = column(rows, self.spec.label, where)
         keep = [i for i, v in enumerate(raw_labels) if not _unlabelled(v)]
-        if len(keep) < len(raw_labels):
-            texts = [texts[i] for i in keep]
-            pairs = [pairs[i] for i in keep] if pairs is not None else None
+        texts = [texts[i] for i in keep]
+        pairs = [pairs[i] for i in keep] if pairs is not None else None
         labels = self._label_index([raw_labels[i] for i in keep], where)
         enc, truncated = self._tokenize(texts, pairs)
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
