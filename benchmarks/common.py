@@ -24,7 +24,7 @@ def machine() -> dict:
 
     info = {
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "native_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
+        "native_bf16": bf16_is_native("cpu"),
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
@@ -41,8 +41,16 @@ def machine() -> dict:
 
 
 def bf16_is_native(device: str) -> bool:
-    """bf16 autocast pays off on CUDA and on CPUs with AVX512-BF16/AMX, and is slow elsewhere."""
-    return device == "cuda" or bool(torch.cpu._is_avx512_bf16_supported())
+    """bf16 autocast pays off on CUDA and on CPUs with AVX512-BF16/AMX, and is slow elsewhere
+    (the same rule as the trainer's ``precision: auto``)."""
+    from deltatune.train.precision import cpu_has_native_bf16
+    return device == "cuda" or cpu_has_native_bf16()
+
+
+def clock(device: str) -> Callable[[], float]:
+    """The clock the step timings use: this process's CPU time on the CPU (see
+    :func:`use_cpu_time`), wall time on CUDA."""
+    return time.process_time if device == "cpu" else time.perf_counter
 
 
 def _sync(device: str) -> None:
@@ -53,6 +61,18 @@ def _sync(device: str) -> None:
 def cpu_clock_note() -> str:
     return ("CPU time of this process (time.process_time) with one torch thread: on a shared machine "
             "wall time measures the neighbours too")
+
+
+def step_benchmark(name: str, device: str, **facts) -> tuple[dict, list[str]]:
+    """Start a step benchmark: ``(result dict, precisions to run)``. Sets up the CPU clock (one
+    torch thread) and records why bf16 is skipped where it is not native."""
+    result: dict = {"benchmark": name, **facts, "device": device, "machine": machine()}
+    if use_cpu_time(device):
+        result["clock"] = cpu_clock_note()
+    precisions = ["fp32"] + (["bf16"] if bf16_is_native(device) else [])
+    if "bf16" not in precisions:
+        result["bf16"] = {"skipped": "no native bf16 on this CPU (bf16 autocast would be ~20x slower)"}
+    return result, precisions
 
 
 def use_cpu_time(device: str) -> bool:
@@ -68,7 +88,7 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], rounds: int, warmup:
                         device: str = "cpu") -> dict[str, float]:
     """Median seconds per call of each function, run round-robin so drift hits all alike.
     On the CPU the clock is the process's CPU time (see :func:`use_cpu_time`)."""
-    clock = time.process_time if device == "cpu" else time.perf_counter
+    now = clock(device)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -76,10 +96,10 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], rounds: int, warmup:
     for _ in range(rounds):
         for key, fn in fns.items():
             _sync(device)
-            start = clock()
+            start = now()
             fn()
             _sync(device)
-            times[key].append(clock() - start)
+            times[key].append(now() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

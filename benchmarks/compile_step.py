@@ -19,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bf16_is_native, cpu_clock_note, interleaved_medians, machine, use_cpu_time  # noqa: E402
+from common import interleaved_medians, step_benchmark  # noqa: E402
 from lora_step import adapt, base_model, batch, make_step  # noqa: E402
 
 
@@ -41,13 +41,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    cpu_time = use_cpu_time(args.device)
-    result: dict = {"benchmark": "compile_step", "device": args.device, "machine": machine()}
-    if cpu_time:
-        result["clock"] = cpu_clock_note()
-    precisions = ["fp32"] + (["bf16"] if bf16_is_native(args.device) else [])
-    if "bf16" not in precisions:
-        result["bf16"] = {"skipped": "no native bf16 on this CPU (bf16 autocast would be ~20x slower)"}
+    result, precisions = step_benchmark("compile_step", args.device)
     for precision in precisions:
         result[precision] = compare(args.device, precision, args.rounds)
     print(json.dumps(result))

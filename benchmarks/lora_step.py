@@ -11,24 +11,23 @@ Prints one JSON line with the ratios.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (bf16_is_native, cpu_clock_note, interleaved_medians, machine, peak_rss_mib,  # noqa: E402
-                    reset_peak_rss, rss_mib, run_probe, training_memory_mib, use_cpu_time)
+from common import (clock, interleaved_medians, peak_rss_mib, reset_peak_rss, rss_mib, run_probe,  # noqa: E402
+                    step_benchmark, training_memory_mib)
 
 import transformers  # noqa: E402
 
 import deltatune as dt  # noqa: E402
+from deltatune.train.precision import autocast  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 VARIANTS = ("deltatune", "deltatune-other", "peft", "frozen")
@@ -58,9 +57,10 @@ def adapt(base: torch.nn.Module, variant: str, method: str = "lora") -> torch.nn
         config = dt.IA3Config() if method == "ia3" else dt.LoraConfig(r=RANK, alpha=ALPHA, targets=["q", "v"])
         model = dt.attach(base, config)
         if variant == "deltatune-other":
+            cls, fused = layer_class(method), other_path(method) == "fused"
             for _, layer in model.adapter_layers():
-                if isinstance(layer, layer_class(method)):
-                    layer.use_fused = other_path(method) == "fused"
+                if isinstance(layer, cls):
+                    layer.use_fused = fused
         return model
     if variant == "peft":
         import peft
@@ -88,7 +88,7 @@ def make_step(model: torch.nn.Module, data: dict, device: str, precision: str):
     model.train()
 
     def step() -> None:
-        with autocast(device, precision):
+        with autocast(precision, torch.device(device))():
             loss = model(**data).loss
         loss.backward()
         if opt is not None:
@@ -97,17 +97,13 @@ def make_step(model: torch.nn.Module, data: dict, device: str, precision: str):
     return step
 
 
-def autocast(device: str, precision: str):
-    return torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-
-
 def time_steps(device: str, precision: str, rounds: int, method: str) -> dict:
     data = batch(device)
     models = {v: adapt(base_model(device), v, method) for v in VARIANTS}
     memory = {}
     for v in ("deltatune", "peft", "frozen"):
         def forward(model=models[v]):
-            with autocast(device, precision):
+            with autocast(precision, torch.device(device))():
                 return model.train()(**data).loss
         memory[v] = training_memory_mib(models[v], forward)
     steps = {v: make_step(models[v], data, device, precision) for v in VARIANTS}
@@ -145,7 +141,7 @@ def adapter_load_times(device: str, repeats: int = 10) -> dict:
     loaded model, and to hot-swap the weights of a loaded adapter from a file."""
     import peft
 
-    clock = time.process_time if device == "cpu" else time.perf_counter
+    now = clock(device)
     reference = base_model(device)
     with tempfile.TemporaryDirectory() as ours_dir, tempfile.TemporaryDirectory() as peft_dir:
         adapt(copy.deepcopy(reference), "deltatune").save(ours_dir)
@@ -153,22 +149,22 @@ def adapter_load_times(device: str, repeats: int = 10) -> dict:
         bases = [copy.deepcopy(reference) for _ in range(2 * repeats)]
         fresh, fresh_peft = [], []
         for i in range(repeats):
-            start = clock()
+            start = now()
             dt.load(bases[2 * i], ours_dir)
-            fresh.append(clock() - start)
-            start = clock()
+            fresh.append(now() - start)
+            start = now()
             peft.PeftModel.from_pretrained(bases[2 * i + 1], peft_dir)
-            fresh_peft.append(clock() - start)
+            fresh_peft.append(now() - start)
         serving = dt.load(reference, ours_dir)
         into, swap = [], []
         for i in range(repeats):
-            start = clock()
+            start = now()
             serving.load(ours_dir, name=f"extra{i}")
-            into.append(clock() - start)
+            into.append(now() - start)
             serving.remove(f"extra{i}")
-            start = clock()
+            start = now()
             serving.hot_swap("default", ours_dir)
-            swap.append(clock() - start)
+            swap.append(now() - start)
     ms = {k: 1000 * statistics.median(v) for k, v in
           {"fresh": fresh, "fresh_peft": fresh_peft, "into_loaded": into, "swap": swap}.items()}
     return {"deltatune_fresh_base_ms": round(ms["fresh"], 2), "peft_fresh_base_ms": round(ms["fresh_peft"], 2),
@@ -187,14 +183,8 @@ def main() -> None:
     if args.probe:
         probe(*args.probe)
         return
-    cpu_time = use_cpu_time(args.device)
-    result: dict = {"benchmark": f"{args.method}_step", "batch": BATCH, "length": LENGTH,
-                    **({"rank": RANK} if args.method == "lora" else {}), "device": args.device, "machine": machine()}
-    if cpu_time:
-        result["clock"] = cpu_clock_note()
-    precisions = ["fp32"] + (["bf16"] if bf16_is_native(args.device) else [])
-    if "bf16" not in precisions:
-        result["bf16"] = {"skipped": "no native bf16 on this CPU (bf16 autocast would be ~20x slower)"}
+    result, precisions = step_benchmark(f"{args.method}_step", args.device, batch=BATCH, length=LENGTH,
+                                        **({"rank": RANK} if args.method == "lora" else {}))
     for precision in precisions:
         timing = time_steps(args.device, precision, args.rounds, args.method)
         peaks = {v: run_probe(__file__, v, args.device, precision, args.method) for v in ("deltatune", "peft")}
