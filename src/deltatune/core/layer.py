@@ -51,6 +51,16 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def linear_layout(module: nn.Module) -> tuple[bool, int, int]:
+    """``(fan_in_fan_out, in_features, out_features)`` of an ``nn.Linear`` (quantized ones too:
+    their packed weight's shape says nothing, their attributes do) or a GPT-2 ``Conv1D``, whose
+    weight is stored ``[in, out]``."""
+    if isinstance(module, nn.Linear):
+        return False, module.in_features, module.out_features
+    in_features, out_features = module.weight.shape
+    return True, in_features, out_features
+
+
 @lru_cache(maxsize=1)
 def linear_kinds() -> tuple[type, ...]:
     """Layer types that count as linear: ``nn.Linear`` and GPT-2's ``Conv1D``."""
@@ -193,9 +203,9 @@ class AdapterLayer(nn.Module):
     def _base_weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
-    def merge(self, names: Iterable[str] | None = None) -> None:
-        """Add the listed (default: active) adapters' deltas to the base weight."""
-        names = list(self.active_adapters if names is None else names)
+    def _mergeable_weight(self, names: Iterable[str]) -> torch.Tensor:
+        """The base weight that ``names`` will be merged into, after checking that none of them
+        is merged already and that the weight can absorb a change in place."""
         for name in names:
             if name in self.merged_adapters:
                 raise AdapterError(f"adapter {name!r} is already merged; call unmerge() first")
@@ -203,6 +213,12 @@ class AdapterLayer(nn.Module):
         if not weight.is_floating_point():
             raise AdapterError(f"a {type(self.base_layer).__name__} layer is quantized and cannot absorb an adapter "
                                f"exactly in place; use merge_and_unload(), which dequantizes first")
+        return weight
+
+    def merge(self, names: Iterable[str] | None = None) -> None:
+        """Add the listed (default: active) adapters' deltas to the base weight."""
+        names = list(self.active_adapters if names is None else names)
+        weight = self._mergeable_weight(names)
         with torch.no_grad():
             for name in names:
                 if name not in self.adapter_names:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.core.layer import AdapterLayer, adapter_dtype
-from deltatune.errors import AdapterError, AdapterFileError
+from deltatune.errors import AdapterFileError
 from deltatune.methods.diff_pruning.gates import deterministic_gates, open_probability, sample_gates
 
 #: log-odds given to the gates of a loaded diff: its nonzero entries fully open, the rest shut
@@ -74,13 +74,7 @@ class DiffPruningLinear(AdapterLayer):
         entries they change so that :meth:`unmerge` restores them bit for bit (the diff is sparse,
         so this costs little, and subtracting again would leave rounding error behind)."""
         names = [n for n in (self.active_adapters if names is None else names) if n in self.adapter_names]
-        for name in names:
-            if name in self.merged_adapters:
-                raise AdapterError(f"adapter {name!r} is already merged; call unmerge() first")
-        weight = self._base_weight()
-        if not weight.is_floating_point():
-            raise AdapterError(f"a {type(self.base_layer).__name__} layer is quantized and cannot absorb an adapter "
-                               f"exactly in place; use merge_and_unload(), which dequantizes first")
+        weight = self._mergeable_weight(names)
         with torch.no_grad():
             flat = weight.data.view(-1)
             for name in names:

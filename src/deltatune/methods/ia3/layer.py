@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from deltatune.core.layer import AdapterLayer, adapter_dtype, linear_kinds
+from deltatune.core.layer import AdapterLayer, adapter_dtype, linear_kinds, linear_layout
 from deltatune.errors import AdapterError
 from deltatune.methods.ia3.fused import IA3LinearFunction
 
@@ -28,11 +28,7 @@ class IA3Linear(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:  # not weight.shape: a quantized layer's weight is packed
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.fan_in_fan_out, self.in_features, self.out_features = linear_layout(base_layer)
         self.ia3_l = nn.ParameterDict()
         #: adapter name -> whether it scales the input (True) or the output (False)
         self.feedforward: dict[str, bool] = {}
@@ -99,16 +95,11 @@ class IA3Linear(AdapterLayer):
     def merge(self, names: Iterable[str] | None = None) -> None:
         """Multiply the listed (default: active) adapters' vectors into the weight and bias."""
         names = [n for n in (self.active_adapters if names is None else names) if n in self.adapter_names]
+        weight = self._mergeable_weight(names)
         for name in names:
-            if name in self.merged_adapters:
-                raise AdapterError(f"adapter {name!r} is already merged; call unmerge() first")
             if bool((self.ia3_l[name] == 0).any()):
                 raise AdapterError(f"IA3 adapter {name!r} has a scale of exactly 0; merging would erase those "
                                    f"weights for good, so unmerge() could not restore them. Use the adapter unmerged")
-        weight = self._base_weight()
-        if not weight.is_floating_point():
-            raise AdapterError(f"a {type(self.base_layer).__name__} layer is quantized and cannot absorb an adapter "
-                               f"exactly in place; use merge_and_unload(), which dequantizes first")
         bias = getattr(self.base_layer, "bias", None)
         with torch.no_grad():
             for name in names:

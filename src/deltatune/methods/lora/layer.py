@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.core.layer import AdapterLayer, adapter_dtype, linear_kinds, needs_initial_values
+from deltatune.core.layer import AdapterLayer, adapter_dtype, linear_kinds, linear_layout, needs_initial_values
 from deltatune.errors import TargetError
 from deltatune.methods.lora.fused import LoraLinearFunction
 
@@ -85,11 +85,7 @@ class LoraLinear(LoraLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:  # not weight.shape: a quantized layer's weight is packed
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.fan_in_fan_out, self.in_features, self.out_features = linear_layout(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
