@@ -60,12 +60,15 @@ def load_model(name: str | os.PathLike, auto_class: str = "AutoModelForSequenceC
                quiet: bool = False, **kwargs):
     """Load a base model by alias or folder with a ``transformers`` auto class (fp32 by default).
     ``quiet`` silences transformers' loading report and progress bar ("newly initialized head"
-    is exactly what fine-tuning, or an adapter that brings its own head, expects)."""
+    is exactly what fine-tuning, or an adapter that brings its own head, expects). With
+    ``num_labels``, a checkpoint head sized for another label set is replaced, not an error."""
     import torch
     import transformers
 
     source = resolve_model(name)
     kwargs.setdefault("dtype", torch.float32)
+    if "num_labels" in kwargs:
+        kwargs.setdefault("ignore_mismatched_sizes", True)
     cls = getattr(transformers, auto_class)
     if quiet:
         verbosity = transformers.logging.get_verbosity()

@@ -122,8 +122,6 @@ def _quantize(model, options: dict, gradient_checkpointing: bool):
 def build_model(recipe: Recipe, task: tasks.Task, method: TrainMethod, device: torch.device):
     """The base model for ``task``, on ``device``, made trainable by ``method``."""
     kwargs = task.model_kwargs()
-    if "num_labels" in kwargs:  # a head for another label set is replaced, as fine-tuning wants
-        kwargs["ignore_mismatched_sizes"] = True
     model = dt.load_model(recipe.model, task.auto_class, quiet=True, **kwargs)
     if getattr(model.config, "pad_token_id", None) is None and task.tokenizer.pad_token_id is not None:
         model.config.pad_token_id = task.tokenizer.pad_token_id
