@@ -1,27 +1,26 @@
 """One LoRA (or IA3) training step on the embedded MiniLM, deltatune vs HF peft, side by side.
 
-Batch 32 x 128 tokens, LoRA r=8 on q and v (``--method ia3``: IA3 on k, v and the FFN), AdamW. Times fp32 and, where the hardware has it
-natively, bf16 autocast; also the frozen-model lower bound (forward + activation gradients, no
-adapter), peak memory of a step (each variant in its own process), and adapter load time.
-Prints one JSON line with the ratios.
+Batch 32 x 128 tokens, LoRA r=8 on q and v (``--method ia3``: IA3 on k, v and the FFN), AdamW.
+Times fp32 and, where the hardware has it natively, bf16 autocast, against the frozen-model lower
+bound (forward + activation gradients, no adapter) in the same process, and counts the memory a
+training step holds. ``--rss`` also reads the peak resident set of a step, each variant in its
+own process (coarse: it depends on what the allocator keeps). Prints one JSON line with the ratios.
+Adapter loading has its own benchmark (adapter_load.py).
 
-    python benchmarks/lora_step.py [--method lora|ia3] [--rounds 5] [--device cpu|cuda]
+    python benchmarks/lora_step.py [--method lora|ia3] [--rounds 5] [--rss] [--device cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
-import statistics
 import sys
-import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (clock, interleaved_medians, peak_rss_mib, reset_peak_rss, rss_mib, run_probe,  # noqa: E402
+from common import (interleaved_medians, peak_rss_mib, reset_peak_rss, rss_mib, run_probe,  # noqa: E402
                     step_benchmark, training_memory_mib)
 
 import transformers  # noqa: E402
@@ -136,47 +135,11 @@ def probe(variant: str, device: str, precision: str, method: str) -> None:
     print(json.dumps(out))
 
 
-def adapter_load_times(device: str, repeats: int = 10) -> dict:
-    """Median ms to load a saved r=8 q,v adapter: onto a fresh base (deltatune and peft), into a
-    loaded model, and to hot-swap the weights of a loaded adapter from a file."""
-    import peft
-
-    now = clock(device)
-    reference = base_model(device)
-    with tempfile.TemporaryDirectory() as ours_dir, tempfile.TemporaryDirectory() as peft_dir:
-        adapt(copy.deepcopy(reference), "deltatune").save(ours_dir)
-        adapt(copy.deepcopy(reference), "peft").save_pretrained(peft_dir)
-        bases = [copy.deepcopy(reference) for _ in range(2 * repeats)]
-        fresh, fresh_peft = [], []
-        for i in range(repeats):
-            start = now()
-            dt.load(bases[2 * i], ours_dir)
-            fresh.append(now() - start)
-            start = now()
-            peft.PeftModel.from_pretrained(bases[2 * i + 1], peft_dir)
-            fresh_peft.append(now() - start)
-        serving = dt.load(reference, ours_dir)
-        into, swap = [], []
-        for i in range(repeats):
-            start = now()
-            serving.load(ours_dir, name=f"extra{i}")
-            into.append(now() - start)
-            serving.remove(f"extra{i}")
-            start = now()
-            serving.hot_swap("default", ours_dir)
-            swap.append(now() - start)
-    ms = {k: 1000 * statistics.median(v) for k, v in
-          {"fresh": fresh, "fresh_peft": fresh_peft, "into_loaded": into, "swap": swap}.items()}
-    return {"deltatune_fresh_base_ms": round(ms["fresh"], 2), "peft_fresh_base_ms": round(ms["fresh_peft"], 2),
-            "ratio_vs_peft": round(ms["fresh"] / ms["fresh_peft"], 3),
-            "deltatune_into_loaded_model_ms": round(ms["into_loaded"], 2), "hot_swap_ms": round(ms["swap"], 2)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=["lora", "ia3"], default="lora")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--no-load", action="store_true", help="skip the adapter load timing")
+    parser.add_argument("--rss", action="store_true", help="also measure peak RSS, one process per variant")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--probe", nargs=4, metavar=("VARIANT", "DEVICE", "PRECISION", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -187,14 +150,14 @@ def main() -> None:
                                         **({"rank": RANK} if args.method == "lora" else {}))
     for precision in precisions:
         timing = time_steps(args.device, precision, args.rounds, args.method)
-        peaks = {v: run_probe(__file__, v, args.device, precision, args.method) for v in ("deltatune", "peft")}
-        timing["step_peak_mib"] = {v: peaks[v]["step_peak_mib"] for v in peaks}
-        # the resident set may not grow at all when the allocator reuses freed blocks: no ratio then
-        peft_peak = peaks["peft"]["step_peak_mib"]
-        timing["memory_ratio_vs_peft"] = round(peaks["deltatune"]["step_peak_mib"] / peft_peak, 3) if peft_peak > 0 else None
+        if args.rss:
+            peaks = {v: run_probe(__file__, v, args.device, precision, args.method) for v in ("deltatune", "peft")}
+            timing["step_peak_mib"] = {v: peaks[v]["step_peak_mib"] for v in peaks}
+            # the resident set may not grow at all when the allocator reuses freed blocks: no ratio then
+            peft_peak = peaks["peft"]["step_peak_mib"]
+            timing["memory_ratio_vs_peft"] = (round(peaks["deltatune"]["step_peak_mib"] / peft_peak, 3)
+                                              if peft_peak > 0 else None)
         result[precision] = timing
-    if not args.no_load:
-        result["adapter_load"] = adapter_load_times(args.device)
     print(json.dumps(result))
 
 
