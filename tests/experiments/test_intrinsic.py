@@ -183,3 +183,23 @@ def test_analyze_intrinsic_dim_on_the_toy_model(recipe, tmp_path, capsys):
     with pytest.raises(ConfigError, match="neither a number nor a finished run"):
         analyze(data, [4], out=str(tmp_path / "id"), reference=str(tmp_path / "nowhere"))
 
+
+
+def test_a_recipe_trains_in_a_subspace_with_the_usual_trainer(recipe, tmp_path):
+    from safetensors.torch import load_file
+
+    from deltatune.train.run import train
+
+    data = recipe(method={"type": "intrinsic", "d": 12, "exclude": ["word_embeddings"], "projection_seed": 3},
+                  train={"max_steps": 3, "eval_every": None, "lr": 0.05}, output_dir=str(tmp_path / "run"))
+    summary = train(data, quiet=True)
+    assert summary["method"] == "intrinsic" and summary["trainable_params"] == 12
+    assert summary["subspace"]["d"] == 12 and summary["subspace"]["seed"] == 3
+    assert summary["total_params"] == summary["subspace"]["D"]
+    saved = load_file(str(tmp_path / "run" / "subspace" / "subspace.safetensors"))
+    assert saved["z"].shape == (12,) and saved["z"].abs().sum() > 0  # z starts at 0: it trained
+    assert "type: intrinsic" in (tmp_path / "run" / "recipe.yaml").read_text()
+    with pytest.raises(ConfigError, match="unknown option rank.*d is required"):
+        train(recipe(method={"type": "intrinsic", "d": 4, "rank": 2}, output_dir=str(tmp_path / "bad")), quiet=True)
+    with pytest.raises(ConfigError, match="no d"):
+        train(recipe(method={"type": "intrinsic"}, output_dir=str(tmp_path / "bad2")), quiet=True)

@@ -19,9 +19,9 @@ parameters: nothing in the user's model is replaced or patched.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -31,6 +31,9 @@ from torch import nn
 
 from deltatune.errors import ConfigError
 from deltatune.experiments.fastfood import Fastfood
+from deltatune.train.distributed import launched
+from deltatune.train.files import replace_dir
+from deltatune.train.methods import TrainMethod
 
 
 class SubspaceModel(nn.Module):
@@ -107,89 +110,71 @@ class SubspaceModel(nn.Module):
         """How many values train: d."""
         return self.z.numel() + (0 if self.scales is None else self.scales.numel())
 
+    def parameter_counts(self) -> tuple[int, int]:
+        """``(trainable, total)`` as a run reports them: d of the D projected parameters."""
+        return self.trainable(), self.D
+
     def describe(self) -> dict:
         return {"d": self.d, "D": self.D, "mode": "said" if self.said else "did", "projection": "fastfood",
                 "block": self.projection.n, "seed": self.seed, "exclude": self.exclude, "tensors": len(self.names)}
 
 
-class SubspaceMethod:
-    """The training method of subspace runs (the :class:`deltatune.train.methods.TrainMethod`
-    interface): wraps the model in :class:`SubspaceModel`; saves ``z`` and the projection's facts."""
+class SubspaceMethod(TrainMethod):
+    """The recipe method ``{type: intrinsic, d: 1000, said: false, exclude: [], projection_seed: 0}``:
+    wraps the model in :class:`SubspaceModel`; saves ``z`` (and the SAID scales) with the
+    projection's facts. Any recipe trains this way with ``deltatune train`` too."""
 
     name, result = "intrinsic", "subspace"
+    options = ("d", "said", "exclude", "projection_seed")
 
-    def __init__(self, d: int, said: bool = False, exclude: Iterable[str] = (), seed: int = 0) -> None:
-        self.d, self.said, self.exclude, self.seed = d, said, list(exclude), seed
+    def __init__(self, d: int, said: bool = False, exclude: Iterable[str] = (), projection_seed: int = 0) -> None:
+        self.d, self.said, self.exclude, self.projection_seed = int(d), bool(said), list(exclude), int(projection_seed)
+
+    @classmethod
+    def from_section(cls, fields: dict) -> "SubspaceMethod":
+        """From a recipe's ``method`` section (without its ``type``), naming any unknown option."""
+        unknown = sorted(set(fields) - set(cls.options))
+        if unknown or "d" not in fields:
+            problem = f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}" if unknown else "no d"
+            raise ConfigError(f"intrinsic method: {problem}; options: {', '.join(cls.options)} (d is required)")
+        return cls(**fields)
 
     def apply(self, model: nn.Module) -> SubspaceModel:
-        return SubspaceModel(model, self.d, said=self.said, exclude=self.exclude, seed=self.seed)
+        if launched():
+            raise ConfigError("subspace training runs in one process; start it without torchrun")
+        return SubspaceModel(model, self.d, said=self.said, exclude=self.exclude, seed=self.projection_seed)
 
     def save(self, model: SubspaceModel, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
         tensors = {"z": model.z.detach().cpu().contiguous()}
         if model.scales is not None:
             tensors["scales"] = model.scales.detach().cpu().contiguous()
-        save_file(tensors, str(folder / "subspace.safetensors"))
-        (folder / "subspace.json").write_text(json.dumps(model.describe(), indent=1) + "\n")
+
+        def fill(tmp: Path) -> None:
+            save_file(tensors, str(tmp / "subspace.safetensors"))
+            (tmp / "subspace.json").write_text(json.dumps(model.describe(), indent=1) + "\n")
+        replace_dir(folder, fill)
+
+    def describe(self) -> dict:
+        return {"type": self.name, "d": self.d, "said": self.said, "exclude": self.exclude,
+                "projection_seed": self.projection_seed}
+
+    def summary_facts(self, model: SubspaceModel) -> dict:
+        return {"subspace": model.describe()}
 
 
 def train_subspace(recipe, d: int, *, said: bool = False, exclude: Iterable[str] = (), projection_seed: int = 0,
                    quiet: bool = True) -> dict:
-    """Train ``recipe`` (a :class:`~deltatune.train.recipe.Recipe`; its method is ignored) in a
-    random ``d``-dimensional subspace; writes ``metrics.jsonl``, ``subspace/`` and
-    ``summary.json`` into its output folder and returns the summary. A folder that already holds
-    a ``summary.json`` is a finished run: its summary is returned without training."""
-    import sys
-
-    import deltatune as dt
-    from deltatune.train import distributed, precision as precision_mod, tasks
-    from deltatune.train.callbacks import MetricsLog, Progress
-    from deltatune.train.files import write_json
-    from deltatune.train.loop import Trainer
-    from deltatune.train.run import build_model, load_data, peak_memory_mb
+    """Train ``recipe`` (a :class:`~deltatune.train.recipe.Recipe`; its method is replaced) in a
+    random ``d``-dimensional subspace with the usual trainer, and return its summary. A folder
+    that already holds a ``summary.json`` is a finished run: its summary is returned without
+    training; an unfinished one resumes from its last checkpoint."""
+    from deltatune.train.run import train
 
     out = Path(recipe.output_dir)
     if (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
-    began = time.perf_counter()
-    spec = recipe.train
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    dist = distributed.setup(spec.device)
-    if dist.active:
-        raise ConfigError("subspace training runs in one process; start it without torchrun")
-    try:
-        from transformers import set_seed
-
-        set_seed(spec.seed)
-        task = tasks.get(recipe.task)(recipe.data, dt.load_tokenizer(recipe.model))
-        train_set, eval_set, notes = load_data(recipe, task)
-        method = SubspaceMethod(d, said, exclude, projection_seed)
-        model = build_model(recipe, task, method, dist.device)
-        used = precision_mod.resolve(spec.precision, dist.device)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        log = MetricsLog(out / "metrics.jsonl")
-        trainer = Trainer(model, task, train_set, eval_set, spec, dist, out, precision_mod.autocast(used, dist.device), log)
-        progress = Progress(trainer.total_steps, 0, spec.log_every, sys.stderr, enabled=not quiet)
-        try:
-            outcome = trainer.fit(None, progress)
-        finally:
-            progress.close()
-            log.close()
-        method.save(model, out / method.result)
-        summary: dict[str, Any] = {
-            "model": recipe.model, "task": recipe.task, "method": "intrinsic", "subspace": model.describe(),
-            "metrics": outcome.metrics, "steps": outcome.steps, "epochs": outcome.epochs,
-            "train_loss": outcome.train_loss, "train_examples": len(train_set),
-            "eval_examples": len(eval_set) if eval_set else 0, "trainable_params": model.trainable(),
-            "total_params": model.D, "train_time_s": round(outcome.elapsed, 2),
-            "wall_time_s": round(time.perf_counter() - began, 2), "peak_memory_mb": round(peak_memory_mb(), 1),
-            "precision": used, "notes": notes}
-        write_json(out / "summary.json", summary)
-        return summary
-    finally:
-        distributed.teardown()
+    method = SubspaceMethod(d, said, exclude, projection_seed).describe()
+    return train(dataclasses.replace(recipe, method=method), resume=True, quiet=quiet)
 
 
 def d90(points: list[dict], reference: float, fraction: float = 0.9) -> int | None:

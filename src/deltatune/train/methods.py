@@ -36,6 +36,10 @@ class TrainMethod:
     def describe(self) -> dict:
         return {"type": self.name}
 
+    def summary_facts(self, model: nn.Module) -> dict:
+        """Facts about the trained model the run's summary should carry (none by default)."""
+        return {}
+
 
 class AdapterMethod(TrainMethod):
     """A registered PEFT method, attached with :func:`deltatune.attach`; saved as a
@@ -67,4 +71,7 @@ def resolve(section: dict) -> TrainMethod:
             raise ConfigError(f"unknown {kind} option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in "
                               f"method; valid options: {', '.join(valid)}")
         return AdapterMethod(spec.config_cls(**fields))
-    raise ConfigError(f"unknown method type {kind!r}; available: {', '.join(registry.names())}")
+    if kind == "intrinsic":  # training in a random subspace, from the experiments package
+        from deltatune.experiments.intrinsic import SubspaceMethod
+        return SubspaceMethod.from_section(fields)
+    raise ConfigError(f"unknown method type {kind!r}; available: {', '.join([*registry.names(), 'intrinsic'])}")

@@ -209,7 +209,7 @@ def _train(recipe: Recipe, dist, resume: bool, overwrite: bool, stream: TextIO, 
         "peak_memory_mb": round(peak_memory_mb(), 1), "precision": used, "device": str(dist.device),
         "world_size": dist.world_size, "cpu": precision_mod.cpu_capability(), "notes": notes,
         "labels": task.labels,
-        "result": str(result), "resumed": ckpt is not None,
+        "result": str(result), "resumed": ckpt is not None, **method.summary_facts(model),
     }
     if dist.device.type == "cuda":
         summary["cuda_peak_memory_mb"] = round(torch.cuda.max_memory_allocated(dist.device) / 2**20, 1)
