@@ -35,7 +35,7 @@ BATCH, LENGTH, RANK, ALPHA = 32, 128, 8, 16
 
 def base_model(device: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return dt.load_model("minilm", num_labels=2).to(device)
+    return dt.load_model("minilm", num_labels=2, quiet=True).to(device)
 
 
 def layer_class(method: str) -> type:

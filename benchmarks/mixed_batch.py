@@ -2,7 +2,7 @@
 adapters, vs the same batch through one merged adapter (the floor: no adapter cost at all),
 vs HF peft's own ``adapter_names`` path, in one run. Prints a JSON line with the ratios.
 
-    python benchmarks/mixed_batch.py [--rounds 7] [--length 128]
+    python benchmarks/mixed_batch.py [--rounds 7]
 """
 
 from __future__ import annotations
@@ -17,28 +17,23 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import cpu_clock_note, interleaved_medians, machine, use_cpu_time  # noqa: E402
-
-import transformers  # noqa: E402
+from lora_step import BATCH, LENGTH, base_model, batch  # noqa: E402
 
 import deltatune as dt  # noqa: E402
 
-transformers.logging.set_verbosity_error()
-ADAPTERS, BATCH, RANK = 8, 32, 8
+ADAPTERS, RANK = 8, 8
 
 
-def build(length: int):
-    torch.manual_seed(0)
-    base = dt.load_model("minilm", num_labels=2).eval()
+def build():
+    base = base_model("cpu").eval()
     reference = copy.deepcopy(base)
     ours = dt.attach(base, dt.LoraConfig(r=RANK, alpha=16, targets=["q", "v"], init="random"), name="a0")
     for i in range(1, ADAPTERS):
         ours.add(dt.LoraConfig(r=RANK, alpha=16, targets=["q", "v"], init="random"), name=f"a{i}")
     ours.eval()
     names = [f"a{i % ADAPTERS}" for i in range(BATCH)]  # interleaved rows: the hardest grouping
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1000, 30000, (BATCH, length), generator=g)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    return reference, ours, names, batch
+    inputs = {k: v for k, v in batch("cpu").items() if k != "labels"}
+    return reference, ours, names, inputs
 
 
 def peft_model(reference, ours, folder: str):
@@ -56,28 +51,27 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--length", type=int, default=128)
     args = parser.parse_args()
     use_cpu_time("cpu")
-    reference, ours, names, batch = build(args.length)
+    reference, ours, names, inputs = build()
     merged = copy.deepcopy(ours)
     merged.use("a0")
     merged.merge()
     with tempfile.TemporaryDirectory() as folder:
         theirs = peft_model(reference, ours, folder)
         with torch.no_grad():
-            expected = theirs(**batch, adapter_names=names).logits
-            got = ours(**batch, adapter_names=names).logits
+            expected = theirs(**inputs, adapter_names=names).logits
+            got = ours(**inputs, adapter_names=names).logits
         max_diff = float((expected - got).abs().max())
         calls = {
-            "merged": lambda: merged(**batch),
-            "deltatune_mixed": lambda: ours(**batch, adapter_names=names),
-            "peft_mixed": lambda: theirs(**batch, adapter_names=names),
+            "merged": lambda: merged(**inputs),
+            "deltatune_mixed": lambda: ours(**inputs, adapter_names=names),
+            "peft_mixed": lambda: theirs(**inputs, adapter_names=names),
         }
         with torch.no_grad():
             med = interleaved_medians(calls, rounds=args.rounds)
     print(json.dumps({
-        "benchmark": "mixed_batch", "adapters": ADAPTERS, "batch": BATCH, "length": args.length, "rank": RANK,
+        "benchmark": "mixed_batch", "adapters": ADAPTERS, "batch": BATCH, "length": LENGTH, "rank": RANK,
         "machine": machine(), "clock": cpu_clock_note(), "seconds": {k: round(v, 4) for k, v in med.items()},
         "deltatune_mixed_vs_merged": round(med["deltatune_mixed"] / med["merged"], 3),
         "peft_mixed_vs_merged": round(med["peft_mixed"] / med["merged"], 3),
