@@ -309,3 +309,19 @@ def test_health_metrics_and_docs(client):
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/classify", "/v1/generate", "/v1/adapters", "/v1/adapters/{name}", "/healthz", "/metrics"} <= set(paths)
+
+
+def test_metrics_count_each_api_route_by_its_template_and_every_other_path_as_other(client):
+    client.post("/v1/classify", json={"adapter": "a0", "inputs": ["x"]})
+    client.post("/v1/generate", json={"adapter": "a0", "prompt": "x"})  # 400: the model is a classifier
+    client.get("/v1/adapters")
+    client.post("/v1/adapters", json={"name": "x", "path": "a1"})  # 401: no token
+    client.delete("/v1/adapters/a0")
+    client.get("/healthz")
+    client.get("/metrics")
+    client.get("/v1/adapters/a0/more")  # no route serves it, though it starts like one
+    client.get("/docs")  # not an API route
+    assert client.get("/metrics").json()["requests"] == {
+        "POST /v1/classify": {"200": 1}, "POST /v1/generate": {"400": 1}, "GET /v1/adapters": {"200": 1},
+        "POST /v1/adapters": {"401": 1}, "DELETE /v1/adapters/{name}": {"401": 1}, "GET /healthz": {"200": 1},
+        "GET /metrics": {"200": 1}, "GET other": {"200": 1, "404": 1}}

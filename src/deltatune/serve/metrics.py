@@ -5,15 +5,18 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 
-#: routes reported by name; anything else is counted as "other" so odd paths cannot grow the table
-ROUTES = ("/v1/classify", "/v1/generate", "/v1/adapters", "/healthz", "/metrics")
+from fastapi.routing import APIRoute
+from starlette.routing import Match
 
 
-def route_of(path: str) -> str:
-    """The route template a path belongs to (``/v1/adapters/{name}`` for any adapter name)."""
-    if path.startswith("/v1/adapters/"):
-        return "/v1/adapters/{name}"
-    return path if path in ROUTES else "other"
+def route_of(scope) -> str:
+    """The template of the API route that serves request ``scope`` (``/v1/adapters/{name}`` for any
+    name), read from the app's own routes (Starlette puts the app in the scope); "other" for paths
+    that no API route serves, so odd paths cannot grow the table."""
+    for route in scope["app"].routes:
+        if isinstance(route, APIRoute) and route.matches(scope)[0] is not Match.NONE:
+            return route.path
+    return "other"
 
 
 def percentiles(values, points=(50, 90, 99)) -> dict[str, float]:
@@ -73,4 +76,4 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            self.metrics.observe(scope["method"], route_of(scope["path"]), status, time.perf_counter() - start)
+            self.metrics.observe(scope["method"], route_of(scope), status, time.perf_counter() - start)
