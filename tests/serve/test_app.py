@@ -325,3 +325,10 @@ def test_metrics_count_each_api_route_by_its_template_and_every_other_path_as_ot
         "POST /v1/classify": {"200": 1}, "POST /v1/generate": {"400": 1}, "GET /v1/adapters": {"200": 1},
         "POST /v1/adapters": {"401": 1}, "DELETE /v1/adapters/{name}": {"401": 1}, "GET /healthz": {"200": 1},
         "GET /metrics": {"200": 1}, "GET other": {"200": 1, "404": 1}}
+
+
+def test_metrics_count_methods_outside_http_as_other_so_clients_cannot_grow_the_table(client):
+    for i in range(3):
+        assert client.request(f"X{i}", "/healthz").status_code == 405
+    client.put("/healthz")
+    assert client.get("/metrics").json()["requests"] == {"other /healthz": {"405": 3}, "PUT /healthz": {"405": 1}}

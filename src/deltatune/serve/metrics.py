@@ -8,6 +8,14 @@ from collections import Counter, deque
 from fastapi.routing import APIRoute
 from starlette.routing import Match
 
+#: HTTP's methods (RFC 9110, and PATCH); the server accepts any token as a method
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+
+
+def method_of(scope) -> str:
+    """The request's method, or "other" for a token outside HTTP's, so clients cannot grow the table."""
+    return scope["method"] if scope["method"] in HTTP_METHODS else "other"
+
 
 def route_of(scope) -> str:
     """The template of the API route that serves request ``scope`` (``/v1/adapters/{name}`` for any
@@ -76,4 +84,4 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            self.metrics.observe(scope["method"], route_of(scope), status, time.perf_counter() - start)
+            self.metrics.observe(method_of(scope), route_of(scope), status, time.perf_counter() - start)
