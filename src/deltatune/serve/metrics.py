@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter, deque
 
@@ -28,11 +29,12 @@ def route_of(scope) -> str:
 
 
 def percentiles(values, points=(50, 90, 99)) -> dict[str, float]:
-    """Nearest-rank percentiles of ``values`` (empty: no keys)."""
+    """Nearest-rank percentiles of ``values`` (empty: no keys): the ``p``-th is the smallest value
+    that at least ``p`` percent of the values do not exceed."""
     ordered = sorted(values)
     if not ordered:
         return {}
-    return {f"p{p}": ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))] for p in points}
+    return {f"p{p}": ordered[max(1, math.ceil(p * len(ordered) / 100)) - 1] for p in points}
 
 
 class Metrics:
