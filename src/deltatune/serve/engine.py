@@ -36,7 +36,7 @@ class Engine:
         if kind is None:
             raise ConfigError(f"the server serves sequence classifiers and causal LMs, "
                               f"not {type(model.base_model).__name__}")
-        self.kind = kind
+        self.kind = kind  #: CLASSIFY or GENERATE, fixed for the engine's life
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -68,9 +68,8 @@ class Engine:
     # --- classification (model thread) ---------------------------------------------------
     def classify(self, requests: list[tuple[str, list[str]]]) -> list:
         """One result per ``(adapter, texts)`` request: a list of ``{"label", "probabilities"}``
-        per text, or the exception that request met. All rows go through one forward."""
-        if self.kind != CLASSIFY:
-            return [RequestError(400, "this server's model is a causal LM: use /v1/generate")] * len(requests)
+        per text, or the exception that request met. All rows go through one forward. For a
+        :data:`CLASSIFY` engine only: the route checks :attr:`kind` before queueing."""
         results: list = [None] * len(requests)
         live = []
         for i, (name, _) in enumerate(requests):
@@ -117,9 +116,8 @@ class Engine:
 
     # --- generation (model thread) -------------------------------------------------------
     def generate(self, name: str, prompt: str, max_new_tokens: int) -> dict:
-        """Greedy continuation of ``prompt`` with adapter ``name``: its text and token ids."""
-        if self.kind != GENERATE:
-            raise RequestError(400, "this server's model is a sequence classifier: use /v1/classify")
+        """Greedy continuation of ``prompt`` with adapter ``name``: its text and token ids. For a
+        :data:`GENERATE` engine only: the route checks :attr:`kind` before queueing."""
         self.check_adapter(name)
         enc = self.tokenizer([prompt], truncation=True, max_length=self.max_length, return_tensors="pt",
                              return_token_type_ids=False)
