@@ -235,3 +235,6 @@ def test_adapter_cache_evicts_least_recently_used_but_never_pinned(tmp_path):
     assert cache.load("s", folders["s"]) == ["r"]
     assert cache.names() == ["p", "s"] and model.adapter_names == ["p", "s"]
     assert cache.load("s", folders["s"]) == []  # already loaded: just marked as used
+    assert (cache.evictions, cache.evicted()) == (2, ["q", "r"])
+    assert cache.load("q", folders["q"]) == ["s"]
+    assert (cache.evictions, cache.evicted()) == (3, ["r", "s"])  # q is loaded again

@@ -218,6 +218,7 @@ def test_the_lru_evicts_runtime_adapters_but_never_pinned_ones(make_app, referen
         assert r.json() == {"loaded": "a3", "evicted": ["a2"]}
         r = c.post("/v1/classify", json={"adapter": "a2", "inputs": ["x"]})
         assert r.status_code == 404 and "evicted" in r.json()["detail"]
+        assert c.get("/metrics").json()["adapters_evicted"] == 1
         assert c.get("/v1/adapters").json()["adapters"] == [
             {"name": "a0", "pinned": True}, {"name": "a1", "pinned": False}, {"name": "a3", "pinned": False}]
         r = c.post("/v1/classify", json={"adapter": "a0", "inputs": TEXTS[:2]})

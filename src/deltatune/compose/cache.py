@@ -9,6 +9,9 @@ from collections import OrderedDict
 from deltatune.core.model import AdaptedModel
 from deltatune.errors import AdapterError
 
+#: how many evicted names :meth:`AdapterCache.evicted` remembers (bounded: names may churn forever)
+EVICTED_KEPT = 1000
+
 
 class AdapterCache:
     """Loads adapters on demand and evicts the least recently used one beyond ``capacity``.
@@ -23,7 +26,8 @@ class AdapterCache:
         self.capacity = capacity
         self.pinned = set(pinned)
         self._order: OrderedDict[str, str | None] = OrderedDict((n, None) for n in model.adapter_names)
-        self.evictions = 0
+        self._evicted: OrderedDict[str, None] = OrderedDict()  # evicted and not loaded since, oldest first
+        self.evictions = 0  #: adapters evicted so far
 
     def __contains__(self, name: str) -> bool:
         return name in self._order
@@ -31,6 +35,10 @@ class AdapterCache:
     def names(self) -> list[str]:
         """Loaded adapters, least recently used first."""
         return list(self._order)
+
+    def evicted(self) -> list[str]:
+        """Adapters evicted and not loaded again since, oldest first (the latest :data:`EVICTED_KEPT`)."""
+        return list(self._evicted)
 
     def touch(self, name: str) -> None:
         """Mark ``name`` as just used."""
@@ -54,6 +62,7 @@ class AdapterCache:
                 self.model.remove(name)
                 raise
         self._order[name] = str(directory)
+        self._evicted.pop(name, None)
         return self._evict()
 
     def remove(self, name: str) -> None:
@@ -72,4 +81,7 @@ class AdapterCache:
             self.remove(victim)
             evicted.append(victim)
             self.evictions += 1
+            self._evicted[victim] = None
+            if len(self._evicted) > EVICTED_KEPT:
+                self._evicted.popitem(last=False)
         return evicted

@@ -146,7 +146,7 @@ def create_app(model: nn.Module, tokenizer, settings: ServeSettings | None = Non
 
     @app.get("/metrics", tags=["operations"])
     async def get_metrics():
-        """Requests by route and status, latency percentiles (ms), batch sizes, adapters loaded."""
+        """Requests by route and status, latency percentiles (ms), batch sizes, adapters loaded and evicted."""
         stats = batcher.stats
         sizes = list(stats.sizes)
         return {
@@ -159,6 +159,7 @@ def create_app(model: nn.Module, tokenizer, settings: ServeSettings | None = Non
                 "mean_adapters": round(sum(stats.adapters) / len(stats.adapters), 3) if stats.adapters else 0.0,
             },
             "adapters_loaded": len(engine.loaded),
+            "adapters_evicted": engine.cache.evictions,
             "queue_depth": batcher.depth,
             "queue_size": batcher.queue_size,
         }

@@ -2,13 +2,12 @@
 
 Every method except the read-only views (``check_adapter``, ``describe``) runs on the batcher's model
 thread, one at a time, so the model is never used by two threads and never changes during a
-forward. The event loop reads only :attr:`Engine.loaded` and :attr:`Engine.pinned`, frozensets
-replaced whole after each change.
+forward. The event loop reads only :attr:`Engine.loaded`, :attr:`Engine.pinned` and
+:attr:`Engine.evicted`, frozensets replaced whole after each change, and the cache's counts.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -44,9 +43,9 @@ class Engine:
         pinned = tuple(model.adapter_names)
         model.check_mixable(pinned)  # every request batch mixes adapters
         self.cache = AdapterCache(model, max(max_adapters, len(pinned), 1), pinned=pinned)
-        self._evicted: OrderedDict[str, None] = OrderedDict()  # recent evictions, for clearer 404s
         self.loaded: frozenset[str] = frozenset()
         self.pinned: frozenset[str] = frozenset()
+        self.evicted: frozenset[str] = frozenset()  # the cache's recent evictions, for clearer 404s
         self._refresh()
         if kind == GENERATE and tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise ConfigError("the tokenizer has neither a pad nor an eos token")
@@ -56,7 +55,7 @@ class Engine:
         """Raise a 404 unless ``name`` is loaded or ``"__base__"``."""
         if name == BASE_ADAPTER or name in self.loaded:
             return
-        why = " (it was evicted to make room for others; load it again)" if name in self._evicted else ""
+        why = " (it was evicted to make room for others; load it again)" if name in self.evicted else ""
         raise RequestError(404, f"unknown adapter {name!r}{why}; loaded: {sorted(self.loaded) or 'none'} "
                                 f"(or {BASE_ADAPTER!r} for the base model)")
 
@@ -143,11 +142,6 @@ class Engine:
             raise RequestError(400, f"cannot load adapter {name!r}: {exc}") from None
         finally:
             self._refresh()
-        for victim in evicted:
-            self._evicted[victim] = None
-        while len(self._evicted) > 1000:
-            self._evicted.popitem(last=False)
-        self._evicted.pop(name, None)
         return evicted
 
     def remove(self, name: str) -> None:
@@ -160,3 +154,4 @@ class Engine:
     def _refresh(self) -> None:
         self.loaded = frozenset(self.cache.names())
         self.pinned = frozenset(self.cache.pinned)
+        self.evicted = frozenset(self.cache.evicted())
