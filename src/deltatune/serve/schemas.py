@@ -6,11 +6,16 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deltatune.core.model import BASE_ADAPTER
+
 MAX_INPUTS = 64  # texts per classify request
 MAX_CHARS = 20_000  # characters per text or prompt; longer token sequences are truncated anyway
 NAME_PATTERN = r"^[A-Za-z0-9_\-]{1,64}$"
 
 Text = Annotated[str, Field(max_length=MAX_CHARS)]
+#: the adapter a request names; longer than NAME_PATTERN allows, as start-up adapters are named freely
+AdapterName = Annotated[str, Field(min_length=1, max_length=128,
+                                   description=f'adapter name, or "{BASE_ADAPTER}" for the base model')]
 
 
 class _Strict(BaseModel):
@@ -18,7 +23,7 @@ class _Strict(BaseModel):
 
 
 class ClassifyRequest(_Strict):
-    adapter: str = Field(min_length=1, max_length=128, description='adapter name, or "__base__" for the base model')
+    adapter: AdapterName
     inputs: list[Text] = Field(min_length=1, max_length=MAX_INPUTS, description="texts to classify")
 
 
@@ -33,7 +38,7 @@ class ClassifyResponse(BaseModel):
 
 
 class GenerateRequest(_Strict):
-    adapter: str = Field(min_length=1, max_length=128, description='adapter name, or "__base__" for the base model')
+    adapter: AdapterName
     prompt: Text = Field(min_length=1)
     max_new_tokens: int = Field(32, ge=1, le=512, description="greedy decoding stops after this many tokens")
 
@@ -62,7 +67,7 @@ class AdapterInfo(BaseModel):
 class AdapterList(BaseModel):
     adapters: list[AdapterInfo]
     max_adapters: int
-    base: str = Field("__base__", description="the name that selects the base model without an adapter")
+    base: str = Field(BASE_ADAPTER, description="the name that selects the base model without an adapter")
 
 
 class Error(BaseModel):
