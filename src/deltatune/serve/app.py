@@ -29,11 +29,9 @@ from deltatune.serve.batcher import Batcher
 from deltatune.serve.engine import CLASSIFY, GENERATE, Engine
 from deltatune.serve.errors import RequestError
 from deltatune.serve.metrics import Metrics, MetricsMiddleware, percentiles
-from deltatune.serve.security import check_admin_token, resolve_adapter_path
+from deltatune.serve.security import TOKEN_ENV, check_admin_token, resolve_adapter_path
 
 log = logging.getLogger("deltatune.serve")
-
-TOKEN_ENV = "DELTATUNE_ADMIN_TOKEN"
 
 
 @dataclass(frozen=True)

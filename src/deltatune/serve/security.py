@@ -16,14 +16,17 @@ from deltatune.serve.errors import RequestError
 #: the files a deltatune / HF PEFT adapter folder is read from (safetensors only)
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 
+#: the environment variable that holds the admin token
+TOKEN_ENV = "DELTATUNE_ADMIN_TOKEN"
+
 
 def check_admin_token(given: str | None, expected: str | None) -> None:
     """Raise a 401 unless ``given`` equals ``expected`` (compared in constant time), or a 403
     when no admin token is configured at all."""
     if not expected:
-        raise RequestError(403, "admin endpoints are disabled: start the server with DELTATUNE_ADMIN_TOKEN set")
+        raise RequestError(403, f"admin endpoints are disabled: start the server with {TOKEN_ENV} set")
     if given is None or not secrets.compare_digest(given.encode(), expected.encode()):
-        raise RequestError(401, "missing or wrong admin token: send 'Authorization: Bearer <DELTATUNE_ADMIN_TOKEN>'")
+        raise RequestError(401, f"missing or wrong admin token: send 'Authorization: Bearer <{TOKEN_ENV}>'")
 
 
 def resolve_adapter_path(root: str | Path | None, relative: str) -> Path:
