@@ -14,6 +14,7 @@ import torch
 import deltatune as dt
 from deltatune.cli import main
 from deltatune.errors import ConfigError
+from deltatune.experiments import subspace
 from deltatune.experiments.params import recipe_params
 from deltatune.experiments.subspace import (adapter_amplification, amplification, compare_adapters, read_lora_a,
                                             similarity, similarity_grid)
@@ -131,6 +132,22 @@ def test_subspace_of_adapter_files(toy_models, tmp_path):
     assert (tmp_path / "plots" / "phi_by_layer.png").stat().st_size > 0
     assert json.loads((tmp_path / "plots" / "subspace.json").read_text())["mean_phi"] == pytest.approx(result["mean_phi"])
     assert main(["analyze", "subspace", str(tmp_path / "a"), str(tmp_path / "b"), "--i", "1", "--j", "1"]) == 0
+
+
+def test_compare_adapters_takes_one_svd_per_a_matrix_and_keeps_the_numbers(toy_models, tmp_path, monkeypatch):
+    """phi and the phi grid share each A's singular vectors: two SVDs per module, and exactly the
+    numbers similarity() and similarity_grid() give on their own."""
+    save_lora(toy_models, tmp_path / "a", 4, seed=0)
+    save_lora(toy_models, tmp_path / "b", 2, seed=1)
+    a, b = read_lora_a(tmp_path / "a"), read_lora_a(tmp_path / "b")
+    expected = {name: (similarity(a[name], b[name], 3, 2), similarity_grid(a[name], b[name])) for name in a}
+    svd, calls = subspace.right_singular_vectors, []
+    monkeypatch.setattr(subspace, "right_singular_vectors", lambda m: calls.append(m) or svd(m))
+    result = compare_adapters(tmp_path / "a", tmp_path / "b", i=3)
+    assert len(calls) == 2 * len(result["modules"]) == 8
+    for m in result["modules"]:
+        assert (m["i"], m["j"]) == (3, 2)
+        assert (m["phi"], m["grid"]) == expected[m["module"]]
 
 
 def test_amplification_of_an_adapter_file_uses_its_delta_and_base_weight(toy_models, tmp_path):

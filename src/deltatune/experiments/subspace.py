@@ -40,19 +40,33 @@ def right_singular_vectors(a: torch.Tensor) -> torch.Tensor:
 
 def similarity(a1: torch.Tensor, a2: torch.Tensor, i: int | None = None, j: int | None = None) -> float:
     """phi(A1, A2, i, j) = ||U_i^T V_j||_F^2 / min(i, j) (defaults: i, j = the ranks)."""
+    i, j = _checked_ij(a1, a2, i, j)
+    return _phi(right_singular_vectors(a1), right_singular_vectors(a2), i, j)
+
+
+def similarity_grid(a1: torch.Tensor, a2: torch.Tensor) -> list[list[float]]:
+    """``grid[i - 1][j - 1] = phi(A1, A2, i, j)`` for every i, j up to the two ranks."""
+    return _phi_grid(right_singular_vectors(a1), right_singular_vectors(a2))
+
+
+def _checked_ij(a1: torch.Tensor, a2: torch.Tensor, i: int | None, j: int | None) -> tuple[int, int]:
+    """``i`` and ``j`` (default: the ranks), after checking that they and the A matrices fit."""
     if a1.shape[1] != a2.shape[1]:
         raise ConfigError(f"the A matrices act on different input sizes ({a1.shape[1]} and {a2.shape[1]})")
     i = a1.shape[0] if i is None else i
     j = a2.shape[0] if j is None else j
     if not (1 <= i <= a1.shape[0] and 1 <= j <= a2.shape[0]):
         raise ConfigError(f"i and j must be in 1..{a1.shape[0]} and 1..{a2.shape[0]}, got {i}, {j}")
-    u, v = right_singular_vectors(a1)[:, :i], right_singular_vectors(a2)[:, :j]
-    return float((u.T @ v).pow(2).sum() / min(i, j))
+    return i, j
 
 
-def similarity_grid(a1: torch.Tensor, a2: torch.Tensor) -> list[list[float]]:
-    """``grid[i - 1][j - 1] = phi(A1, A2, i, j)`` for every i, j up to the two ranks."""
-    u, v = right_singular_vectors(a1), right_singular_vectors(a2)
+def _phi(u: torch.Tensor, v: torch.Tensor, i: int, j: int) -> float:
+    """phi at ``i``, ``j`` from the right singular vectors ``u`` (of A1) and ``v`` (of A2)."""
+    return float((u[:, :i].T @ v[:, :j]).pow(2).sum() / min(i, j))
+
+
+def _phi_grid(u: torch.Tensor, v: torch.Tensor) -> list[list[float]]:
+    """phi at every i, j from the right singular vectors ``u`` (of A1) and ``v`` (of A2)."""
     overlap = (u.T @ v).pow(2)                      # r1 x r2
     cumulative = overlap.cumsum(0).cumsum(1)       # [i-1, j-1] = ||U_i^T V_j||_F^2
     return [[float(cumulative[i, j] / min(i + 1, j + 1)) for j in range(v.shape[1])] for i in range(u.shape[1])]
@@ -129,12 +143,12 @@ def compare_adapters(adapter_a: str | Path, adapter_b: str | Path, i: int | None
                           f"{', '.join(sorted(b)[:3])} ...)")
     modules = []
     for name in shared:
-        ii = min(i or a[name].shape[0], a[name].shape[0])
-        jj = min(j or b[name].shape[0], b[name].shape[0])
+        r_a, r_b = a[name].shape[0], b[name].shape[0]
+        ii, jj = _checked_ij(a[name], b[name], min(i or r_a, r_a), min(j or r_b, r_b))
+        u, v = right_singular_vectors(a[name]), right_singular_vectors(b[name])
         layer, kind = layer_and_kind(name)
-        modules.append({"module": name, "layer": layer, "kind": kind, "r_a": a[name].shape[0],
-                        "r_b": b[name].shape[0], "i": ii, "j": jj, "phi": similarity(a[name], b[name], ii, jj),
-                        "grid": similarity_grid(a[name], b[name])})
+        modules.append({"module": name, "layer": layer, "kind": kind, "r_a": r_a, "r_b": r_b, "i": ii, "j": jj,
+                        "phi": _phi(u, v, ii, jj), "grid": _phi_grid(u, v)})
     result = {"adapter_a": str(adapter_a), "adapter_b": str(adapter_b), "modules": modules,
               "mean_phi": sum(m["phi"] for m in modules) / len(modules)}
     if out is not None:
