@@ -10,17 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from deltatune.experiments.results import aggregate, mean_std, metric_names
+from deltatune.train.callbacks import label_axes, pyplot, save_figure
 
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+#: resolution of the experiment plots
+DPI = 120
 
 
 def _primary(metrics: list[str]) -> str | None:
@@ -34,7 +27,7 @@ def sweep_plots(rows: list[dict], keys: list[str], out: Path) -> dict[str, Path]
     """``metric_vs_params.png`` (every setting and baseline, mean with std error bars, log x)
     and, when a grid key is a rank (``method.r``), ``metric_vs_rank.png`` (one line per
     combination of the other grid keys, baselines as horizontal lines)."""
-    plt = _pyplot()
+    plt = pyplot()
     ok = [r for r in rows if r["status"] == "ok"]
     metric = _primary(metric_names(ok))
     if plt is None or metric is None:
@@ -50,14 +43,8 @@ def sweep_plots(rows: list[dict], keys: list[str], out: Path) -> dict[str, Path]
         ax.errorbar([e["trainable_params"]], [mean], yerr=[std or 0.0], fmt=marker, capsize=3)
         ax.annotate(e["label"], (e["trainable_params"], mean), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel(name)
-    ax.set_title(f"{name} vs trainable parameters (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    written["metric_vs_params"] = out / "metric_vs_params.png"
-    fig.savefig(written["metric_vs_params"], dpi=120)
-    plt.close(fig)
+    label_axes(ax, "trainable parameters", name, f"{name} vs trainable parameters (mean ± std over seeds)")
+    written["metric_vs_params"] = save_figure(fig, out / "metric_vs_params.png", DPI)
 
     rank_keys = [k for k in keys if k.split(".")[-1] in ("r", "rank")]
     if rank_keys:
@@ -87,15 +74,9 @@ def sweep_plots(rows: list[dict], keys: list[str], out: Path) -> dict[str, Path]
                     ax.axhline(e[metric][0], linestyle="--", linewidth=1, color="gray")
                     ax.text(0.01, e[metric][0], f" {e['label']}", transform=ax.get_yaxis_transform(), fontsize=7,
                             va="bottom", color="gray")
-            ax.set_xlabel("rank r")
-            ax.set_ylabel(name)
-            ax.set_title(f"{name} vs LoRA rank")
-            ax.grid(alpha=0.3)
+            label_axes(ax, "rank r", name, f"{name} vs LoRA rank")
             ax.legend(fontsize=7)
-            fig.tight_layout()
-            written["metric_vs_rank"] = out / "metric_vs_rank.png"
-            fig.savefig(written["metric_vs_rank"], dpi=120)
-            plt.close(fig)
+            written["metric_vs_rank"] = save_figure(fig, out / "metric_vs_rank.png", DPI)
     return written
 
 
@@ -103,7 +84,7 @@ def intrinsic_plot(points: list[dict[str, Any]], reference: float, metric: str, 
                    path: Path) -> dict[str, Path]:
     """The intrinsic-dimension curve: metric vs d (log x), the full fine-tuning reference and
     its 90% line, and d90 marked."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None or not points:
         return {}
     points = sorted(points, key=lambda p: p["d"])
@@ -114,20 +95,14 @@ def intrinsic_plot(points: list[dict[str, Any]], reference: float, metric: str, 
     if d90 is not None:
         ax.axvline(d90, color="red", linewidth=1, label=f"d90 = {d90}")
     ax.set_xscale("log")
-    ax.set_xlabel("subspace dimension d")
-    ax.set_ylabel(metric)
-    ax.set_title("intrinsic dimension")
-    ax.grid(alpha=0.3)
+    label_axes(ax, "subspace dimension d", metric, "intrinsic dimension")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return {"plot": path}
+    return {"plot": save_figure(fig, path, DPI)}
 
 
 def heatmap(matrix, path: Path, title: str, xlabel: str, ylabel: str, xticks=None, yticks=None) -> dict[str, Path]:
     """A heat map of a 2-D array (values 0..1, e.g. subspace similarities)."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return {}
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
@@ -140,7 +115,4 @@ def heatmap(matrix, path: Path, title: str, xlabel: str, ylabel: str, xticks=Non
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return {"heatmap": path}
+    return {"heatmap": save_figure(fig, path, DPI)}

@@ -1,5 +1,7 @@
 """What a run reports while it trains: a progress bar on a terminal (plain log lines
-otherwise), ``metrics.jsonl``, optional TensorBoard logs, and ``loss.png`` at the end."""
+otherwise), ``metrics.jsonl``, optional TensorBoard logs, and ``loss.png`` at the end (with
+the matplotlib set-up the experiment plots share: :func:`pyplot`, :func:`label_axes`,
+:func:`save_figure`)."""
 
 from __future__ import annotations
 
@@ -123,14 +125,43 @@ class TensorBoard:
         self.writer.close()
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display needed), or ``None``
+    when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def label_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """The labels, title and light grid every deltatune plot has."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+
+
+def save_figure(fig, target: Path, dpi: float | None = None) -> Path:
+    """Lay out ``fig``, write it to ``target`` as PNG (atomically; ``dpi`` default: the
+    figure's) and close it; returns ``target``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    write_atomic(target, lambda p: fig.savefig(p, format="png", dpi=dpi))
+    plt.close(fig)
+    return target
+
+
 def plot_losses(records: list[dict], target: Path, title: str = "") -> bool:
     """Draw training loss (and evaluation metrics) against the step into ``target`` (PNG).
     Returns False when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
@@ -140,9 +171,7 @@ def plot_losses(records: list[dict], target: Path, title: str = "") -> bool:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label="train loss")
     if evals:
         ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", lw=1.5, label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
+    label_axes(ax, "optimizer step", "loss", title)
     handles, labels = ax.get_legend_handles_labels()
     if metrics:
         right = ax.twinx()
@@ -154,8 +183,5 @@ def plot_losses(records: list[dict], target: Path, title: str = "") -> bool:
         handles, labels = handles + h2, labels + l2
     if handles:
         ax.legend(handles, labels, loc="best")
-    ax.set_title(title)
-    fig.tight_layout()
-    write_atomic(target, lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)
+    save_figure(fig, target)
     return True
