@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import statistics
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from deltatune.cli import main
 from deltatune.errors import ConfigError
 from deltatune.experiments import results, sweep as sweep_mod
-from deltatune.experiments.grid import load_sweep, set_keys, setting_label
+from deltatune.experiments.grid import load_sweep, setting_label
 
 FAST = {"train.max_steps": 3, "train.eval_every": None, "train.threads": 1}
 
@@ -152,15 +151,6 @@ def test_recipe_is_found_by_file_relative_to_the_sweep_or_builtin_name(recipe, t
     (run,) = load_sweep(sweep_file).runs()
     assert run.recipe["method"]["r"] == 2 and run.recipe["model"] == recipe()["model"]
     assert load_sweep({"recipe": "sst2-lora", "output_dir": "x", "baselines": []}).recipe["method"]["type"] == "lora"
-
-
-def test_set_keys_copies_and_keeps_types():
-    data = {"train": {"lr": 1.0}, "method": {"type": "lora", "r": 8}}
-    out = set_keys(data, {"train.lr": 5e-05, "method.targets": ["q", "v"], "data.max_length": 16,
-                          "method": {"type": "ia3"}})
-    assert out == {"train": {"lr": 5e-05}, "method": {"type": "ia3"}, "data": {"max_length": 16}}
-    assert data == {"train": {"lr": 1.0}, "method": {"type": "lora", "r": 8}}
-    assert isinstance(out["train"]["lr"], float)
 
 
 def test_threads_per_worker_never_oversubscribes():

@@ -70,6 +70,28 @@ def test_overrides_set_nested_values_with_yaml_types():
         rc.apply_overrides({}, ["train.lr"])
 
 
+def test_overrides_apply_in_order_and_name_a_key_that_is_no_section():
+    data = rc.apply_overrides({"method": {"type": "lora"}}, ["method.r=4", "method={type: full}", "method.r=8"])
+    assert data["method"] == {"type": "full", "r": 8}
+    with pytest.raises(ConfigError, match="^--set model.name: model is not a section$"):
+        rc.apply_overrides({"model": "minilm"}, ["model.name=x"])
+
+
+def test_set_keys_copies_and_keeps_types():
+    data = {"train": {"lr": 1.0}, "method": {"type": "lora", "r": 8}}
+    targets = ["q", "v"]
+    out = rc.set_keys(data, [("train.lr", 5e-05), ("method.targets", targets), ("data.max_length", 16),
+                             ("method", {"type": "ia3"})])
+    assert out == {"train": {"lr": 5e-05}, "method": {"type": "ia3"}, "data": {"max_length": 16}}
+    assert data == {"train": {"lr": 1.0}, "method": {"type": "lora", "r": 8}}
+    assert isinstance(out["train"]["lr"], float)
+    out = rc.set_keys(data, [("method.targets", targets)])
+    targets.append("k")
+    assert out["method"]["targets"] == ["q", "v"]  # a copy of the value, not the caller's list
+    with pytest.raises(ConfigError, match="^recipe key train.lr.x: lr is not a section$"):
+        rc.set_keys(data, [("train.lr.x", 1)])
+
+
 def test_recipe_file_and_builtin_name_errors(tmp_path):
     with pytest.raises(ConfigError, match="neither a file nor a built-in recipe"):
         rc.load(str(tmp_path / "missing.yaml"))

@@ -34,7 +34,6 @@ baselines once per value of those grid keys too (e.g. per data set).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import itertools
@@ -168,10 +167,10 @@ class Sweep:
 
     def _run(self, setting: dict, seed: int, kind: str, label: str, ident: str, values: dict) -> Run:
         folder = self.output_dir / "runs" / ident / f"seed{seed}"
-        data = set_keys(self.recipe, {**values, "train.seed": seed, "output_dir": str(folder)})
+        values = {**values, "train.seed": seed, "output_dir": str(folder)}
         where = f"setting {label!r}" if kind == "grid" else f"baseline {label!r}"
         try:
-            built = recipe_mod.from_dict(data, Path.cwd())
+            built = recipe_mod.from_dict(recipe_mod.set_keys(self.recipe, values.items()), Path.cwd())
             resolve_method(built.method)
         except DeltatuneError as exc:
             raise ConfigError(f"sweep {where}: {exc}") from None
@@ -315,24 +314,6 @@ def check_key(key: str, recipe: dict) -> None:
             raise ConfigError(f"unknown recipe key {key!r} in the sweep; valid {parts[0]} keys: {', '.join(valid)}")
     elif parts[0] in ("model", "task", "output_dir") and len(parts) > 1:
         raise ConfigError(f"recipe key {parts[0]!r} has no sub-keys; {key!r} is not a recipe key")
-
-
-def set_keys(data: dict, values: dict[str, Any]) -> dict:
-    """A deep copy of recipe ``data`` with ``{dotted key: value}`` assigned in order (values keep
-    their type, unlike ``--set`` strings; missing sections are created)."""
-    out = copy.deepcopy(data)
-    for key, value in values.items():
-        parts = key.split(".")
-        node = out
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"recipe key {key!r}: {part} is not a section")
-            node = child
-        node[parts[-1]] = copy.deepcopy(value)
-    return out
 
 
 # --- names -----------------------------------------------------------------------------------

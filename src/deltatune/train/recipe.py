@@ -15,6 +15,7 @@ Unknown keys are errors that list the valid ones; values are coerced to the fiel
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import types
@@ -22,7 +23,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
@@ -291,25 +292,34 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
-    """Apply ``key.sub=value`` assignments to recipe data (a deep copy is returned)."""
-    import copy
+def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
+    """Apply ``key.sub=value`` assignments (``--set``) to recipe data (a deep copy is returned)."""
+    return set_keys(data, (_override(item) for item in overrides), "--set")
 
+
+def _override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key.sub=value, got {item!r}")
+    return key.strip(), parse_value(raw)
+
+
+def set_keys(data: dict, values: Iterable[tuple[str, Any]], source: str = "recipe key") -> dict:
+    """A deep copy of recipe ``data`` with each ``(dotted key, value)`` of ``values`` assigned in
+    order (missing sections are created; values keep their type). ``source`` says where the keys
+    come from in errors (``--set``)."""
     data = copy.deepcopy(data)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects key.sub=value, got {item!r}")
-        parts = key.strip().split(".")
+    for key, value in values:
+        *sections, leaf = key.split(".")
         node = data
-        for part in parts[:-1]:
+        for part in sections:
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {key}: {part} is not a section")
+                raise ConfigError(f"{source} {key}: {part} is not a section")
             node = child
-        node[parts[-1]] = parse_value(raw)
+        node[leaf] = copy.deepcopy(value)
     return data
 
 
