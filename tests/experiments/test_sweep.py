@@ -13,6 +13,7 @@ from deltatune.cli import main
 from deltatune.errors import ConfigError
 from deltatune.experiments import results, sweep as sweep_mod
 from deltatune.experiments.grid import load_sweep, setting_label
+from deltatune.train import recipe as rc
 
 FAST = {"train.max_steps": 3, "train.eval_every": None, "train.threads": 1}
 
@@ -115,9 +116,11 @@ def test_random_search_draws_distinct_settings_from_the_grid(recipe, tmp_path):
 
 
 @pytest.mark.parametrize("grid, words", [
-    ({"train.lrr": [1]}, ["'train.lrr'", "valid train keys", "lr,", "max_steps"]),
-    ({"trian.lr": [1]}, ["'trian.lr'", "valid top-level keys", "train", "method"]),
-    ({"data.maxlen": [1]}, ["'data.maxlen'", "valid data keys", "max_length"]),
+    ({"train.lrr": [1]}, ["'train.lrr' in the sweep's grid", "unknown key lrr in train", "valid keys: epochs,", "lr,"]),
+    ({"trian.lr": [1]}, ["'trian.lr'", "unknown recipe key trian", "valid keys: model, task, data, method, train"]),
+    ({"data.maxlen": [1]}, ["'data.maxlen'", "unknown key maxlen in data", "max_length"]),
+    ({"train.lr.x": [1]}, ["'train.lr.x'", "train.lr is a value, not a section"]),
+    ({"model.name": [1]}, ["'model.name'", "model is a value, not a section"]),
     ({"method.rank": [1]}, ["rank", "valid options", "r,", "alpha"]),
 ])
 def test_unknown_grid_keys_are_named_with_the_valid_ones(recipe, tmp_path, grid, words):
@@ -125,6 +128,35 @@ def test_unknown_grid_keys_are_named_with_the_valid_ones(recipe, tmp_path, grid,
         load_sweep(make_sweep(recipe, tmp_path, grid=grid)).runs()
     for word in words:
         assert word in str(err.value)
+
+
+@pytest.mark.parametrize("key, data", [
+    ("train.lrr", {"train": {"lrr": 1}}),
+    ("trian.lr", {"trian": {"lr": 1}}),
+    ("data.maxlen", {"data": {"train": "x.tsv", "maxlen": 1}}),
+])
+def test_an_unknown_sweep_key_gets_the_recipes_own_message(recipe, tmp_path, key, data):
+    with pytest.raises(ConfigError) as in_recipe:
+        rc.from_dict({"data": {"train": "x.tsv"}, **data})
+    with pytest.raises(ConfigError) as in_grid:
+        load_sweep(make_sweep(recipe, tmp_path, grid={key: [1]}))
+    assert str(in_grid.value) == f"'{key}' in the sweep's grid: {in_recipe.value}"
+    with pytest.raises(ConfigError) as in_set:
+        load_sweep(make_sweep(recipe, tmp_path, set={key: 1}))
+    assert str(in_set.value) == f"'{key}' in the sweep's set: {in_recipe.value}"
+
+
+def test_a_whole_data_or_train_section_is_a_grid_key(recipe, tmp_path, sentiment_files):
+    """As for ``method``, a grid value may be a whole section (``train`` and ``data`` used to be
+    refused as unknown keys); its keys are checked when the runs are built."""
+    sections = [{"lr": 1.0e-3, "max_steps": 3}, {"lr": 2.0e-3, "max_steps": 5}]
+    runs = load_sweep(make_sweep(recipe, tmp_path, grid={"train": sections}, seeds=[0])).runs()
+    assert [(r.recipe["train"]["lr"], r.recipe["train"]["max_steps"]) for r in runs] == [(1.0e-3, 3), (2.0e-3, 5)]
+    data = [{"train": sentiment_files["eval"], "text": "sentence"}]
+    (run,) = load_sweep(make_sweep(recipe, tmp_path, grid={"data": data}, seeds=[0])).runs()
+    assert run.recipe["data"]["train"] == sentiment_files["eval"] and run.recipe["data"]["eval"] is None
+    with pytest.raises(ConfigError, match="unknown key lrr in train"):
+        load_sweep(make_sweep(recipe, tmp_path, grid={"train": [{"lrr": 1}]})).runs()
 
 
 def test_bad_sweep_files_fail_clearly(recipe, tmp_path):

@@ -44,6 +44,30 @@ def test_unknown_keys_list_the_valid_ones():
         resolve({"type": "lorra"})
 
 
+@pytest.mark.parametrize("key, data", [
+    ("modle", {"modle": "minilm"}),
+    ("train.learning_rate", {"train": {"learning_rate": 1e-3}}),
+    ("data.maxlen", {"data": {"train": "x.tsv", "maxlen": 8}}),
+    ("base_dir", {"base_dir": "."}),
+])
+def test_a_dotted_key_is_checked_like_the_recipe_data(key, data):
+    with pytest.raises(ConfigError) as in_data:
+        rc.from_dict({"data": {"train": "x.tsv"}, **data})
+    with pytest.raises(ConfigError) as for_key:
+        rc.check_key(key)
+    assert str(for_key.value) == str(in_data.value)
+
+
+def test_dotted_keys_reach_fields_and_method_options_only():
+    for key in ("model", "train", "train.lr", "data.max_length", "method", "method.r", "method.any.depth",
+                "quantize.bits"):
+        rc.check_key(key)
+    with pytest.raises(ConfigError, match="^output_dir is a value, not a section, so output_dir.x is not a recipe key$"):
+        rc.check_key("output_dir.x")
+    with pytest.raises(ConfigError, match="^train.lr is a value, not a section"):
+        rc.check_key("train.lr.x")
+
+
 def test_values_are_checked_and_coerced():
     r = rc.from_dict({"data": {"train": "x.tsv", "max_length": "64"}, "train": {"lr": "5e-4", "epochs": 2.0,
                                                                                 "tensorboard": "false"}})

@@ -42,7 +42,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
@@ -213,16 +213,13 @@ def load_sweep(source: str | Path | dict, output_dir: str | Path | None = None) 
     for key, values in grid.items():
         if key in bundles:
             for value in values:
-                for inner in value:
-                    if inner != "name":
-                        check_key(str(inner), recipe)
+                _check_keys([k for k in value if k != "name"], f"the sweep's grid ({key}: {value['name']})")
         else:
-            check_key(key, recipe)
+            _check_keys([key], "the sweep's grid")
     overrides = data.get("set") or {}
     if not isinstance(overrides, dict):
         raise ConfigError("set must map dotted recipe keys to values, e.g. {train.max_steps: 200}")
-    for key in overrides:
-        check_key(str(key), recipe)
+    _check_keys(overrides, "the sweep's set")
     seeds = data.get("seeds", [0])
     seeds = [seeds] if isinstance(seeds, int) else seeds
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
@@ -266,8 +263,7 @@ def _values(key: Any, values: Any) -> list:
 
 def _is_bundle_axis(key: str, values: list) -> bool:
     """A grid key that is not a recipe section, with ``{name: ..., dotted.key: value}`` values."""
-    top = {f.name for f in dataclasses.fields(recipe_mod.Recipe)}
-    if key.split(".")[0] in top:
+    if key.split(".")[0] in recipe_mod.KEYS:
         return False
     if not all(isinstance(v, dict) and "name" in v for v in values):
         return False
@@ -296,24 +292,14 @@ def _baselines(value: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def check_key(key: str, recipe: dict) -> None:
-    """Raise :class:`ConfigError` unless ``key`` names a recipe key (``train.lr``, ``method.r``).
-
-    Method options are checked against the method when each run is built (the method type can
-    itself be a grid key); top-level and ``data`` / ``train`` keys are checked here.
-    """
-    parts = key.split(".")
-    top = [f.name for f in dataclasses.fields(recipe_mod.Recipe) if not f.metadata.get("internal")]
-    if parts[0] not in top:
-        raise ConfigError(f"unknown recipe key {key!r} in the sweep (no section {parts[0]!r}); "
-                          f"valid top-level keys: {', '.join(top)}")
-    sections = {"data": recipe_mod.DataSpec, "train": recipe_mod.TrainSpec}
-    if parts[0] in sections:
-        valid = [f.name for f in dataclasses.fields(sections[parts[0]])]
-        if len(parts) != 2 or parts[1] not in valid:
-            raise ConfigError(f"unknown recipe key {key!r} in the sweep; valid {parts[0]} keys: {', '.join(valid)}")
-    elif parts[0] in ("model", "task", "output_dir") and len(parts) > 1:
-        raise ConfigError(f"recipe key {parts[0]!r} has no sub-keys; {key!r} is not a recipe key")
+def _check_keys(keys: Iterable[Any], where: str) -> None:
+    """Check dotted recipe keys of the sweep by the recipe's own rules (method options are
+    checked when each run is built, as the method type can itself be a grid key)."""
+    for key in keys:
+        try:
+            recipe_mod.check_key(str(key))
+        except ConfigError as exc:
+            raise ConfigError(f"{str(key)!r} in {where}: {exc}") from None
 
 
 # --- names -----------------------------------------------------------------------------------

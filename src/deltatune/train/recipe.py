@@ -195,6 +195,46 @@ def _to_plain(obj: Any) -> Any:
     return obj
 
 
+# --- keys ----------------------------------------------------------------------------------
+
+def _field_names(cls: type) -> list[str]:
+    """The keys of the recipe (or of one of its sections), in field order."""
+    return [f.name for f in fields(cls) if not f.metadata.get("internal")]
+
+
+#: the top-level recipe keys
+KEYS = tuple(_field_names(Recipe))
+#: the sections with fixed keys; ``method`` and ``quantize`` take options that the method (or
+#: the quantization) checks when it reads them
+_SECTIONS = {"data": DataSpec, "train": TrainSpec}
+_OPEN_SECTIONS = ("method", "quantize")
+
+
+def check_key(key: str) -> None:
+    """Raise :class:`ConfigError` unless the dotted ``key`` names a recipe value: a top-level
+    key or section, a ``data`` / ``train`` field, or an option under ``method`` / ``quantize``.
+    An unknown key gets the message :func:`from_dict` gives for it, with the valid keys."""
+    head, *rest = key.split(".")
+    _reject_unknown([head], KEYS, "recipe")
+    if not rest or head in _OPEN_SECTIONS:
+        return
+    if head in _SECTIONS:
+        _reject_unknown(rest[:1], _field_names(_SECTIONS[head]), head)
+        head, rest = f"{head}.{rest[0]}", rest[1:]
+    if rest:
+        raise ConfigError(f"{head} is a value, not a section, so {key} is not a recipe key")
+
+
+def _reject_unknown(keys: Iterable[str], valid: list[str] | tuple[str, ...], where: str) -> None:
+    """Raise :class:`ConfigError` naming the ``keys`` not among ``valid`` (of the recipe, or
+    of the section ``where``) and the valid ones."""
+    unknown = sorted(set(keys) - set(valid))
+    if unknown:
+        plural, listed = ("s" if len(unknown) > 1 else ""), ", ".join(unknown)
+        what = f"recipe key{plural} {listed}" if where == "recipe" else f"key{plural} {listed} in {where}"
+        raise ConfigError(f"unknown {what}; valid keys: {', '.join(valid)}")
+
+
 # --- building from data ---------------------------------------------------------------------
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -245,11 +285,7 @@ def _section(cls: type, data: Any, where: str):
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping of keys to values, got {data!r}")
-    known = {f.name: f for f in fields(cls) if not f.metadata.get("internal")}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in {where}; "
-                          f"valid keys: {', '.join(known)}")
+    _reject_unknown(data, _field_names(cls), where)
     hints = typing.get_type_hints(cls)
     return cls(**{k: _coerce(v, hints[k], f"{where}.{k}" if where != "recipe" else k) for k, v in data.items()})
 
@@ -259,11 +295,7 @@ def from_dict(data: dict, base_dir: str | os.PathLike = ".") -> Recipe:
     if not isinstance(data, dict):
         raise ConfigError(f"a recipe is a mapping (model:, task:, data:, ...), got {type(data).__name__}")
     data = dict(data)
-    known = [f.name for f in fields(Recipe) if not f.metadata.get("internal")]
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown recipe key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-                          f"valid keys: {', '.join(known)}")
+    _reject_unknown(data, KEYS, "recipe")
     kwargs: dict[str, Any] = {"base_dir": str(base_dir)}
     for key in ("model", "task", "output_dir"):
         if key in data:
