@@ -91,6 +91,9 @@ def test_baselines_per_data_set_and_restricting_a_sweep(recipe, tmp_path, sentim
         sweep.restrict(None, {"dataset": ["c"]})
     with pytest.raises(ConfigError, match="not a grid key"):
         sweep.restrict(None, {"seed": ["1"]})
+    # a seed outside the sweep would train runs that its report leaves out
+    with pytest.raises(ConfigError, match="^--seeds 2: not a seed of the sweep; seeds: 0, 1$"):
+        sweep.restrict([1, 2])
     with pytest.raises(ConfigError, match="baselines_over names data"):
         load_sweep({**data, "baselines_over": ["data"]})
 
@@ -289,6 +292,8 @@ def test_sweep_command_dry_run_with_a_part_of_the_sweep(recipe, tmp_path, capsys
     assert main(["sweep", str(path), "--dry-run", "--seeds", "1", "--where", "method.r=2", "--no-baselines"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].split()[:4] == ["grid", "r=2", "seed", "1"] and lines[1] == "1 runs, 0 finished"
+    assert main(["sweep", str(path), "--dry-run", "--seeds", "0,5"]) == 1
+    assert "--seeds 5: not a seed of the sweep; seeds: 0, 1" in capsys.readouterr().err
     assert main(["sweep", str(path), "--dry-run", "--where", "method.r=3"]) == 1
     assert "no value is 3; values: 1, 2" in capsys.readouterr().err
     assert main(["sweep", str(path), "--where", "r"]) == 1

@@ -145,6 +145,10 @@ class Sweep:
         (``{grid key: [value as results.csv writes it, ...]}``). Run folders stay the same, so a
         reduced run's results count towards the whole sweep later (and a random search draws the
         same settings before the selection)."""
+        outside = [str(s) for s in seeds or [] if s not in self.seeds]
+        if outside:
+            raise ConfigError(f"--seeds {','.join(outside)}: not a seed of the sweep; seeds: "
+                              f"{', '.join(map(str, self.seeds))}")
         grid = self.grid
         for key, wanted in (where or {}).items():
             if key not in grid:
