@@ -4,6 +4,7 @@ failures recorded, results.csv / results.md / plots."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from deltatune.cli import main
 from deltatune.errors import ConfigError
 from deltatune.experiments import results, sweep as sweep_mod
-from deltatune.experiments.grid import load_sweep, setting_label
+from deltatune.experiments.grid import Sweep, load_sweep, setting_label
 from deltatune.train import recipe as rc
 
 FAST = {"train.max_steps": 3, "train.eval_every": None, "train.threads": 1}
@@ -87,6 +88,10 @@ def test_baselines_per_data_set_and_restricting_a_sweep(recipe, tmp_path, sentim
     assert [(r.label, r.seed) for r in part.runs()] == [("dataset=b r=1", 1), ("dataset=b r=2", 1), ("full dataset=b", 1)]
     # the same folders as in the whole sweep, so the part's results count towards it
     assert {r.folder for r in part.runs()} < {r.folder for r in sweep.runs()}
+    # the part picks its runs out of the whole sweep's without building them again
+    assert [r for r in sweep.runs() if part.includes(r)] == part.runs()
+    grid_only = dataclasses.replace(part, baselines={})
+    assert [r for r in sweep.runs() if grid_only.includes(r)] == part.runs()[:2]
     with pytest.raises(ConfigError, match="no value is c; values: a, b"):
         sweep.restrict(None, {"dataset": ["c"]})
     with pytest.raises(ConfigError, match="not a grid key"):
@@ -224,7 +229,7 @@ def test_sweep_runs_records_failures_and_resumes(recipe, tmp_path):
     data = make_sweep(recipe, tmp_path, grid={"method.targets": [["q", "v"], ["no_such_module"]], "method.r": [1, 2]},
                       seeds=[0], baselines=["head-only"])
     sweep = load_sweep(data)
-    outcomes = sweep_mod.run_sweep(sweep, workers=0)
+    outcomes = sweep_mod.run_sweep(sweep.runs(), workers=0)
     status = {(o.run.label, o.run.seed): o.status for o in outcomes}
     assert status == {("targets=q,v r=1", 0): "done", ("targets=q,v r=2", 0): "done",
                       ("targets=no_such_module r=1", 0): "failed", ("targets=no_such_module r=2", 0): "failed",
@@ -252,7 +257,7 @@ def test_sweep_runs_records_failures_and_resumes(recipe, tmp_path):
     assert written["metric_vs_params"].stat().st_size > 0 and written["metric_vs_rank"].stat().st_size > 0
 
     stamp = (Path(ok["1"]["folder"]) / "summary.json").stat().st_mtime_ns
-    again = sweep_mod.run_sweep(sweep, workers=0)
+    again = sweep_mod.run_sweep(sweep.runs(), workers=0)
     assert [o.status for o in again if o.run.label.startswith("targets=q")] == ["cached", "cached"]
     assert (Path(ok["1"]["folder"]) / "summary.json").stat().st_mtime_ns == stamp
 
@@ -298,3 +303,21 @@ def test_sweep_command_dry_run_with_a_part_of_the_sweep(recipe, tmp_path, capsys
     assert "no value is 3; values: 1, 2" in capsys.readouterr().err
     assert main(["sweep", str(path), "--where", "r"]) == 1
     assert "--where expects KEY=VALUE" in capsys.readouterr().err
+
+
+def test_sweep_command_builds_the_runs_once(recipe, tmp_path, capsys, monkeypatch):
+    """Training a part of the sweep and reporting on all of it takes one expansion of the sweep
+    (each one builds and validates every run's recipe)."""
+    import yaml
+
+    data = make_sweep(recipe, tmp_path, grid={"method.r": [1, 2]}, seeds=[0, 1], baselines=[])
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    expand, built = Sweep.runs, []
+    monkeypatch.setattr(Sweep, "runs", lambda self: built.append(self) or expand(self))
+    assert main(["sweep", str(path), "--workers", "0", "--seeds", "1", "--where", "method.r=2"]) == 0
+    assert len(built) == 1
+    assert "| r=2 | lora | 1 |" in capsys.readouterr().out
+    rows = read_rows(tmp_path / "sweep" / "results.csv")
+    assert [(r["method.r"], r["seed"], r["status"]) for r in rows] == [("2", "1", "ok")]
+    assert main(["sweep", str(path), "--report-only"]) == 0 and len(built) == 2

@@ -11,8 +11,12 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from deltatune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from deltatune.experiments.grid import Sweep
 
 
 def _say(line: str) -> None:
@@ -29,7 +33,31 @@ def sweep_command(args: argparse.Namespace) -> None:
 
     if args.workers < 0:
         raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
-    whole = sweep = load_sweep(args.sweep, args.out)
+    whole = load_sweep(args.sweep, args.out)
+    part = _selected_part(whole, args)
+    every = whole.runs()  # built once: the report covers them all, --seeds / --where train a part
+    runs = [run for run in every if part.includes(run)]
+    if args.dry_run:
+        for run in runs:
+            state = "finished" if is_finished(run) else "to run"
+            print(f"{run.kind:8} {run.label:40} seed {run.seed}  {state:8}  {run.folder}")
+        print(f"{len(runs)} runs, {sum(map(is_finished, runs))} finished")
+        return
+    if not args.report_only:
+        todo = sum(not is_finished(r) for r in runs)
+        _say(f"sweep: {len(runs)} runs ({len(runs) - todo} finished before) with {max(args.workers, 1)} "
+             f"worker(s) x {threads_per_worker(max(args.workers, 1))} thread(s) -> {whole.output_dir}")
+        outcomes = run_sweep(runs, args.workers, lambda o, done, total: _say(describe(o, done, total)))
+        failed = [o for o in outcomes if o.status == "failed"]
+        if failed:
+            _say(f"sweep: {len(failed)} run(s) failed (status 'failed' in results.csv)")
+    written = write_report(whole, runs=every)  # every finished run, also those outside --seeds / --where
+    print(written["markdown"].read_text(), end="")
+    _say("written: " + ", ".join(str(p) for p in written.values()))
+
+
+def _selected_part(sweep: Sweep, args: argparse.Namespace) -> Sweep:
+    """The part of ``sweep`` that ``--seeds``, ``--where`` and ``--no-baselines`` select."""
     where: dict[str, list[str]] = {}
     for item in args.where:
         key, sep, value = item.partition("=")
@@ -41,24 +69,7 @@ def sweep_command(args: argparse.Namespace) -> None:
         sweep = sweep.restrict(seeds, where)
     if args.no_baselines:
         sweep = dataclasses.replace(sweep, baselines={})
-    runs = sweep.runs()
-    if args.dry_run:
-        for run in runs:
-            state = "finished" if is_finished(run) else "to run"
-            print(f"{run.kind:8} {run.label:40} seed {run.seed}  {state:8}  {run.folder}")
-        print(f"{len(runs)} runs, {sum(map(is_finished, runs))} finished")
-        return
-    if not args.report_only:
-        todo = sum(not is_finished(r) for r in runs)
-        _say(f"sweep: {len(runs)} runs ({len(runs) - todo} finished before) with {max(args.workers, 1)} "
-             f"worker(s) x {threads_per_worker(max(args.workers, 1))} thread(s) -> {sweep.output_dir}")
-        outcomes = run_sweep(sweep, args.workers, lambda o, done, total: _say(describe(o, done, total)))
-        failed = [o for o in outcomes if o.status == "failed"]
-        if failed:
-            _say(f"sweep: {len(failed)} run(s) failed (status 'failed' in results.csv)")
-    written = write_report(whole)  # every finished run of the sweep, also those outside --seeds / --where
-    print(written["markdown"].read_text(), end="")
-    _say("written: " + ", ".join(str(p) for p in written.values()))
+    return sweep
 
 
 # --- analyze ---------------------------------------------------------------------------------

@@ -71,6 +71,7 @@ class Run:
         label: a short human-readable name of the setting (``r=8 targets=q,v`` or ``full``).
         folder: the run's output folder (``<output_dir>/runs/<setting id>/seed<seed>``).
         recipe: the complete recipe data of the run (paths absolute, output_dir set).
+        baseline: the baseline's name (``None`` for grid runs).
     """
 
     setting: dict[str, Any]
@@ -79,6 +80,7 @@ class Run:
     label: str
     folder: Path
     recipe: dict = field(repr=False)
+    baseline: str | None = None
 
     @property
     def method(self) -> str:
@@ -126,7 +128,7 @@ class Sweep:
         for setting in self.settings():
             label = setting_label(setting)
             for seed in self.seeds:
-                out.append(self._run(setting, seed, "grid", label, setting_id(setting),
+                out.append(self._run(setting, seed, label, setting_id(setting),
                                      {**self.overrides, **self.expand(setting)}))
         over = self.baselines_over
         contexts = [dict(zip(over, values)) for values in itertools.product(*(self.grid[k] for k in over))]
@@ -137,8 +139,14 @@ class Sweep:
                 ident = f"baseline-{_slug(name)}" + (f"-{setting_id(context)}" if context else "")
                 for seed in self.seeds:
                     values = {**self.overrides, **self.expand(context), "method": {"type": name}, **changes}
-                    out.append(self._run(context, seed, "baseline", label, ident, values))
+                    out.append(self._run(context, seed, label, ident, values, baseline=name))
         return out
+
+    def includes(self, run: Run) -> bool:
+        """Whether ``run``, one of the runs of this sweep or of the sweep it was restricted from,
+        is one of this sweep's: its seed, grid values and baseline are among this sweep's."""
+        return (run.seed in self.seeds and self._selected(run.setting)
+                and (run.baseline is None or run.baseline in self.baselines))
 
     def restrict(self, seeds: list[int] | None = None, where: dict[str, list[str]] | None = None) -> "Sweep":
         """The part of this sweep with only ``seeds`` and the grid values of ``where``
@@ -169,16 +177,18 @@ class Sweep:
                 out[key] = value
         return out
 
-    def _run(self, setting: dict, seed: int, kind: str, label: str, ident: str, values: dict) -> Run:
+    def _run(self, setting: dict, seed: int, label: str, ident: str, values: dict,
+             baseline: str | None = None) -> Run:
         folder = self.output_dir / "runs" / ident / f"seed{seed}"
         values = {**values, "train.seed": seed, "output_dir": str(folder)}
-        where = f"setting {label!r}" if kind == "grid" else f"baseline {label!r}"
+        where = f"setting {label!r}" if baseline is None else f"baseline {label!r}"
         try:
             built = recipe_mod.from_dict(recipe_mod.set_keys(self.recipe, values.items()), Path.cwd())
             resolve_method(built.method)
         except DeltatuneError as exc:
             raise ConfigError(f"sweep {where}: {exc}") from None
-        return Run(setting, seed, kind, label, folder, built.to_dict())
+        kind = "grid" if baseline is None else "baseline"
+        return Run(setting, seed, kind, label, folder, built.to_dict(), baseline)
 
 
 # --- parsing ---------------------------------------------------------------------------------

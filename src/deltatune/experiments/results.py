@@ -45,9 +45,10 @@ def run_row(run: Run, keys: Iterable[str]) -> dict[str, Any]:
     return row
 
 
-def collect(sweep: Sweep) -> list[dict[str, Any]]:
-    """Rows of every run of the sweep that finished or failed (pending runs are left out)."""
-    rows = [run_row(run, sweep.keys) for run in sweep.runs()]
+def collect(runs: Iterable[Run], keys: Iterable[str]) -> list[dict[str, Any]]:
+    """Rows of the ``runs`` that finished or failed (pending runs are left out), with the grid
+    values of ``keys``."""
+    rows = [run_row(run, keys) for run in runs]
     return [r for r in rows if r["status"] != "pending"]
 
 
@@ -134,12 +135,13 @@ def markdown(entries: list[dict], metrics: list[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(sweep: Sweep, plots: bool = True) -> dict[str, Path]:
+def write_report(sweep: Sweep, plots: bool = True, *, runs: list[Run] | None = None) -> dict[str, Path]:
     """Write ``results.csv``, ``results.md`` and (with ``plots``) the plots into the sweep's
-    output folder from the run folders on disk; returns the paths written."""
+    output folder from the run folders on disk; returns the paths written. ``runs``: the
+    sweep's runs when they are built already (default: built here)."""
     out = sweep.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    rows = collect(sweep)
+    rows = collect(sweep.runs() if runs is None else runs, sweep.keys)
     written = {"csv": write_csv(rows, sweep.keys, out / "results.csv")}
     entries = aggregate(rows)
     write_text(out / "results.md", markdown(entries))

@@ -26,7 +26,7 @@ from typing import Callable
 
 import yaml
 
-from deltatune.experiments.grid import Run, Sweep
+from deltatune.experiments.grid import Run
 from deltatune.train.files import write_text
 
 RUN_FILE = "run.yaml"
@@ -111,15 +111,14 @@ def execute(run: Run, threads: int, in_process: bool = False) -> Outcome:
     return Outcome(run, "done", "", seconds)
 
 
-def run_sweep(sweep: Sweep, workers: int = 1, on_outcome: Callable[[Outcome, int, int], None] | None = None,
+def run_sweep(runs: list[Run], workers: int = 1, on_outcome: Callable[[Outcome, int, int], None] | None = None,
               cores: int | None = None) -> list[Outcome]:
-    """Run every run of ``sweep`` (finished ones are skipped), ``workers`` at a time.
+    """Train ``runs`` (a sweep's, from ``Sweep.runs()``; finished ones are skipped), ``workers``
+    at a time.
 
     ``workers=0`` trains in this process, one run after another. Returns the outcomes in the
-    order of ``sweep.runs()``; ``on_outcome(outcome, done, total)`` is called as runs end.
+    order of ``runs``; ``on_outcome(outcome, done, total)`` is called as runs end.
     """
-    runs = sweep.runs()
-    sweep.output_dir.mkdir(parents=True, exist_ok=True)
     threads = threads_per_worker(max(workers, 1), cores)
     outcomes: dict[int, Outcome] = {}
 
