@@ -297,6 +297,8 @@ def test_sweep_command_dry_run_with_a_part_of_the_sweep(recipe, tmp_path, capsys
     assert main(["sweep", str(path), "--dry-run", "--seeds", "1", "--where", "method.r=2", "--no-baselines"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].split()[:4] == ["grid", "r=2", "seed", "1"] and lines[1] == "1 runs, 0 finished"
+    assert main(["sweep", str(path), "--dry-run", "--seeds", "0,one"]) == 1
+    assert "--seeds expects comma-separated integers, got '0,one'" in capsys.readouterr().err
     assert main(["sweep", str(path), "--dry-run", "--seeds", "0,5"]) == 1
     assert "--seeds 5: not a seed of the sweep; seeds: 0, 1" in capsys.readouterr().err
     assert main(["sweep", str(path), "--dry-run", "--where", "method.r=3"]) == 1

@@ -64,7 +64,10 @@ def _selected_part(sweep: Sweep, args: argparse.Namespace) -> Sweep:
         if not sep:
             raise ConfigError(f"--where expects KEY=VALUE, got {item!r}")
         where.setdefault(key.strip(), []).append(value.strip())
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    except ValueError:
+        raise ConfigError(f"--seeds expects comma-separated integers, got {args.seeds!r}") from None
     if seeds or where:
         sweep = sweep.restrict(seeds, where)
     if args.no_baselines:
