@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import json
 import re
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -208,6 +210,21 @@ def test_a_failed_save_into_a_new_folder_leaves_no_adapter_files(tmp_path, faili
     with pytest.raises(OSError):
         bert_adapter().save(tmp_path / "new")
     assert not (tmp_path / "new").exists() or list((tmp_path / "new").iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_and_folders_get_the_permissions_the_umask_gives(tmp_path, umask):
+    from deltatune.train.files import replace_dir
+
+    old = os.umask(umask)
+    try:
+        bert_adapter().save(tmp_path / "adapter")  # atomic file writes
+        replace_dir(tmp_path / "run", lambda tmp: (tmp / "summary.json").write_text("{}"))
+    finally:
+        os.umask(old)
+    for path in [*(tmp_path / "adapter").iterdir(), tmp_path / "run" / "summary.json"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+    assert stat.S_IMODE((tmp_path / "run").stat().st_mode) == 0o777 & ~umask
 
 
 # --- several adapters on one model -----------------------------------------------------------

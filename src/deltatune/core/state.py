@@ -42,15 +42,38 @@ def adapter_tensors(model: "AdaptedModel", name: str) -> dict[str, torch.Tensor]
     return out
 
 
+def process_umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (changing it, the
+    only portable way, would briefly affect files other threads create)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(folder: bool = False) -> int:
+    """The permissions ``open()`` / ``mkdir()`` would give a new file or folder; temp files and
+    folders start owner-only, so what is renamed into place gets these first."""
+    return (0o777 if folder else 0o666) & ~process_umask()
+
+
 def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(temp_path)`` on a temp file in ``target``'s folder, fsync it, then rename it
-    to ``target``: readers see the old file or the whole new one, never half of it."""
+    to ``target``: readers see the old file or the whole new one, never half of it. The file
+    gets the usual permissions (not the temp file's owner-only ones)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, default_mode())  # after the write: some writers replace the file
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)

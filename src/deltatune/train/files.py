@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from deltatune.core.state import atomic_write as write_atomic  # write(temp path), then rename
+from deltatune.core.state import default_mode
 
 
 def fsync_dir(path: Path) -> None:
@@ -36,6 +37,7 @@ def replace_dir(target: str | os.PathLike, fill: Callable[[Path], None]) -> None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, default_mode(folder=True))  # mkdtemp makes it owner-only
         fill(tmp)
         for item in tmp.rglob("*"):
             if item.is_file():
