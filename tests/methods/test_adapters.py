@@ -220,6 +220,21 @@ def test_parallel_adapter_refuses_to_nest_around_an_adapted_layer():
     assert [p for p, _ in model.adapter_layers()] == [f"transformer.h.{i}.mlp.c_fc" for i in range(4)]
 
 
+@pytest.mark.parametrize("first, second, wrapper", [
+    (lambda: config("pfeiffer"), lambda: dt.CompacterConfig(bottleneck=WIDTH, phm_dim=2), "BottleneckLayer"),
+    (lambda: dt.CompacterConfig(bottleneck=WIDTH, phm_dim=2), lambda: config("pfeiffer"), "CompacterLayer"),
+], ids=["compacter-over-adapters", "adapters-over-compacter"])
+def test_adapters_and_compacter_refuse_to_share_a_module(first, second, wrapper):
+    # a CompacterLayer is a BottleneckLayer, but runs its blocks with the shared PHM rule: no mixing
+    model = dt.attach(TOYS["gpt2"].model(), first(), "first")
+    layers = dict(model.adapter_layers())
+    with pytest.raises(dt.TargetError, match=rf"transformer\.h\.0\.mlp\.c_proj already carries a {wrapper} adapter;"
+                                             r".*disjoint modules"):
+        model.add(second(), "second")
+    assert model.adapter_names == ["first"] and dict(model.adapter_layers()) == layers
+    assert all(layer.adapter_names == ["first"] for layer in layers.values())
+
+
 # --- real training -------------------------------------------------------------------------
 
 def test_adapters_learn_sst2_on_minilm():

@@ -173,10 +173,19 @@ def test_lora_with_a_trainable_head():
 
 def test_freeze_refuses_modules_holding_other_adapters():
     model = dt.attach(TOYS["llama"].model(), dt.LoraConfig(r=2, targets=["q"], layers=[3]), "lora")
-    with pytest.raises(dt.TargetError, match="disjoint"):
+    with pytest.raises(dt.TargetError, match=r"model\.layers\.3 contains model\.layers\.3\.self_attn\.q_proj, which "
+                                             r"carries a LoraLinear adapter; freeze .* disjoint modules"):
         model.add(FreezeConfig(train="upper:1"), "freeze")
     model.add(FreezeConfig(train="lower:2"), "freeze")  # disjoint blocks are fine
     assert _trained_paths(model, "freeze") == ["model.layers.0", "model.layers.1"]
+
+
+def test_freeze_refuses_a_module_another_method_wraps():
+    model = dt.attach(TOYS["gpt2"].model(), dt.LoraConfig(r=2, targets=["wte"]), "lora")
+    with pytest.raises(dt.TargetError, match=r"transformer\.wte already carries a LoraEmbedding adapter; freeze "
+                                             r"cannot wrap it too: give the two adapters disjoint modules"):
+        model.add(FreezeConfig(train="embeddings"), "freeze")
+    assert model.adapter_names == ["lora"] and not _trained_paths(model, "freeze")
 
 
 def test_freezing_learns_sst2_on_minilm():

@@ -322,16 +322,38 @@ class ModelAdapter(nn.Module):
                 current[key].copy_(value.to(dtype=current[key].dtype))
 
 
-def wrapped(model: nn.Module, path: str, wrapper: type, method: str, make=None) -> "AdapterLayer":
-    """The ``wrapper`` instance at ``path``: the one already there, or a new one around the module
-    (``make(module)``, default ``wrapper(module)``) put in its place. A module that carries another
-    method's wrapper is refused: two wrappers cannot share one layer."""
-    module = model.get_submodule(path)
-    if isinstance(module, wrapper):
-        return module
+def unwrapped_target(module: nn.Module, path: str, wrapper: type, method: str, *, exact: bool = False) -> nn.Module:
+    """Check that ``method`` may put a ``wrapper`` at ``path``, where ``module`` is now, and return
+    the user's module there: ``module`` itself, or the ``base_layer`` of a ``wrapper`` in place already.
+
+    Raises :class:`TargetError`, naming the path, the wrapper in the way and the fix, when another
+    method's wrapper holds the module (two wrappers cannot share one layer) or a layer inside it (a
+    wrapper around it would nest adapters, a trainable copy would copy the other adapter). With
+    ``exact``, a subclass of ``wrapper`` counts as another method's: for subclasses that keep their
+    adapters differently.
+    """
     if isinstance(module, AdapterLayer):
-        raise TargetError(f"{path} already carries a {type(module).__name__} adapter; {method} cannot wrap it too: "
-                          f"exclude it from one of the two configs")
+        if not (type(module) is wrapper if exact else isinstance(module, wrapper)):
+            raise TargetError(f"{path} already carries a {type(module).__name__} adapter; {method} cannot wrap it "
+                              f"too: give the two adapters disjoint modules (exclude it from one of the two configs)")
+        module = module.base_layer
+    inner = next(((p, m) for p, m in module.named_modules() if isinstance(m, AdapterLayer)), None)
+    if inner is not None:
+        raise TargetError(f"{path} contains {path}.{inner[0]}, which carries a {type(inner[1]).__name__} adapter; "
+                          f"{method} cannot wrap a module that holds another adapter: give the two adapters "
+                          f"disjoint modules")
+    return module
+
+
+def wrapped(model: nn.Module, path: str, wrapper: type, method: str, make=None, *,
+            exact: bool = False) -> "AdapterLayer":
+    """The ``wrapper`` instance at ``path``: the one already there, or a new one around the module
+    (``make(module)``, default ``wrapper(module)``) put in its place, after the checks of
+    :func:`unwrapped_target`."""
+    module = model.get_submodule(path)
+    unwrapped_target(module, path, wrapper, method, exact=exact)
+    if isinstance(module, AdapterLayer):  # it passed the check, so it is this method's wrapper
+        return module
     module = (make or wrapper)(module)
     model.set_submodule(path, module)
     return module

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from deltatune.core.layer import AdapterLayer, adapter_dtype, wrapped
-from deltatune.errors import TargetError
+from deltatune.core.layer import adapter_dtype, unwrapped_target, wrapped
 from deltatune.methods.adapters.config import AdapterConfig, BottleneckConfig
 from deltatune.methods.adapters.layer import Bottleneck, BottleneckLayer, reference_weight
 from deltatune.methods.adapters.placement import adapter_dims, adapter_paths, placement_of
@@ -34,22 +33,14 @@ class BottleneckMethod:
         paths = adapter_paths(model, config)
         # check every site before wrapping any, so a bad config leaves the model untouched
         sites = [self.site(model, path, config) for path in paths]
-        layers = [wrapped(model, site.path, self.layer_cls, self.layer_cls.__name__) for site in sites]
+        layers = [wrapped(model, site.path, self.layer_cls, config.method, exact=True) for site in sites]
         self.add_adapters(list(zip(sites, layers)), config, name)
         return paths
 
     def site(self, model: nn.Module, path: str, config: BottleneckConfig) -> Site:
         """The :class:`Site` at ``path``; raises :class:`TargetError` where no adapter can go."""
-        module = model.get_submodule(path)
-        if isinstance(module, AdapterLayer):
-            if type(module) is not self.layer_cls:
-                raise TargetError(f"{path} already carries a {type(module).__name__}; a {self.layer_cls.__name__} "
-                                  f"cannot wrap it too: exclude it from one of the two configs")
-            module = module.base_layer
-        inner = [p for p, m in module.named_modules() if isinstance(m, AdapterLayer)]
-        if inner:
-            raise TargetError(f"{path} contains adapted layers ({path}.{inner[0]}); an adapter around it would "
-                              f"nest wrappers: give the two adapters disjoint modules")
+        # exact: a CompacterLayer is a BottleneckLayer, yet cannot run plain bottleneck blocks
+        module = unwrapped_target(model.get_submodule(path), path, self.layer_cls, config.method, exact=True)
         placement = placement_of(module, config.style)
         d_in, d_out = adapter_dims(module, placement, path)
         return Site(path, module, placement, d_in, d_out, config.width(d_out))

@@ -6,8 +6,7 @@ import copy
 
 from torch import nn
 
-from deltatune.core.layer import AdapterLayer, ModulesToSave
-from deltatune.errors import TargetError
+from deltatune.core.layer import ModulesToSave, unwrapped_target, wrapped
 from deltatune.methods.freeze.config import FreezeConfig
 from deltatune.methods.freeze.select import train_paths
 
@@ -29,21 +28,10 @@ class FreezeMethod:
     def inject(self, model: nn.Module, config: FreezeConfig, name: str) -> list[str]:
         paths = train_paths(model, config.train)
         for path in paths:  # check all before wrapping any
-            module = model.get_submodule(path)
-            if isinstance(module, AdapterLayer) and not isinstance(module, ModulesToSave):
-                raise TargetError(f"{path} already carries a {type(module).__name__}; freeze cannot also train "
-                                  f"a copy of it: give the two adapters disjoint modules")
-            base = module.base_layer if isinstance(module, ModulesToSave) else module
-            inner = [p for p, m in base.named_modules() if isinstance(m, AdapterLayer)]
-            if inner:
-                raise TargetError(f"{path} contains adapted layers ({path}.{inner[0]}); freeze would copy them: "
-                                  f"give the two adapters disjoint modules")
+            unwrapped_target(model.get_submodule(path), path, ModulesToSave, config.method)
         memo: dict = {}
         for path in paths:
-            module = model.get_submodule(path)
-            if not isinstance(module, ModulesToSave):
-                module = TiedModulesToSave(module)
-                model.set_submodule(path, module)
+            module = wrapped(model, path, ModulesToSave, config.method, make=TiedModulesToSave)
             if name in module.adapter_names:  # e.g. the classification head, a module to save already
                 continue
             if isinstance(module, TiedModulesToSave):
