@@ -422,3 +422,17 @@ def test_adapter_layers_stay_in_model_order_as_adapters_come_and_go():
     model.remove("default")
     assert [p for p, _ in model.adapter_layers()] == walked(model)
     assert not any(p.endswith("value") for p, _ in model.adapter_layers())
+
+
+def test_a_module_to_save_that_holds_another_adapters_layer_is_refused():
+    # a trainable copy of bert.pooler would copy adapter a's wrapper in it, and the original
+    # wrapper would move to bert.pooler.base_layer.dense, off the path the model lists it under
+    from deltatune.core.layer import AdapterLayer
+
+    model = dt.attach(BERT.base(), dt.LoraConfig(r=2, targets=["pooler.dense"], modules_to_save=[]), name="a")
+    before = dict(model.adapter_layers())
+    with pytest.raises(dt.TargetError, match=r"bert\.pooler contains bert\.pooler\.dense, which carries a LoraLinear "
+                                             r"adapter; modules_to_save cannot wrap .* disjoint modules"):
+        model.add(dt.LoraConfig(r=2, targets=["q"], modules_to_save=["pooler"]), name="b")
+    assert model.adapter_names == ["a"] and dict(model.adapter_layers()) == before
+    assert {p: m for p, m in model.base_model.named_modules() if isinstance(m, AdapterLayer)} == before

@@ -12,7 +12,7 @@ from torch import nn
 from deltatune.core import registry
 from deltatune.core.archspec import classification_head_names, task_type_of
 from deltatune.core.config import MethodConfig
-from deltatune.core.layer import AdapterLayer, ModelAdapter, ModulesToSave
+from deltatune.core.layer import AdapterLayer, ModelAdapter, ModulesToSave, wrapped
 from deltatune.core.quantized import handler_for
 from deltatune.core.report import format_report
 from deltatune.core.routing import RowRouting, grouping_order, inverse_order, take_rows
@@ -227,13 +227,7 @@ class AdaptedModel(nn.Module):
             raise TargetError(f"modules_to_save {list(wanted)} match no module; top-level modules: "
                               f"{', '.join(n for n, _ in self.base_model.named_children())}")
         for path in found:
-            module = self.base_model.get_submodule(path)
-            if not isinstance(module, ModulesToSave):
-                if isinstance(module, AdapterLayer):
-                    raise TargetError(f"{path} is adapted already and cannot also be a module to save")
-                module = ModulesToSave(module)
-                self.base_model.set_submodule(path, module)
-            module.add_adapter(name)
+            wrapped(self.base_model, path, ModulesToSave, "modules_to_save").add_adapter(name)
         return tuple(found)
 
     def use(self, names: str | Sequence[str]) -> "AdaptedModel":
