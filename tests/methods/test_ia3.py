@@ -229,7 +229,7 @@ def test_saved_layer_selection_reloads_to_the_same_modules(tmp_path):
 
 @pytest.mark.parametrize("bad, match", [
     ({"init": "zeros"}, "init must be one of"),
-    ({"targets": []}, "targets is empty"),
+    ({"targets": []}, "targets must be a regex string or a non-empty list of module names"),
     ({"feedforward": [3]}, "feedforward must be"),
     ({"modules_to_save": [1]}, "modules_to_save"),
 ])

@@ -113,7 +113,7 @@ def test_merge_is_refused():
 
 
 @pytest.mark.parametrize("bad, match", [
-    ({"encoder_reparameterization_type": "GRU"}, "MLP' or 'LSTM"),
+    ({"encoder_reparameterization_type": "GRU"}, r"encoder_reparameterization_type must be one of \('MLP', 'LSTM'\)"),
     ({"encoder_hidden_size": 0}, "encoder_hidden_size"),
     ({"encoder_dropout": 1.5}, "encoder_dropout"),
     ({"encoder_num_layers": 0}, "encoder_num_layers"),

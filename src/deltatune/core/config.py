@@ -37,6 +37,65 @@ def _thaw(value: Any) -> Any:
     return value
 
 
+# --- validation rules, one call per field: each raises "<field> must be <allowed>, got <value>" ---
+
+def require(ok: bool, field: str, value: Any, allowed: str) -> None:
+    """Raise :class:`ConfigError` naming ``field``, its bad ``value`` and what is ``allowed``, unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{field} must be {allowed}, got {value!r}")
+
+
+def is_number(value: Any) -> bool:
+    """An int or float; ``True``/``False`` are not numbers here."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def positive_int(field: str, value: Any, *, hint: str = "", none: str = "") -> None:
+    """``value`` is an int >= 1; with ``none`` (what None stands for), or None."""
+    if none and value is None:
+        return
+    allowed = "a positive integer" + (f" ({hint})" if hint else "") + (f", or None ({none})" if none else "")
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field, value, allowed)
+
+
+def positive_number(field: str, value: Any, *, hint: str = "") -> None:
+    """``value`` is an int or float > 0."""
+    require(is_number(value) and value > 0, field, value, "a positive number" + (f" ({hint})" if hint else ""))
+
+
+def fraction(field: str, value: Any, *, hint: str = "") -> None:
+    """``value`` is a number in [0, 1), such as a dropout probability."""
+    require(is_number(value) and 0 <= value < 1, field, value, "in [0, 1)" + (f" ({hint})" if hint else ""))
+
+
+def one_of(field: str, value: Any, choices: tuple) -> None:
+    """``value`` is one of ``choices``."""
+    require(value in choices, field, value, f"one of {choices}")
+
+
+def module_names(field: str, value: Any, *, words: tuple[str, ...] = (), regex: bool = True,
+                 empty: bool = False) -> None:
+    """``value`` is None, a list of module names (non-empty strings; an empty list only with
+    ``empty``), or, with ``regex``, one string: a regex, or one of ``words`` (``"all-linear"``)."""
+    if value is None or (regex and isinstance(value, str)):
+        return
+    options = [repr(w) for w in words] + (["a regex string"] if regex else [])
+    options.append("a list of module names" if empty else "a non-empty list of module names")
+    names = isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value)
+    require(names and (empty or len(value) > 0), field, value, _either(options))
+
+
+def _either(options: list[str]) -> str:
+    return options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
+
+
+def layer_selection(value: Any) -> Any:
+    """The ``layers`` selection with one block index written as a list of one."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    return value
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     """Fields shared by every method.
@@ -69,8 +128,7 @@ class MethodConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for invalid values. Subclasses extend this."""
-        if self.modules_to_save is not None and not all(isinstance(m, str) for m in self.modules_to_save):
-            raise ConfigError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        module_names("modules_to_save", self.modules_to_save, regex=False, empty=True)
 
     def replace(self, **changes: Any) -> "MethodConfig":
         """A copy with some fields changed (validated again)."""

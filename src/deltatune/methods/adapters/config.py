@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from deltatune.core.config import MethodConfig
-from deltatune.errors import ConfigError
+from deltatune.core.config import (MethodConfig, is_number, layer_selection, one_of, positive_int,
+                                   positive_number, require)
 
 STYLES = ("houlsby", "pfeiffer", "parallel")
 ACTIVATION_NAMES = ("relu", "gelu", "silu", "tanh", "identity")
@@ -49,22 +49,12 @@ class BottleneckConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.layers, int) and not isinstance(self.layers, bool):
-            object.__setattr__(self, "layers", (self.layers,))
-        if self.style not in STYLES:
-            raise ConfigError(f"style must be one of {STYLES}, got {self.style!r}")
-        if (not isinstance(self.reduction_factor, (int, float)) or isinstance(self.reduction_factor, bool)
-                or self.reduction_factor <= 0):
-            raise ConfigError(f"reduction_factor must be a positive number (hidden size / bottleneck width), "
-                              f"got {self.reduction_factor!r}")
-        if self.bottleneck is not None and (not isinstance(self.bottleneck, int) or isinstance(self.bottleneck, bool)
-                                            or self.bottleneck < 1):
-            raise ConfigError(f"bottleneck must be a positive integer or None (then hidden // reduction_factor), "
-                              f"got {self.bottleneck!r}")
-        if self.activation not in ACTIVATION_NAMES:
-            raise ConfigError(f"activation must be one of {ACTIVATION_NAMES}, got {self.activation!r}")
-        if not isinstance(self.scaling, (int, float)) or isinstance(self.scaling, bool) or self.scaling == 0:
-            raise ConfigError(f"scaling must be a non-zero number, got {self.scaling!r}")
+        object.__setattr__(self, "layers", layer_selection(self.layers))
+        one_of("style", self.style, STYLES)
+        positive_number("reduction_factor", self.reduction_factor, hint="hidden size / bottleneck width")
+        positive_int("bottleneck", self.bottleneck, none="then hidden // reduction_factor")
+        one_of("activation", self.activation, ACTIVATION_NAMES)
+        require(is_number(self.scaling) and self.scaling != 0, "scaling", self.scaling, "a non-zero number")
 
     def width(self, hidden: int) -> int:
         """The bottleneck width for a layer of size ``hidden``."""
@@ -97,5 +87,4 @@ class AdapterConfig(BottleneckConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.init not in _INITS:
-            raise ConfigError(f"init must be one of {_INITS}, got {self.init!r}")
+        one_of("init", self.init, _INITS)

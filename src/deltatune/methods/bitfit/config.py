@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from deltatune.core.config import MethodConfig
-from deltatune.errors import ConfigError
+from deltatune.core.config import MethodConfig, layer_selection, module_names, require
 
 
 @dataclass(frozen=True)
@@ -37,16 +36,11 @@ class BitFitConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.layers, int) and not isinstance(self.layers, bool):
-            object.__setattr__(self, "layers", (self.layers,))
+        object.__setattr__(self, "layers", layer_selection(self.layers))
         if self.targets is None:
             object.__setattr__(self, "targets", "all")
-        if not isinstance(self.targets, str) and not (
-                self.targets and all(isinstance(t, str) and t for t in self.targets)):
-            raise ConfigError(f"BitFit targets must be 'all', a regex string or a non-empty list of module names, "
-                              f"got {self.targets!r}")
-        if not isinstance(self.layer_norms, bool):
-            raise ConfigError(f"BitFit layer_norms must be True or False, got {self.layer_norms!r}")
+        module_names("targets", self.targets, words=("all",))
+        require(isinstance(self.layer_norms, bool), "layer_norms", self.layer_norms, "True or False")
 
     def with_targets(self, targets: list[str]) -> "BitFitConfig":
         # the exact list already holds the chosen LayerNorms; adding all of them again on load

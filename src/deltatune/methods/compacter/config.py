@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from deltatune.core.config import positive_int
 from deltatune.errors import ConfigError
 from deltatune.methods.adapters.config import BottleneckConfig
 
@@ -50,12 +51,8 @@ class CompacterConfig(BottleneckConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.phm_dim, int) or isinstance(self.phm_dim, bool) or self.phm_dim < 1:
-            raise ConfigError(f"phm_dim must be a positive integer, got {self.phm_dim!r}")
-        if self.phm_rank is not None and (not isinstance(self.phm_rank, int) or isinstance(self.phm_rank, bool)
-                                          or self.phm_rank < 1):
-            raise ConfigError(f"phm_rank must be a positive integer, or None for full-rank fast weights; "
-                              f"got {self.phm_rank!r}")
+        positive_int("phm_dim", self.phm_dim)
+        positive_int("phm_rank", self.phm_rank, none="full-rank fast weights")
         if self.bottleneck is not None and self.bottleneck % self.phm_dim:
             raise ConfigError(f"bottleneck {self.bottleneck} is not divisible by phm_dim {self.phm_dim}; "
                               f"pick a multiple of {self.phm_dim}")

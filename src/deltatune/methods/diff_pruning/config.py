@@ -7,8 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from deltatune.core.config import MethodConfig
-from deltatune.errors import ConfigError
+from deltatune.core.config import MethodConfig, fraction, is_number, layer_selection, module_names, require
 
 
 @dataclass(frozen=True)
@@ -47,22 +46,11 @@ class DiffPruningConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.layers, int) and not isinstance(self.layers, bool):
-            object.__setattr__(self, "layers", (self.layers,))
+        object.__setattr__(self, "layers", layer_selection(self.layers))
         if self.targets is None:
             object.__setattr__(self, "targets", "all-linear")
-        if not isinstance(self.targets, str) and not (
-                self.targets and all(isinstance(t, str) and t for t in self.targets)):
-            raise ConfigError(f"diff pruning targets must be 'all-linear', a regex string or a non-empty list of "
-                              f"module names, got {self.targets!r}")
-        if not _number(self.target_sparsity) or not 0.0 <= self.target_sparsity < 1.0:
-            raise ConfigError(f"target_sparsity must be in [0, 1) (e.g. 0.995 keeps 0.5% of the diff), "
-                              f"got {self.target_sparsity!r}")
-        if not _number(self.l0_weight) or self.l0_weight < 0:
-            raise ConfigError(f"l0_weight must be a number >= 0, got {self.l0_weight!r}")
-        if not _number(self.init_log_alpha) or not math.isfinite(self.init_log_alpha):
-            raise ConfigError(f"init_log_alpha must be a finite number, got {self.init_log_alpha!r}")
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+        module_names("targets", self.targets, words=("all-linear",))
+        fraction("target_sparsity", self.target_sparsity, hint="e.g. 0.995 keeps 0.5% of the diff")
+        require(is_number(self.l0_weight) and self.l0_weight >= 0, "l0_weight", self.l0_weight, "a number >= 0")
+        require(is_number(self.init_log_alpha) and math.isfinite(self.init_log_alpha), "init_log_alpha",
+                self.init_log_alpha, "a finite number")

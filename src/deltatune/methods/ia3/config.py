@@ -5,19 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from deltatune.core.config import MethodConfig
-from deltatune.errors import ConfigError
+from deltatune.core.config import MethodConfig, layer_selection, module_names, one_of
 
 _INIT = ("ones", "random")
 # our spelling -> PEFT's init_ia3_weights value
 _INIT_TO_PEFT = {"ones": True, "random": False}
-
-
-def _check_selection(field: str, value) -> None:
-    if value is None or isinstance(value, str):
-        return
-    if not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"IA3 {field} must be a regex string or a list of module names, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -57,14 +49,11 @@ class IA3Config(MethodConfig):
         super().validate()
         if isinstance(self.init, bool):  # PEFT's spelling, from a file
             object.__setattr__(self, "init", "ones" if self.init else "random")
-        if isinstance(self.layers, int) and not isinstance(self.layers, bool):
-            object.__setattr__(self, "layers", (self.layers,))
-        if self.init not in _INIT:
-            raise ConfigError(f"IA3 init must be one of {_INIT}, got {self.init!r}")
-        for name in ("targets", "feedforward", "exclude"):
-            _check_selection(name, getattr(self, name))
-        if self.targets is not None and not isinstance(self.targets, str) and not self.targets:
-            raise ConfigError("IA3 targets is empty; name at least one module, or leave it None for k, v, down")
+        object.__setattr__(self, "layers", layer_selection(self.layers))
+        one_of("init", self.init, _INIT)
+        module_names("targets", self.targets)
+        module_names("feedforward", self.feedforward, empty=True)
+        module_names("exclude", self.exclude, empty=True)
 
     def to_dict(self) -> dict:
         out = super().to_dict()

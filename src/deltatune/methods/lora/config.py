@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from deltatune.core.config import MethodConfig
+from deltatune.core.config import MethodConfig, layer_selection, one_of, positive_int, positive_number
 from deltatune.errors import ConfigError
 
 _BIAS = ("none", "all", "lora_only")
@@ -62,24 +62,17 @@ class LoraConfig(MethodConfig):
         super().validate()
         if isinstance(self.init, bool):  # PEFT's spelling, from a file
             object.__setattr__(self, "init", "kaiming" if self.init else "random")
-        if isinstance(self.layers, int) and not isinstance(self.layers, bool):
-            object.__setattr__(self, "layers", (self.layers,))
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ConfigError(f"LoRA rank r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ConfigError(f"LoRA alpha must be a positive number, got {self.alpha!r}")
+        object.__setattr__(self, "layers", layer_selection(self.layers))
+        positive_int("r", self.r, hint="the rank of the update")
+        positive_number("alpha", self.alpha)
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
-        if self.bias not in _BIAS:
-            raise ConfigError(f"bias must be one of {_BIAS}, got {self.bias!r}")
-        if self.init not in _INIT:
-            raise ConfigError(f"init must be one of {_INIT}, got {self.init!r}")
+        one_of("bias", self.bias, _BIAS)
+        one_of("init", self.init, _INIT)
         for key, value in self.rank_pattern.items():
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+            positive_int(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"alpha_pattern[{key!r}] must be a positive number, got {value!r}")
+            positive_number(f"alpha_pattern[{key!r}]", value)
 
     def to_dict(self) -> dict:
         out = super().to_dict()

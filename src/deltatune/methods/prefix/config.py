@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deltatune.errors import ConfigError
+from deltatune.core.config import positive_int, require
 from deltatune.methods.prompt.config import PromptLearningConfig
 
 
@@ -39,12 +39,6 @@ class PrefixTuningConfig(PromptLearningConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.prefix_projection, bool):
-            raise ConfigError(f"prefix_projection must be True or False, got {self.prefix_projection!r}")
-        if self.encoder_hidden_size is not None and (not isinstance(self.encoder_hidden_size, int)
-                                                     or isinstance(self.encoder_hidden_size, bool)
-                                                     or self.encoder_hidden_size < 1):
-            raise ConfigError(f"encoder_hidden_size must be a positive integer or None (= token_dim), "
-                              f"got {self.encoder_hidden_size!r}")
-        if self.init_weights not in (None, "zero"):
-            raise ConfigError(f"init_weights must be None (random) or 'zero', got {self.init_weights!r}")
+        require(isinstance(self.prefix_projection, bool), "prefix_projection", self.prefix_projection, "True or False")
+        positive_int("encoder_hidden_size", self.encoder_hidden_size, none="= token_dim")
+        require(self.init_weights in (None, "zero"), "init_weights", self.init_weights, "None (random) or 'zero'")

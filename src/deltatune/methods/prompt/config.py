@@ -11,16 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from deltatune.core.config import MethodConfig
+from deltatune.core.config import MethodConfig, fraction, one_of, positive_int, require
 from deltatune.errors import ConfigError
 
 _PROMPT_INITS = ("random", "text", "sample_vocab")
 _ENCODER_TYPES = ("MLP", "LSTM")
-
-
-def _positive_int(value: Any, what: str, hint: str = "") -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{what} must be a positive integer, got {value!r}{hint}")
 
 
 @dataclass(frozen=True)
@@ -45,14 +40,11 @@ class PromptLearningConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        _positive_int(self.num_virtual_tokens, "num_virtual_tokens", " (e.g. 20)")
+        positive_int("num_virtual_tokens", self.num_virtual_tokens, hint="e.g. 20")
         for name in ("token_dim", "num_attention_heads", "num_layers"):
-            value = getattr(self, name)
-            if value is not None:
-                _positive_int(value, name, "; leave it None to read it from the model")
-        if self.num_transformer_submodules not in (None, 1, 2):
-            raise ConfigError(f"num_transformer_submodules must be 1, 2 or None (read from the model), "
-                              f"got {self.num_transformer_submodules!r}")
+            positive_int(name, getattr(self, name), none="read from the model")
+        require(self.num_transformer_submodules in (None, 1, 2), "num_transformer_submodules",
+                self.num_transformer_submodules, "1, 2 or None (read from the model)")
 
 
 @dataclass(frozen=True)
@@ -88,8 +80,7 @@ class PromptTuningConfig(PromptLearningConfig):
         super().validate()
         if isinstance(self.init, str):  # PEFT writes "TEXT", "RANDOM", "SAMPLE_VOCAB"
             object.__setattr__(self, "init", self.init.lower())
-        if self.init not in _PROMPT_INITS:
-            raise ConfigError(f"init must be one of {_PROMPT_INITS}, got {self.init!r}")
+        one_of("init", self.init, _PROMPT_INITS)
         if self.init == "text":
             if not self.init_text:
                 raise ConfigError("init='text' needs init_text, e.g. init_text='Classify the sentiment:'")
@@ -98,8 +89,8 @@ class PromptTuningConfig(PromptLearningConfig):
                                   "folder or an alias such as 'minilm')")
         elif self.tokenizer_kwargs:
             raise ConfigError("tokenizer_kwargs only apply with init='text'; remove them or set init='text'")
-        if self.tokenizer_kwargs is not None and not isinstance(self.tokenizer_kwargs, dict):
-            raise ConfigError(f"tokenizer_kwargs must be a dict, got {self.tokenizer_kwargs!r}")
+        require(self.tokenizer_kwargs is None or isinstance(self.tokenizer_kwargs, dict), "tokenizer_kwargs",
+                self.tokenizer_kwargs, "a dict")
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -135,11 +126,7 @@ class PTuningConfig(PromptLearningConfig):
         super().validate()
         if isinstance(self.encoder_reparameterization_type, str):
             object.__setattr__(self, "encoder_reparameterization_type", self.encoder_reparameterization_type.upper())
-        if self.encoder_reparameterization_type not in _ENCODER_TYPES:
-            raise ConfigError(f"encoder_reparameterization_type must be 'MLP' or 'LSTM', "
-                              f"got {self.encoder_reparameterization_type!r}")
-        if self.encoder_hidden_size is not None:
-            _positive_int(self.encoder_hidden_size, "encoder_hidden_size", "; leave it None to use token_dim")
-        _positive_int(self.encoder_num_layers, "encoder_num_layers")
-        if not isinstance(self.encoder_dropout, (int, float)) or not 0.0 <= self.encoder_dropout < 1.0:
-            raise ConfigError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}")
+        one_of("encoder_reparameterization_type", self.encoder_reparameterization_type, _ENCODER_TYPES)
+        positive_int("encoder_hidden_size", self.encoder_hidden_size, none="= token_dim")
+        positive_int("encoder_num_layers", self.encoder_num_layers)
+        fraction("encoder_dropout", self.encoder_dropout)
