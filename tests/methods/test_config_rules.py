@@ -38,10 +38,39 @@ REFUSED = [
     (dt.DiffPruningConfig, {"targets": []},
      "targets must be 'all-linear', a regex string or a non-empty list of module names, got ()"),
 ]
+# refused at attach time before, with a TypeError or ValueError, or (layers=[1.5]) not at all
+LAYERS = "None, one of ('all', 'lower', 'upper', 'even', 'odd'), a block index or a list of block indices"
+REFUSED_EARLY = [
+    (dt.LoraConfig, {"layers": [1.5]}, f"layers must be {LAYERS}, got (1.5,)"),
+    (dt.IA3Config, {"layers": True}, f"layers must be {LAYERS}, got True"),
+    (dt.AdapterConfig, {"layers": "middle"}, f"layers must be {LAYERS}, got 'middle'"),
+    (dt.DiffPruningConfig, {"layers": ["1"]}, f"layers must be {LAYERS}, got ('1',)"),
+    (dt.LoraConfig, {"dropout": None}, "dropout must be in [0, 1), got None"),
+    (dt.LoraConfig, {"dropout": "0.1"}, "dropout must be in [0, 1), got '0.1'"),
+    (dt.LoraConfig, {"targets": [3]},
+     "targets must be 'all-linear', a regex string or a non-empty list of module names, got (3,)"),
+    (dt.LoraConfig, {"targets": []},
+     "targets must be 'all-linear', a regex string or a non-empty list of module names, got ()"),
+    (dt.LoraConfig, {"exclude": 7}, "exclude must be a regex string or a list of module names, got 7"),
+    (dt.AdapterConfig, {"targets": ["o", None]},
+     "targets must be a regex string or a non-empty list of module names, got ('o', None)"),
+    (dt.CompacterConfig, {"exclude": [""]}, "exclude must be a regex string or a list of module names, got ('',)"),
+]
 
 
-@pytest.mark.parametrize("config, bad, message", REFUSED, ids=[f"{c.__name__}-{next(iter(b))}" for c, b, _ in REFUSED])
+def _ids(cases: list) -> list[str]:
+    return [f"{config.__name__}-{next(iter(bad))}" for config, bad, _ in cases]
+
+
+@pytest.mark.parametrize("config, bad, message", REFUSED, ids=_ids(REFUSED))
 def test_a_refusal_names_the_field_the_value_and_what_is_allowed(config, bad, message):
+    with pytest.raises(dt.ConfigError) as caught:
+        config(**bad)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("config, bad, message", REFUSED_EARLY, ids=_ids(REFUSED_EARLY))
+def test_layer_selections_dropout_and_module_lists_are_checked_when_the_config_is_made(config, bad, message):
     with pytest.raises(dt.ConfigError) as caught:
         config(**bad)
     assert str(caught.value) == message
@@ -50,6 +79,9 @@ def test_a_refusal_names_the_field_the_value_and_what_is_allowed(config, bad, me
 @pytest.mark.parametrize("config, value, field, stored", [
     (dt.LoraConfig, {"layers": 2}, "layers", (2,)),
     (dt.IA3Config, {"layers": [0, 3]}, "layers", (0, 3)),
+    (dt.DiffPruningConfig, {"layers": []}, "layers", ()),
+    (dt.LoraConfig, {"targets": "all-linear"}, "targets", "all-linear"),
+    (dt.LoraConfig, {"exclude": []}, "exclude", ()),
     (dt.AdapterConfig, {"layers": "upper"}, "layers", "upper"),
     (dt.IA3Config, {"feedforward": []}, "feedforward", ()),
     (dt.BitFitConfig, {"targets": None}, "targets", "all"),

@@ -14,6 +14,9 @@ from typing import Any, ClassVar
 
 from deltatune.errors import ConfigError
 
+#: the words a ``layers`` selection may be, besides block indices
+LAYER_WORDS = ("all", "lower", "upper", "even", "odd")
+
 # PEFT config keys that never change what an adapter computes; read and dropped silently.
 _PEFT_BOOKKEEPING = frozenset({
     "peft_type", "peft_version", "revision", "inference_mode", "auto_mapping", "megatron_core",
@@ -50,12 +53,16 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def positive_int(field: str, value: Any, *, hint: str = "", none: str = "") -> None:
     """``value`` is an int >= 1; with ``none`` (what None stands for), or None."""
     if none and value is None:
         return
     allowed = "a positive integer" + (f" ({hint})" if hint else "") + (f", or None ({none})" if none else "")
-    require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field, value, allowed)
+    require(_is_int(value) and value >= 1, field, value, allowed)
 
 
 def positive_number(field: str, value: Any, *, hint: str = "") -> None:
@@ -89,10 +96,14 @@ def _either(options: list[str]) -> str:
     return options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
 
 
-def layer_selection(value: Any) -> Any:
-    """The ``layers`` selection with one block index written as a list of one."""
-    if isinstance(value, int) and not isinstance(value, bool):
+def layer_selection(field: str, value: Any) -> tuple[int, ...] | str | None:
+    """``value`` is None, one of :data:`LAYER_WORDS`, a block index or a list of them; returned with
+    one index written as a list of one. Whether the blocks exist is checked against the model."""
+    if _is_int(value):
         return (value,)
+    indices = isinstance(value, (list, tuple)) and all(_is_int(v) for v in value)
+    require(value is None or value in LAYER_WORDS or indices, field, value,
+            f"None, one of {LAYER_WORDS}, a block index or a list of block indices")
     return value
 
 

@@ -10,11 +10,11 @@ from typing import Iterable, Sequence
 from torch import nn
 
 from deltatune.core.archspec import COMPONENTS, classification_head_names, output_head_names, spec_for
+from deltatune.core.config import LAYER_WORDS
 from deltatune.core.layer import AdapterLayer, linear_kinds
 from deltatune.errors import TargetError
 
 LayerSelection = None | str | Sequence[int]
-_LAYER_WORDS = ("all", "lower", "upper", "even", "odd")
 
 
 def visible_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -55,8 +55,8 @@ def _layer_filter(layers: LayerSelection, sizes: dict[str, int]):
     if layers is None or layers == "all":
         return None
     if isinstance(layers, str):
-        if layers not in _LAYER_WORDS:
-            raise TargetError(f"unknown layer selection {layers!r}; use a list of indices or one of {_LAYER_WORDS}")
+        if layers not in LAYER_WORDS:
+            raise TargetError(f"unknown layer selection {layers!r}; use a list of indices or one of {LAYER_WORDS}")
         rule = {
             "lower": lambda i, n: i < n // 2, "upper": lambda i, n: i >= n // 2,
             "even": lambda i, n: i % 2 == 0, "odd": lambda i, n: i % 2 == 1,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from deltatune.core.config import (MethodConfig, is_number, layer_selection, one_of, positive_int,
+from deltatune.core.config import (MethodConfig, is_number, layer_selection, module_names, one_of, positive_int,
                                    positive_number, require)
 
 STYLES = ("houlsby", "pfeiffer", "parallel")
@@ -49,12 +49,14 @@ class BottleneckConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        object.__setattr__(self, "layers", layer_selection(self.layers))
+        object.__setattr__(self, "layers", layer_selection("layers", self.layers))
         one_of("style", self.style, STYLES)
         positive_number("reduction_factor", self.reduction_factor, hint="hidden size / bottleneck width")
         positive_int("bottleneck", self.bottleneck, none="then hidden // reduction_factor")
         one_of("activation", self.activation, ACTIVATION_NAMES)
         require(is_number(self.scaling) and self.scaling != 0, "scaling", self.scaling, "a non-zero number")
+        module_names("targets", self.targets)
+        module_names("exclude", self.exclude, empty=True)
 
     def width(self, hidden: int) -> int:
         """The bottleneck width for a layer of size ``hidden``."""

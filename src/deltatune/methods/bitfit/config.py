@@ -36,7 +36,7 @@ class BitFitConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        object.__setattr__(self, "layers", layer_selection(self.layers))
+        object.__setattr__(self, "layers", layer_selection("layers", self.layers))
         if self.targets is None:
             object.__setattr__(self, "targets", "all")
         module_names("targets", self.targets, words=("all",))

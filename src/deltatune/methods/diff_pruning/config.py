@@ -46,7 +46,7 @@ class DiffPruningConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        object.__setattr__(self, "layers", layer_selection(self.layers))
+        object.__setattr__(self, "layers", layer_selection("layers", self.layers))
         if self.targets is None:
             object.__setattr__(self, "targets", "all-linear")
         module_names("targets", self.targets, words=("all-linear",))

@@ -49,7 +49,7 @@ class IA3Config(MethodConfig):
         super().validate()
         if isinstance(self.init, bool):  # PEFT's spelling, from a file
             object.__setattr__(self, "init", "ones" if self.init else "random")
-        object.__setattr__(self, "layers", layer_selection(self.layers))
+        object.__setattr__(self, "layers", layer_selection("layers", self.layers))
         one_of("init", self.init, _INIT)
         module_names("targets", self.targets)
         module_names("feedforward", self.feedforward, empty=True)

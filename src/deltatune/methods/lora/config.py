@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from deltatune.core.config import MethodConfig, layer_selection, one_of, positive_int, positive_number
-from deltatune.errors import ConfigError
+from deltatune.core.config import (MethodConfig, fraction, layer_selection, module_names, one_of, positive_int,
+                                   positive_number)
 
 _BIAS = ("none", "all", "lora_only")
 _INIT = ("kaiming", "gaussian", "random")
@@ -62,11 +62,12 @@ class LoraConfig(MethodConfig):
         super().validate()
         if isinstance(self.init, bool):  # PEFT's spelling, from a file
             object.__setattr__(self, "init", "kaiming" if self.init else "random")
-        object.__setattr__(self, "layers", layer_selection(self.layers))
+        object.__setattr__(self, "layers", layer_selection("layers", self.layers))
         positive_int("r", self.r, hint="the rank of the update")
         positive_number("alpha", self.alpha)
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        fraction("dropout", self.dropout)
+        module_names("targets", self.targets, words=("all-linear",))
+        module_names("exclude", self.exclude, empty=True)
         one_of("bias", self.bias, _BIAS)
         one_of("init", self.init, _INIT)
         for key, value in self.rank_pattern.items():
