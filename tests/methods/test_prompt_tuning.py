@@ -9,6 +9,7 @@ import json
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import deltatune as dt
 from deltatune.methods.prompt import PromptTuningConfig
@@ -286,6 +287,30 @@ def test_missing_tokenizer_fails_on_use_but_a_saved_adapter_still_loads(tmp_path
     loaded = dt.load(toy.model(), folder)
     torch.testing.assert_close(contract.logits(loaded, toy.inputs()), contract.logits(trained, toy.inputs()),
                                atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("config, kind, layout", [
+    (CONFIG, "prompt", "num_virtual_tokens x token_dim"),
+    (dt.PTuningConfig(num_virtual_tokens=N), "prompt", "num_virtual_tokens x token_dim"),
+    (dt.PrefixTuningConfig(num_virtual_tokens=N, prefix_projection=True), "prefix",
+     "num_virtual_tokens x num_layers*2*token_dim"),
+], ids=["prompt", "p_tuning", "prefix"])
+def test_a_file_whose_table_does_not_fit_is_refused_naming_what_fits(config, kind, layout, tmp_path):
+    toy = contract.TOYS["gpt2"]
+    dt.attach(toy.model(), config).save(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    table = load_file(weights)["prompt_embeddings"]
+    rows, width = table.shape
+    save_file({"prompt_embeddings": torch.zeros(rows + 1, width)}, weights)
+    with pytest.raises(dt.AdapterFileError) as caught:
+        dt.load(toy.model(), tmp_path)
+    assert str(caught.value) == (f"prompt_embeddings has shape ({rows + 1}, {width}) in the file but the model "
+                                 f"expects ({rows}, {width}) ({layout}): another base model?")
+    save_file({"prompt_embeddings": table, "prompt_encoder": table.clone()}, weights)
+    with pytest.raises(dt.AdapterFileError) as caught:
+        dt.load(toy.model(), tmp_path)
+    assert str(caught.value) == (f"a {kind} adapter file holds one tensor, 'prompt_embeddings'; this one has "
+                                 f"['prompt_embeddings', 'prompt_encoder']")
 
 
 # --- with LoRA --------------------------------------------------------------------------------

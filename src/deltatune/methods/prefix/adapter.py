@@ -6,11 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deltatune.core.layer import ModelAdapter
-from deltatune.errors import AdapterError, AdapterFileError, ConfigError
+from deltatune.errors import AdapterError, ConfigError
 from deltatune.methods.prefix.cache import LENGTH_ATTR, extend_cache, keys_and_values
-from deltatune.methods.prompt.adapter import FILE_KEY
-from deltatune.methods.prompt.encoders import SoftPrompt, folded
+from deltatune.methods.prompt.adapter import TableAdapter
 
 
 def _batch_size(kw: dict) -> int:
@@ -33,27 +31,22 @@ def _generation_fanout(base_model: nn.Module, kw: dict) -> int:
     return max(beams, sequences)
 
 
-class PrefixAdapter(ModelAdapter):
+class PrefixAdapter(TableAdapter):
     """Puts ``num_virtual_tokens`` key/value vectors in front of every attention layer's keys and
-    values. ``source()`` returns the flat ``[tokens, num_layers * 2 * token_dim]`` table."""
+    values. ``source()`` returns the flat ``[tokens, num_layers * 2 * token_dim]`` table; folding
+    replaces the reparameterisation MLP by its output."""
+
+    kind = "prefix"
+    layout = "num_virtual_tokens x num_layers*2*token_dim"
 
     def __init__(self, source: nn.Module, *, num_virtual_tokens: int, num_layers: int, heads: int,
                  submodules: int, encoder_decoder: bool) -> None:
-        super().__init__()
-        self.source = source
+        super().__init__(source)
         self.num_virtual_tokens = num_virtual_tokens
         self.num_layers = num_layers
         self.heads = heads
         self.submodules = submodules
         self.encoder_decoder = encoder_decoder
-
-    def table(self) -> torch.Tensor:
-        """The flat prefix table, as saved under ``prompt_embeddings``."""
-        return self.source()
-
-    def fold(self) -> None:
-        """Replace the reparameterisation MLP by a plain table of its current output."""
-        self.source = folded(self.source)
 
     # --- calls ----------------------------------------------------------------------------
     def transform_inputs(self, base_model: nn.Module, kwargs: dict) -> dict:
@@ -111,24 +104,3 @@ class PrefixAdapter(ModelAdapter):
                                   f"architecture does not take key/value prefixes through past_key_values in this "
                                   f"transformers version; use prompt tuning or LoRA for it")
         return outputs
-
-    # --- files ----------------------------------------------------------------------------
-    def file_state(self) -> dict[str, torch.Tensor]:
-        if isinstance(self.source, SoftPrompt):
-            return {FILE_KEY: self.source.weight}
-        with torch.no_grad():
-            return {FILE_KEY: self.table().detach()}
-
-    def load_file_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        if set(tensors) != {FILE_KEY}:
-            raise AdapterFileError(f"a prefix adapter file holds one tensor, {FILE_KEY!r}; this one has "
-                                   f"{sorted(tensors)}")
-        value = tensors[FILE_KEY]
-        self.fold()
-        current = self.source.weight
-        if tuple(value.shape) != tuple(current.shape):
-            raise AdapterFileError(f"{FILE_KEY} has shape {tuple(value.shape)} in the file but the model expects "
-                                   f"{tuple(current.shape)} (num_virtual_tokens x num_layers*2*token_dim): "
-                                   f"another base model?")
-        with torch.no_grad():
-            current.copy_(value.to(dtype=current.dtype))

@@ -4,6 +4,7 @@ the input embeddings (the encoder's, in encoder-decoder models)."""
 from __future__ import annotations
 
 import threading
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -33,7 +34,55 @@ def held_prefix_length(cache) -> int:
     return 0
 
 
-class VirtualTokenAdapter(ModelAdapter):
+class TableAdapter(ModelAdapter):
+    """A model-level adapter whose trained state is one ``[rows, width]`` table of virtual-token
+    vectors, made by ``source`` (a plain table, or an encoder whose output is the table). Files hold
+    the table alone, under PEFT's ``prompt_embeddings``; loading one folds an encoder away.
+    """
+
+    #: the method and the table's layout, for the errors about files that do not fit
+    kind: ClassVar[str] = "prompt"
+    layout: ClassVar[str] = "num_virtual_tokens x token_dim"
+
+    def __init__(self, source: nn.Module, *, pending_error: Exception | None = None) -> None:
+        super().__init__()
+        self.source = source
+        # set when the starting values could not be made (e.g. no tokenizer); raised on first use
+        # unless a saved state is loaded first, which makes the starting values irrelevant
+        self._pending_error = pending_error
+
+    def table(self) -> torch.Tensor:
+        """The full ``[rows, width]`` table, as saved under ``prompt_embeddings``."""
+        if self._pending_error is not None:
+            raise self._pending_error
+        return self.source()
+
+    def fold(self) -> None:
+        """Replace an encoder by a plain table of its current output (what inference needs)."""
+        self.source = folded(self.source)
+
+    def file_state(self) -> dict[str, torch.Tensor]:
+        if isinstance(self.source, SoftPrompt):
+            return {FILE_KEY: self.table()}
+        with torch.no_grad():  # an encoder's output is saved as it stands, without a graph
+            return {FILE_KEY: self.table().detach()}
+
+    def load_file_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if set(tensors) != {FILE_KEY}:
+            raise AdapterFileError(f"a {self.kind} adapter file holds one tensor, {FILE_KEY!r}; this one has "
+                                   f"{sorted(tensors)}")
+        value = tensors[FILE_KEY]
+        self._pending_error = None
+        self.fold()
+        current = self.source.weight
+        if tuple(value.shape) != tuple(current.shape):
+            raise AdapterFileError(f"{FILE_KEY} has shape {tuple(value.shape)} in the file but the model expects "
+                                   f"{tuple(current.shape)} ({self.layout}): another base model?")
+        with torch.no_grad():
+            current.copy_(value.to(dtype=current.dtype))
+
+
+class VirtualTokenAdapter(TableAdapter):
     """Prepends ``num_virtual_tokens`` vectors from ``source`` to every input.
 
     ``source()`` returns a ``[rows, width]`` table (rows may exceed ``num_virtual_tokens`` in
@@ -43,31 +92,16 @@ class VirtualTokenAdapter(ModelAdapter):
 
     def __init__(self, source: nn.Module, num_virtual_tokens: int, *, task_type: str | None,
                  encoder_decoder: bool, pending_error: Exception | None = None) -> None:
-        super().__init__()
-        self.source = source
+        super().__init__(source, pending_error=pending_error)
         self.num_virtual_tokens = num_virtual_tokens
         self.task_type = task_type
         self.encoder_decoder = encoder_decoder
-        # set when the starting values could not be made (e.g. no tokenizer); raised on first use
-        # unless a saved state is loaded first, which makes the starting values irrelevant
-        self._pending_error = pending_error
         # per thread: (length of the input this adapter saw, whether the caller wants a tuple)
         self._calls: dict[int, tuple[int, bool]] = {}
-
-    # --- the virtual tokens ---------------------------------------------------------------
-    def table(self) -> torch.Tensor:
-        """The full ``[rows, width]`` table, as saved under ``prompt_embeddings``."""
-        if self._pending_error is not None:
-            raise self._pending_error
-        return self.source()
 
     def prompts(self) -> torch.Tensor:
         """The ``[num_virtual_tokens, width]`` vectors that are prepended."""
         return self.table()[: self.num_virtual_tokens]
-
-    def fold(self) -> None:
-        """Replace an encoder by a plain table of its current output (what inference needs)."""
-        self.source = folded(self.source)
 
     # --- calls ----------------------------------------------------------------------------
     def transform_inputs(self, base_model: nn.Module, kwargs: dict) -> dict:
@@ -149,25 +183,3 @@ class VirtualTokenAdapter(ModelAdapter):
                 if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] > seen:
                     outputs[key] = value[:, -seen:]
         return outputs.to_tuple() if want_tuple else outputs
-
-    # --- files ----------------------------------------------------------------------------
-    def file_state(self) -> dict[str, torch.Tensor]:
-        if isinstance(self.source, SoftPrompt):
-            return {FILE_KEY: self.table()}
-        with torch.no_grad():
-            return {FILE_KEY: self.table().detach()}
-
-    def load_file_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        extra = sorted(set(tensors) - {FILE_KEY})
-        if FILE_KEY not in tensors or extra:
-            raise AdapterFileError(f"a prompt adapter file holds one tensor, {FILE_KEY!r}; this one has "
-                                   f"{sorted(tensors)}")
-        value = tensors[FILE_KEY]
-        self._pending_error = None
-        self.fold()
-        current = self.source.weight
-        if tuple(value.shape) != tuple(current.shape):
-            raise AdapterFileError(f"{FILE_KEY} has shape {tuple(value.shape)} in the file but the model expects "
-                                   f"{tuple(current.shape)} (num_virtual_tokens x token_dim): another base model?")
-        with torch.no_grad():
-            current.copy_(value.to(dtype=current.dtype))
