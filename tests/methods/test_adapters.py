@@ -124,6 +124,33 @@ def test_parallel_adapter_reads_the_ffn_input():
     torch.testing.assert_close(outer["output"], expected, atol=1e-6, rtol=1e-6)
 
 
+def _bottleneck_in_float64(layer: BottleneckLayer, x: torch.Tensor, act) -> torch.Tensor:
+    """``up(act(down(x)))`` of adapter "default", computed in float64 from the block's weights."""
+    w = {n: p.detach().double() for n, p in layer.adapter["default"].named_parameters()}
+    hidden = act(x.double() @ w["down.weight"].T + w["down.bias"])
+    return hidden @ w["up.weight"].T + w["up.bias"]
+
+
+@pytest.mark.parametrize("prepare, convert, adapter_dtype, tol", [
+    (lambda m: m, lambda m: m.double(), torch.float64, 1e-10),
+    (lambda m: m, lambda m: m.half(), torch.float16, 1e-2),
+    (lambda m: m.to(torch.bfloat16), lambda m: m, torch.float32, 2e-2),
+], ids=["double-after-adding", "half-after-adding", "fp32-adapter-on-bfloat16-base"])
+def test_the_adapter_computes_in_its_own_dtype_also_after_the_model_is_converted(prepare, convert, adapter_dtype,
+                                                                                  tol):
+    toy = TOYS["llama"]
+    model = contract.perturbed(dt.attach(prepare(toy.model()), config("pfeiffer", activation="gelu", scaling=2.0)))
+    convert(model)
+    layer = model.base_model.get_submodule("model.layers.1.mlp.down_proj")
+    assert {p.dtype for p in layer.adapter_parameters("default")} == {adapter_dtype}
+    inner, outer = _capture(layer.base_layer), _capture(layer)
+    contract.logits(model, toy.inputs())
+    y = inner["output"]
+    assert outer["output"].dtype == y.dtype == layer.base_layer.weight.dtype
+    expected = y.double() + 2.0 * _bottleneck_in_float64(layer, y, F.gelu)
+    torch.testing.assert_close(outer["output"].double(), expected, atol=tol, rtol=tol)
+
+
 def test_parallel_adapter_on_bert_adds_to_the_ffn_output_before_the_layernorm():
     toy = TOYS["bert"]
     model = contract.perturbed(dt.attach(toy.model(), config("parallel")))

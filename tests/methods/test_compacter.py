@@ -78,10 +78,12 @@ def test_phm_weight_is_the_sum_of_kronecker_products():
         torch.testing.assert_close(layer(x, rule), x @ expected.T + layer.bias)
 
 
-def test_adapter_output_matches_the_formula():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64-after-adding"])
+def test_adapter_output_matches_the_formula(dtype):
     toy = TOYS["gpt2"]
-    model = contract.perturbed(dt.attach(toy.model(), config(scaling=0.5)))
+    model = contract.perturbed(dt.attach(toy.model(), config(scaling=0.5))).to(dtype)
     layer = model.base_model.get_submodule("transformer.h.1.mlp.c_proj")
+    assert {p.dtype for p in layer.adapter_parameters("default")} == {dtype}
     seen = {}
     layer.base_layer.register_forward_hook(lambda m, a, out: seen.setdefault("y", out))
     layer.register_forward_hook(lambda m, a, out: seen.setdefault("out", out))

@@ -49,6 +49,13 @@ class Bottleneck(nn.Module):
                 self.up.weight.zero_()
                 self.up.bias.zero_()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the block computes in: its weights'. Read from the weight at each call, so it
+        follows a later ``.to(dtype)`` / ``.half()`` of the model; one attribute read, where
+        ``next(parameters())`` walks the module tree."""
+        return self.down.weight.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.activation(self.down(x)))
 
@@ -86,10 +93,9 @@ class BottleneckLayer(AdapterLayer):
         self.scaling.pop(name, None)
 
     def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``scaling * block(x)`` of adapter ``name``, in ``x``'s dtype."""
+        """``scaling * block(x)`` of adapter ``name``, computed in ``block.dtype``, returned in ``x``'s."""
         block = self.blocks()[name]
-        dtype = reference_weight(block).dtype
-        return (block(x.to(dtype)) * self.scaling[name]).to(x.dtype)
+        return (block(x.to(block.dtype)) * self.scaling[name]).to(x.dtype)
 
     def _row_groups(self, args: tuple, kwargs: dict) -> list[tuple[slice | torch.Tensor | None, list[str]]]:
         """``(rows, adapter names)`` pairs: the whole batch (``rows=None``) with the active
