@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import yaml
 
 from deltatune.core import registry
 from deltatune.errors import ConfigError
@@ -131,3 +132,14 @@ def test_resolved_recipe_round_trips_through_yaml(tmp_path):
     assert dataclasses.asdict(again.train) == dataclasses.asdict(r.train)
     assert again.method == r.method and again.data.train == r.resolve_path(r.data.train)
     assert again.data.train.endswith("shared/data/sst2/train.tsv") and ".." not in again.data.train
+
+
+def test_method_options_written_as_yaml_text_are_read_as_numbers():
+    # YAML 1.1 reads 5e-2 (no dot) as text; numeric options take it as the number it spells
+    section = yaml.safe_load("{type: lora, r: 8, alpha: 1e1, dropout: 5e-2, targets: [q, v]}")
+    assert section["dropout"] == "5e-2"
+    method = resolve(section)
+    assert isinstance(method, AdapterMethod)
+    assert method.config.dropout == 0.05 and method.config.alpha == 10.0 and method.config.targets == ("q", "v")
+    with pytest.raises(ConfigError, match="method.dropout should be float.*'lots'"):
+        resolve({"type": "lora", "dropout": "lots"})

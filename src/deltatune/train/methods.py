@@ -8,6 +8,7 @@ methods too (``deltatune.methods.freeze``).
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 
 from torch import nn
@@ -16,6 +17,7 @@ import deltatune as dt
 from deltatune.core import registry
 from deltatune.errors import ConfigError
 from deltatune.train.files import replace_dir
+from deltatune.train.recipe import coerce
 
 
 class TrainMethod:
@@ -59,6 +61,18 @@ class AdapterMethod(TrainMethod):
         return {"type": self.name, **{k: v for k, v in self.config.to_dict().items()}}
 
 
+def _numbers_from_text(config_cls: type, fields: dict) -> dict:
+    """``fields`` with text values of purely numeric options read as numbers: YAML 1.1 reads
+    ``5e-2`` (no dot) as a string, and the method configs want numbers."""
+    hints = typing.get_type_hints(config_cls)
+    out = dict(fields)
+    for key, value in fields.items():
+        args = typing.get_args(hints[key]) or (hints[key],)
+        if isinstance(value, str) and str not in args and (int in args or float in args):
+            out[key] = coerce(value, hints[key], f"method.{key}")
+    return out
+
+
 def resolve(section: dict) -> TrainMethod:
     """The :class:`TrainMethod` a recipe's ``method`` section describes."""
     fields = dict(section)
@@ -70,7 +84,7 @@ def resolve(section: dict) -> TrainMethod:
         if unknown:
             raise ConfigError(f"unknown {kind} option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in "
                               f"method; valid options: {', '.join(valid)}")
-        return AdapterMethod(spec.config_cls(**fields))
+        return AdapterMethod(spec.config_cls(**_numbers_from_text(spec.config_cls, fields)))
     if kind == "intrinsic":  # training in a random subspace, from the experiments package
         from deltatune.experiments.intrinsic import SubspaceMethod
         return SubspaceMethod.from_section(fields)

@@ -237,7 +237,7 @@ def _reject_unknown(keys: Iterable[str], valid: list[str] | tuple[str, ...], whe
 
 # --- building from data ---------------------------------------------------------------------
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
+def coerce(value: Any, annotation: Any, where: str) -> Any:
     """``value`` as the type ``annotation`` names (str/int/float/bool, optionally None)."""
     hint = annotation if not isinstance(annotation, str) else eval(annotation, {"Any": Any})  # noqa: S307
     if hint is Any:
@@ -287,7 +287,7 @@ def _section(cls: type, data: Any, where: str):
         raise ConfigError(f"{where} must be a mapping of keys to values, got {data!r}")
     _reject_unknown(data, _field_names(cls), where)
     hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}" if where != "recipe" else k) for k, v in data.items()})
+    return cls(**{k: coerce(v, hints[k], f"{where}.{k}" if where != "recipe" else k) for k, v in data.items()})
 
 
 def from_dict(data: dict, base_dir: str | os.PathLike = ".") -> Recipe:
@@ -299,7 +299,7 @@ def from_dict(data: dict, base_dir: str | os.PathLike = ".") -> Recipe:
     kwargs: dict[str, Any] = {"base_dir": str(base_dir)}
     for key in ("model", "task", "output_dir"):
         if key in data:
-            kwargs[key] = _coerce(data[key], str, key)
+            kwargs[key] = coerce(data[key], str, key)
     if "data" in data:
         kwargs["data"] = _section(DataSpec, data["data"], "data")
     if "train" in data:
