@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __all__ = ["create_app", "ServeSettings", "Batcher", "RequestError"]
 
-_HOMES = {"create_app": "app", "ServeSettings": "app", "Batcher": "batcher", "RequestError": "errors"}
+_HOMES = {"create_app": "app", "ServeSettings": "settings", "Batcher": "batcher", "RequestError": "errors"}
 
 
 def __getattr__(name: str):

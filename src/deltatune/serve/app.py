@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Awaitable
 
@@ -30,21 +30,9 @@ from deltatune.serve.engine import CLASSIFY, GENERATE, Engine
 from deltatune.serve.errors import RequestError
 from deltatune.serve.metrics import Metrics, MetricsMiddleware, percentiles
 from deltatune.serve.security import TOKEN_ENV, check_admin_token, resolve_adapter_path
+from deltatune.serve.settings import ServeSettings
 
 log = logging.getLogger("deltatune.serve")
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    """How the server batches, bounds and guards its work."""
-
-    adapter_root: str | os.PathLike | None = None  #: runtime loads must name a folder below it; None: no runtime loads
-    admin_token: str | None = None  #: None: read DELTATUNE_ADMIN_TOKEN; unset there too: admin routes disabled
-    max_batch: int = 32  #: rows (texts) per model call
-    max_wait_ms: float = 5.0  #: how long the first request of a batch waits for company
-    queue_size: int = 256  #: waiting requests beyond this are answered 429
-    max_adapters: int = 64  #: adapters kept loaded (LRU); start-up adapters are pinned
-    max_length: int = 512  #: tokens per input; longer inputs are truncated
 
 
 _ERRORS = {code: {"model": schemas.Error} for code in (400, 401, 403, 404, 409, 422, 429, 503)}

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 from deltatune.errors import ConfigError
 from deltatune.serve.errors import QueueFull, RequestError
+from deltatune.serve.settings import DEFAULTS
 
 log = logging.getLogger("deltatune.serve")
 
@@ -52,8 +53,8 @@ class Batcher:
     Start it inside the event loop that serves requests (:meth:`start`), stop it on shutdown.
     """
 
-    def __init__(self, run_batch: BatchFn, *, max_batch: int = 32, max_wait_ms: float = 5.0,
-                 queue_size: int = 256) -> None:
+    def __init__(self, run_batch: BatchFn, *, max_batch: int = DEFAULTS.max_batch,
+                 max_wait_ms: float = DEFAULTS.max_wait_ms, queue_size: int = DEFAULTS.queue_size) -> None:
         if max_batch < 1 or queue_size < 1 or max_wait_ms < 0:
             raise ConfigError(f"max_batch ({max_batch}) and queue_size ({queue_size}) must be at least 1, "
                               f"max_wait_ms ({max_wait_ms}) at least 0")

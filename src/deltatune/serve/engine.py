@@ -17,6 +17,7 @@ from deltatune.core.archspec import task_type_of
 from deltatune.core.model import BASE_ADAPTER, AdaptedModel
 from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.serve.errors import RequestError
+from deltatune.serve.settings import DEFAULTS
 
 
 CLASSIFY, GENERATE = "classify", "generate"
@@ -30,7 +31,8 @@ class Engine:
     keeps at most ``max_adapters`` adapters loaded.
     """
 
-    def __init__(self, model: AdaptedModel, tokenizer, *, max_adapters: int = 64, max_length: int = 512) -> None:
+    def __init__(self, model: AdaptedModel, tokenizer, *, max_adapters: int = DEFAULTS.max_adapters,
+                 max_length: int = DEFAULTS.max_length) -> None:
         kind = _KINDS.get(task_type_of(model.base_model) or "")
         if kind is None:
             raise ConfigError(f"the server serves sequence classifiers and causal LMs, "

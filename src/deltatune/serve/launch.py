@@ -1,6 +1,6 @@
 """``deltatune serve``: load the base model and the start-up adapters, then run uvicorn.
 
-This module imports neither FastAPI nor torch at import time, so ``deltatune --help`` works
+This module does not import FastAPI at import time, so ``deltatune --help`` works
 without the ``serve`` extra.
 """
 
@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from deltatune.errors import ConfigError, DeltatuneError
+from deltatune.serve.settings import DEFAULTS
 
 _AUTO_CLASSES = {"seq-cls": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
 
@@ -28,11 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-labels", type=int, help="classes of a seq-cls model (default: from the first adapter's head)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=32, help="rows per model call (default 32)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (default 5)")
-    p.add_argument("--queue-size", type=int, default=256, help="waiting requests before 429 (default 256)")
-    p.add_argument("--max-adapters", type=int, default=64, help="adapters kept loaded, LRU (default 64)")
-    p.add_argument("--max-length", type=int, default=512, help="tokens per input, longer is truncated (default 512)")
+    for flag, kind, what in (("--max-batch", int, "rows per model call"),
+                             ("--max-wait-ms", float, "how long a batch waits to fill"),
+                             ("--queue-size", int, "waiting requests before 429"),
+                             ("--max-adapters", int, "adapters kept loaded, LRU"),
+                             ("--max-length", int, "tokens per input, longer is truncated")):
+        default = getattr(DEFAULTS, flag[2:].replace("-", "_"))
+        p.add_argument(flag, type=kind, default=default, help=f"{what} (default {default:g})")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
