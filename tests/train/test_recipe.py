@@ -143,3 +143,11 @@ def test_method_options_written_as_yaml_text_are_read_as_numbers():
     assert method.config.dropout == 0.05 and method.config.alpha == 10.0 and method.config.targets == ("q", "v")
     with pytest.raises(ConfigError, match="method.dropout should be float.*'lots'"):
         resolve({"type": "lora", "dropout": "lots"})
+
+
+def test_overrides_reach_a_method_given_by_name_and_odd_keys_get_the_usual_message():
+    data = {"model": "minilm", "task": "seq-cls", "data": {"train": "t.tsv"}, "method": "lora"}
+    built = rc.load(data, ["method.r=4"])
+    assert built.method == {"type": "lora", "r": 4}
+    with pytest.raises(ConfigError, match="unknown key 3 in train; valid keys: epochs"):
+        rc.load({**data, "train": {3: "x", "lr": 1e-3}})

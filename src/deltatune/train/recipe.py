@@ -228,7 +228,7 @@ def check_key(key: str) -> None:
 def _reject_unknown(keys: Iterable[str], valid: list[str] | tuple[str, ...], where: str) -> None:
     """Raise :class:`ConfigError` naming the ``keys`` not among ``valid`` (of the recipe, or
     of the section ``where``) and the valid ones."""
-    unknown = sorted(set(keys) - set(valid))
+    unknown = sorted(set(map(str, keys)) - set(valid))  # YAML keys may be numbers: compare as text
     if unknown:
         plural, listed = ("s" if len(unknown) > 1 else ""), ", ".join(unknown)
         what = f"recipe key{plural} {listed}" if where == "recipe" else f"key{plural} {listed} in {where}"
@@ -348,6 +348,8 @@ def set_keys(data: dict, values: Iterable[tuple[str, Any]], source: str = "recip
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
+            if node is data and part == "method" and isinstance(child, str):  # "method: lora", short for a section
+                child = node[part] = {"type": child}
             if not isinstance(child, dict):
                 raise ConfigError(f"{source} {key}: {part} is not a section")
             node = child
