@@ -142,7 +142,7 @@ def create_app(model: nn.Module, tokenizer, settings: ServeSettings | None = Non
                 "mean_rows": round(stats.rows / stats.batches, 3) if stats.batches else 0.0,
                 "rows_percentiles": percentiles(sizes),
                 "rows_histogram": _histogram(sizes),
-                "mean_adapters": round(sum(stats.adapters) / len(stats.adapters), 3) if stats.adapters else 0.0,
+                "mean_adapters": round(stats.adapter_groups / stats.batches, 3) if stats.batches else 0.0,
             },
             "adapters_loaded": len(engine.loaded),
             "adapters_evicted": engine.cache.evictions,

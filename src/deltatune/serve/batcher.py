@@ -44,7 +44,7 @@ class BatchStats:
     rows: int = 0
     requests: int = 0
     sizes: deque = field(default_factory=lambda: deque(maxlen=10_000))  # rows per recent batch
-    adapters: deque = field(default_factory=lambda: deque(maxlen=10_000))  # distinct keys per recent batch
+    adapter_groups: int = 0  # distinct keys summed over all batches (the mean divides by batches, like rows)
 
 
 class Batcher:
@@ -199,7 +199,7 @@ class Batcher:
         stats.requests += len(batch)
         stats.rows += sum(len(r) for _, r in requests)
         stats.sizes.append(sum(len(r) for _, r in requests))
-        stats.adapters.append(len({k for k, _ in requests}))
+        stats.adapter_groups += len({k for k, _ in requests})
         for item, result in zip(batch, results):
             _settle(item.future, result)
 
