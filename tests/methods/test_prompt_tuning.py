@@ -313,6 +313,18 @@ def test_a_file_whose_table_does_not_fit_is_refused_naming_what_fits(config, kin
                                  f"['prompt_embeddings', 'prompt_encoder']")
 
 
+
+@pytest.mark.parametrize("config", [dt.PTuningConfig(num_virtual_tokens=N),
+                                    dt.PrefixTuningConfig(num_virtual_tokens=N, prefix_projection=True)],
+                         ids=["p_tuning", "prefix"])
+def test_a_table_that_does_not_fit_leaves_the_encoder_in_place(config):
+    model = dt.attach(contract.TOYS["gpt2"].model(), config)
+    adapter = model.model_adapters["default"]
+    encoder, table = adapter.source, adapter.file_state()["prompt_embeddings"]
+    with pytest.raises(dt.AdapterFileError, match="another base model"):
+        adapter.load_file_state({"prompt_embeddings": torch.zeros(table.shape[0] + 1, table.shape[1])})
+    assert adapter.source is encoder  # still trainable through its encoder, not folded into a table
+
 # --- with LoRA --------------------------------------------------------------------------------
 
 def test_prompt_and_lora_active_together(tmp_path):

@@ -72,14 +72,13 @@ class TableAdapter(ModelAdapter):
             raise AdapterFileError(f"a {self.kind} adapter file holds one tensor, {FILE_KEY!r}; this one has "
                                    f"{sorted(tensors)}")
         value = tensors[FILE_KEY]
-        self._pending_error = None
-        self.fold()
-        current = self.source.weight
-        if tuple(value.shape) != tuple(current.shape):
+        table = folded(self.source)  # checked before it replaces the encoder: a bad file changes nothing
+        if tuple(value.shape) != tuple(table.weight.shape):
             raise AdapterFileError(f"{FILE_KEY} has shape {tuple(value.shape)} in the file but the model expects "
-                                   f"{tuple(current.shape)} ({self.layout}): another base model?")
+                                   f"{tuple(table.weight.shape)} ({self.layout}): another base model?")
         with torch.no_grad():
-            current.copy_(value.to(dtype=current.dtype))
+            table.weight.copy_(value.to(dtype=table.weight.dtype))
+        self.source, self._pending_error = table, None
 
 
 class VirtualTokenAdapter(TableAdapter):
