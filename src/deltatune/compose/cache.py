@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Callable
 from collections import OrderedDict
+from typing import Callable
 
 from deltatune.core.model import AdaptedModel
 from deltatune.errors import AdapterError

@@ -290,6 +290,12 @@ def _section(cls: type, data: Any, where: str):
     return cls(**{k: coerce(v, hints[k], f"{where}.{k}" if where != "recipe" else k) for k, v in data.items()})
 
 
+def method_section(value: Any) -> Any:
+    """A recipe's ``method`` value with the short form ``method: lora`` written as the section
+    ``{type: lora}`` (anything else as it is, for the checks to judge)."""
+    return {"type": value} if isinstance(value, str) else value
+
+
 def from_dict(data: dict, base_dir: str | os.PathLike = ".") -> Recipe:
     """A validated :class:`Recipe` from plain data (e.g. parsed YAML)."""
     if not isinstance(data, dict):
@@ -305,9 +311,7 @@ def from_dict(data: dict, base_dir: str | os.PathLike = ".") -> Recipe:
     if "train" in data:
         kwargs["train"] = _section(TrainSpec, data["train"] or {}, "train")
     if "method" in data:
-        method = data["method"]
-        if isinstance(method, str):
-            method = {"type": method}
+        method = method_section(data["method"])
         kwargs["method"] = dict(method) if isinstance(method, dict) else method
     if data.get("quantize") is not None:
         if not isinstance(data["quantize"], dict):
@@ -348,8 +352,8 @@ def set_keys(data: dict, values: Iterable[tuple[str, Any]], source: str = "recip
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
-            if node is data and part == "method" and isinstance(child, str):  # "method: lora", short for a section
-                child = node[part] = {"type": child}
+            if node is data and part == "method":
+                child = node[part] = method_section(child)
             if not isinstance(child, dict):
                 raise ConfigError(f"{source} {key}: {part} is not a section")
             node = child
