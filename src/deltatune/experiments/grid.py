@@ -67,7 +67,6 @@ class Run:
     Attributes:
         setting: the grid values of this run, ``{dotted key: value}`` (empty for baselines).
         seed: ``train.seed``.
-        kind: ``"grid"`` or ``"baseline"``.
         label: a short human-readable name of the setting (``r=8 targets=q,v`` or ``full``).
         folder: the run's output folder (``<output_dir>/runs/<setting id>/seed<seed>``).
         recipe: the complete recipe data of the run (paths absolute, output_dir set).
@@ -76,11 +75,15 @@ class Run:
 
     setting: dict[str, Any]
     seed: int
-    kind: str
     label: str
     folder: Path
     recipe: dict = field(repr=False)
     baseline: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """``"grid"`` or ``"baseline"``."""
+        return "grid" if self.baseline is None else "baseline"
 
     @property
     def method(self) -> str:
@@ -187,8 +190,7 @@ class Sweep:
             resolve_method(built.method)
         except DeltatuneError as exc:
             raise ConfigError(f"sweep {where}: {exc}") from None
-        kind = "grid" if baseline is None else "baseline"
-        return Run(setting, seed, kind, label, folder, built.to_dict(), baseline)
+        return Run(setting, seed, label, folder, built.to_dict(), baseline)
 
 
 # --- parsing ---------------------------------------------------------------------------------
