@@ -100,6 +100,12 @@ def _shapes(folder) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in load_file(str(folder / WEIGHTS)).items()}
 
 
+# deltatune's fused LoRA node folds the update into the fp32 weight (x (W + s B A)^T) where peft
+# adds s (x A^T) B^T after the frozen matmul; the two roundings part by up to ~2e-6 on the T5 toy's
+# logits (whose size is ~1), so "identical" is 1e-5 here
+LOGIT_ATOL = 1e-5
+
+
 def test_deltatune_folder_loads_in_peft_with_identical_outputs(case, tmp_path):
     import peft
     batch = case.toy.batch()
@@ -109,7 +115,7 @@ def test_deltatune_folder_loads_in_peft_with_identical_outputs(case, tmp_path):
     model.save(tmp_path / "ours")
 
     loaded = peft.PeftModel.from_pretrained(case.toy.base(), tmp_path / "ours").eval()
-    assert_same(logits(loaded, batch), expected)
+    assert_same(logits(loaded, batch), expected, atol=LOGIT_ATOL)
     # the LoRA tensors are exactly those peft writes for this adapter, and every other tensor we
     # write (head copy, biases) peft writes too (peft may add more: full embedding matrices)
     theirs(case).save_pretrained(tmp_path / "theirs")
@@ -126,7 +132,7 @@ def test_peft_folder_loads_in_deltatune_with_identical_outputs(case, tmp_path):
     reference.save_pretrained(tmp_path)
 
     loaded = dt.load(case.toy.base(), tmp_path).eval()
-    assert_same(logits(loaded, batch), expected)
+    assert_same(logits(loaded, batch), expected, atol=LOGIT_ATOL)
     assert lora_paths(loaded) == lora_paths(reference.base_model.model)
 
 

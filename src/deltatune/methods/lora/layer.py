@@ -110,14 +110,11 @@ class LoraLinear(LoraLayer):
         self._set_hparams(name, r, alpha, dropout, use_rslora)
 
     #: take the fused single-node path where it applies (see fused.py); tests compare both paths.
-    #: Off by default: on an AVX2 CPU (one thread, MiniLM b32 L128, r=8 q,v) a training step took
-    #: 1.10x the frozen-model bound fused and 1.00x plain, so the plain path is the faster one there.
-    use_fused: bool = False
+    use_fused: bool = True
 
     def _fusable(self, names: list[str]) -> bool:
         base = self.base_layer
-        return (self.use_fused and len(names) == 1 and type(base) in linear_kinds()
-                and not base.weight.requires_grad and (self.dropout_p[names[0]] == 0 or not self.training))
+        return self.use_fused and len(names) == 1 and type(base) in linear_kinds() and not base.weight.requires_grad
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.routing is not None:
@@ -125,8 +122,10 @@ class LoraLinear(LoraLayer):
         names = self.unmerged_active()
         if not args and not kwargs and self._fusable(names):
             base, name = self.base_layer, names[0]
-            return LoraLinearFunction.apply(x, base.weight, base.bias, self.lora_A[name].weight,
-                                            self.lora_B[name].weight, self.scaling[name], self.fan_in_fan_out)
+            dropped = self._dropped(x, name)
+            return LoraLinearFunction.apply(x, None if dropped is x else dropped, base.weight, base.bias,
+                                            self.lora_A[name].weight, self.lora_B[name].weight,
+                                            self.scaling[name], self.fan_in_fan_out)
         result = self.base_layer(x, *args, **kwargs)
         for name in names:
             a = self.lora_A[name].weight
