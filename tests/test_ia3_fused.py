@@ -24,9 +24,11 @@ def test_fused_path_equals_plain_autograd(toy, two_adapters, monkeypatch):
     assert sum(".ia3_l." in n for n in grads) >= 2 * (2 if two_adapters else 1)
 
 
+@pytest.mark.parametrize("zero_in_out_scale", [False, True], ids=["nonzero", "zero"])
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-def test_fused_layer_matches_the_formula(kind):
-    """``y = ((x * l_in) W^T + b) * l_out`` and its gradients, written out by hand."""
+def test_fused_layer_matches_the_formula(kind, zero_in_out_scale):
+    """``y = ((x * l_in) W^T + b) * l_out`` and its gradients, written out by hand; an exact zero
+    in ``l_out`` (where the folded path's division could not recover the pre-scale output)."""
     torch.manual_seed(0)
     base = torch.nn.Linear(6, 5) if kind == "linear" else Conv1D(5, 6)
     base.requires_grad_(False)
@@ -34,6 +36,9 @@ def test_fused_layer_matches_the_formula(kind):
     layer.add_adapter("in", feedforward=True, init="random")
     layer.add_adapter("out", feedforward=False, init="random")
     layer.set_active(["in", "out"])
+    if zero_in_out_scale:
+        with torch.no_grad():
+            layer.ia3_l["out"][2] = 0.0
     assert layer._fusable()
     x = torch.randn(2, 4, 6, requires_grad=True)
     y = layer(x)
@@ -46,5 +51,6 @@ def test_fused_layer_matches_the_formula(kind):
     y.backward(g)
     torch.testing.assert_close(x.grad, ((g * l_out) @ w) * l_in)
     torch.testing.assert_close(layer.ia3_l["out"].grad.flatten(), (g * pre).sum((0, 1)))
+    assert torch.isfinite(layer.ia3_l["out"].grad).all()
     torch.testing.assert_close(layer.ia3_l["in"].grad.flatten(), (((g * l_out) @ w) * x).sum((0, 1)))
     assert base.weight.grad is None and base.bias.grad is None

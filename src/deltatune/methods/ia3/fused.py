@@ -4,8 +4,12 @@ Why: the plain path scales the activations before the layer (a new ``[N, in]`` b
 autograd keeps for the backward: on a BERT feed-forward output layer that is the 4x-wide
 intermediate) and after it (another ``[N, out]`` node). Here the input scale is folded into
 the weight (``W diag(l_in)``, a weight-sized product instead of an activation-sized one), the
-saved tensors are only ``x`` (when ``l_in`` trains) and the pre-scale output (when ``l_out``
-does), and the backward builds the input gradient with one matmul and in-place scaling.
+saved tensors are only ``x`` (when ``l_in`` trains) and the output (when ``l_out`` does), and
+the backward builds the input gradient with one matmul and in-place scaling. The output scale
+is folded into the weight and bias too (``diag(l_out) W``), so an output-scaled layer costs one
+matmul forward and one backward, as the frozen layer does; its gradient
+``sum_n g * (x W^T + b)`` is then read off the saved output as ``sum_n g * y / l_out``. A scale
+with an exact zero (which that division cannot undo) keeps the pre-scale output instead.
 The frozen W gets no gradient (callers use this path only when W is frozen). Under autocast
 the operands are cast once to the autocast dtype; the vectors get gradients in their own dtype.
 """
@@ -24,30 +28,46 @@ class IA3LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, in_scale, out_scale, transposed: bool):
         dtype = compute_dtype(x)
+        fold_out = out_scale is not None and bool((out_scale != 0).all())
         with torch.autocast(x.device.type, enabled=False):
             w = (weight.t() if transposed else weight).to(dtype)  # [out, in]
             w_in = w * in_scale.to(dtype) if in_scale is not None else w
+            l_out = out_scale.to(dtype).unsqueeze(1) if out_scale is not None else None
+            w_eff = w_in * l_out if fold_out else w_in
+            b = bias.to(dtype) if bias is not None else None
+            b_eff = b * l_out.squeeze(1) if fold_out and b is not None else b
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            pre = torch.addmm(bias.to(dtype), x2, w_in.t()) if bias is not None else x2 @ w_in.t()
-            out = pre * out_scale.to(dtype) if out_scale is not None else pre
+            pre = torch.addmm(b_eff, x2, w_eff.t()) if b_eff is not None else x2 @ w_eff.t()
+            out = pre * l_out.squeeze(1) if out_scale is not None and not fold_out else pre
         keep_x = in_scale is not None and ctx.needs_input_grad[3]
-        keep_pre = out_scale is not None and ctx.needs_input_grad[4]
-        ctx.save_for_backward(x2 if keep_x else None, pre if keep_pre else None, w, in_scale, out_scale)
+        keep_out = out_scale is not None and ctx.needs_input_grad[4]
+        ctx.save_for_backward(x2 if keep_x else None, (out if fold_out else pre) if keep_out else None,
+                              w, in_scale, out_scale)
+        ctx.fold_out = fold_out
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, pre, w, in_scale, out_scale = ctx.saved_tensors
+        x2, kept, w, in_scale, out_scale = ctx.saved_tensors
         with torch.autocast(grad_out.device.type, enabled=False):
             g = grad_out.reshape(-1, grad_out.shape[-1]).to(w.dtype)
-            grad_out_scale = (g * pre).sum(0).to(out_scale.dtype) if pre is not None else None
-            g_pre = g * out_scale.to(g.dtype) if out_scale is not None else g  # dL/d(pre)
-            grad_bias = g_pre.sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+            l_out = out_scale.to(g.dtype) if out_scale is not None else None
+            grad_out_scale = None
+            if kept is not None:  # sum_n g * pre, where pre = out / l_out when the scale is folded
+                grad_out_scale = (g * kept).sum(0)
+                if ctx.fold_out:
+                    grad_out_scale = grad_out_scale / l_out
+                grad_out_scale = grad_out_scale.to(out_scale.dtype)
+            grad_bias = None
+            if ctx.needs_input_grad[2]:
+                grad_bias = g.sum(0) * l_out if l_out is not None else g.sum(0)
+                grad_bias = grad_bias.to(ctx.bias_dtype)
             grad_x = grad_in_scale = None
             if ctx.needs_input_grad[0] or x2 is not None:
-                g_xs = g_pre @ w  # dL/d(x * l_in), [N, in]
+                w_out = w * l_out.unsqueeze(1) if l_out is not None else w
+                g_xs = g @ w_out  # dL/d(x * l_in), [N, in]
                 if x2 is not None:
                     grad_in_scale = (g_xs * x2).sum(0).to(in_scale.dtype)
                 if ctx.needs_input_grad[0]:
