@@ -162,3 +162,28 @@ def test_cancelled_requests_are_skipped_and_stop_answers_the_rest_with_503():
             await batcher.submit("after", [3])
 
     run(main())
+
+
+def test_stop_waits_for_the_batch_in_flight_without_blocking_the_event_loop():
+    async def main():
+        batcher = await started(Recorder(), max_batch=4, max_wait_ms=0)
+        gate, inside = threading.Event(), threading.Event()
+
+        def slow():
+            inside.set()
+            gate.wait(5)
+            return "done"
+
+        call = asyncio.ensure_future(batcher.call(slow, bounded=False))
+        while not inside.is_set():  # the model thread is now busy with the call
+            await asyncio.sleep(0.001)
+        stopping = asyncio.ensure_future(batcher.stop())
+        await asyncio.sleep(0.05)
+        # the loop still runs while stop() waits: this coroutine got here, and it lets the call end
+        assert not stopping.done()
+        gate.set()
+        await stopping
+        return await asyncio.gather(call, return_exceptions=True)
+
+    (result,) = run(main())
+    assert result == "done" or isinstance(result, RequestError)

@@ -92,8 +92,10 @@ class Batcher:
         self._in_flight = []
         self._bounded = 0
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+            executor, self._executor = self._executor, None
+            # the batch in flight may run for seconds: wait for it off the event loop, which other
+            # coroutines (health checks, the rest of the shutdown) still need
+            await asyncio.to_thread(executor.shutdown, wait=True)
 
     @property
     def running(self) -> bool:
