@@ -7,6 +7,7 @@ seconds alone: machines here differ (AVX2 only vs AMX with native bf16).
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -61,6 +62,31 @@ def _sync(device: str) -> None:
 def cpu_clock_note() -> str:
     return ("CPU time of this process (time.process_time) with one torch thread: on a shared machine "
             "wall time measures the neighbours too")
+
+
+#: glibc settings under which freed memory stays with the process (see :func:`steady_allocator`)
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30)}
+
+
+def steady_allocator(argv: list[str]) -> None:
+    """Re-run this script (once, on Linux) with :data:`STEADY_MALLOC` in the environment.
+
+    Why: with glibc's defaults a step's large activations may go back to the OS when freed and
+    fault back in on the next step, and whether they do depends on what the variant before it
+    in the interleaved rounds freed. Measured per MiniLM step in one process: the frozen model 0
+    minor page faults, deltatune 34,500, peft 67,500 (0.6 s of system time, counted by the CPU
+    clock). That is allocator noise, larger than the differences the step benchmarks look for.
+    """
+    if sys.platform != "linux" or all(os.environ.get(k) == v for k, v in STEADY_MALLOC.items()):
+        return
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *argv], {**os.environ, **STEADY_MALLOC})
+
+
+def allocator_note() -> str:
+    steady = all(os.environ.get(k) == v for k, v in STEADY_MALLOC.items())
+    return ("glibc keeps freed memory (" + ", ".join(f"{k}={v}" for k, v in STEADY_MALLOC.items()) + ")"
+            if steady else "the C allocator's defaults")
 
 
 def step_benchmark(name: str, device: str, **facts) -> tuple[dict, list[str]]:

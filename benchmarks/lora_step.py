@@ -7,7 +7,7 @@ training step holds. ``--rss`` also reads the peak resident set of a step, each 
 own process (coarse: it depends on what the allocator keeps). Prints one JSON line with the ratios.
 Adapter loading has its own benchmark (adapter_load.py).
 
-    python benchmarks/lora_step.py [--method lora|ia3] [--rounds 5] [--rss] [--device cpu|cuda]
+    python benchmarks/lora_step.py [--method lora|ia3] [--rounds 5] [--rss] [--device cpu|cuda] [--default-allocator]
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (interleaved_medians, peak_rss_mib, reset_peak_rss, rss_mib, run_probe,  # noqa: E402
-                    step_benchmark, training_memory_mib)
+from common import (allocator_note, interleaved_medians, peak_rss_mib, reset_peak_rss, rss_mib,  # noqa: E402
+                    run_probe, steady_allocator, step_benchmark, training_memory_mib)
 
 import transformers  # noqa: E402
 
@@ -141,13 +141,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--rss", action="store_true", help="also measure peak RSS, one process per variant")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="keep the C allocator's defaults (page faults add noise: common.steady_allocator)")
     parser.add_argument("--probe", nargs=4, metavar=("VARIANT", "DEVICE", "PRECISION", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
         probe(*args.probe)
         return
+    if not args.default_allocator:
+        steady_allocator(sys.argv)
     result, precisions = step_benchmark(f"{args.method}_step", args.device, batch=BATCH, length=LENGTH,
                                         **({"rank": RANK} if args.method == "lora" else {}))
+    result["allocator"] = allocator_note()
     for precision in precisions:
         timing = time_steps(args.device, precision, args.rounds, args.method)
         if args.rss:
