@@ -247,6 +247,7 @@ def test_sample_vocab_init_rows_are_word_embeddings():
     ({"init": "text", "init_text": "hello"}, "tokenizer_name_or_path"),
     ({"tokenizer_kwargs": {"use_fast": True}}, "only apply with init='text'"),
     ({"num_transformer_submodules": 3}, "num_transformer_submodules"),
+    ({"num_transformer_submodules": True}, "num_transformer_submodules"),
     ({"token_dim": 0}, "token_dim"),
 ])
 def test_invalid_configs_are_refused(bad, match):

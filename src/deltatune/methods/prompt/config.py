@@ -43,8 +43,10 @@ class PromptLearningConfig(MethodConfig):
         positive_int("num_virtual_tokens", self.num_virtual_tokens, hint="e.g. 20")
         for name in ("token_dim", "num_attention_heads", "num_layers"):
             positive_int(name, getattr(self, name), none="read from the model")
-        require(self.num_transformer_submodules in (None, 1, 2), "num_transformer_submodules",
-                self.num_transformer_submodules, "1, 2 or None (read from the model)")
+        submodules = self.num_transformer_submodules
+        # True == 1 in Python; a bool here is a mistaken flag, not a count
+        require(not isinstance(submodules, bool) and submodules in (None, 1, 2), "num_transformer_submodules",
+                submodules, "1, 2 or None (read from the model)")
 
 
 @dataclass(frozen=True)
