@@ -77,16 +77,20 @@ def steady_allocator(argv: list[str]) -> None:
     minor page faults, deltatune 34,500, peft 67,500 (0.6 s of system time, counted by the CPU
     clock). That is allocator noise, larger than the differences the step benchmarks look for.
     """
-    if sys.platform != "linux" or all(os.environ.get(k) == v for k, v in STEADY_MALLOC.items()):
+    if sys.platform != "linux" or _allocator_is_steady():
         return
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, *argv], {**os.environ, **STEADY_MALLOC})
 
 
+def _allocator_is_steady() -> bool:
+    return all(os.environ.get(k) == v for k, v in STEADY_MALLOC.items())
+
+
 def allocator_note() -> str:
-    steady = all(os.environ.get(k) == v for k, v in STEADY_MALLOC.items())
+    """Which allocator settings this process runs with, for the benchmark's result."""
     return ("glibc keeps freed memory (" + ", ".join(f"{k}={v}" for k, v in STEADY_MALLOC.items()) + ")"
-            if steady else "the C allocator's defaults")
+            if _allocator_is_steady() else "the C allocator's defaults")
 
 
 def step_benchmark(name: str, device: str, **facts) -> tuple[dict, list[str]]:

@@ -53,7 +53,8 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int; ``True``/``False`` are not (Python counts them as 1 and 0)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -62,7 +63,7 @@ def positive_int(field: str, value: Any, *, hint: str = "", none: str = "") -> N
     if none and value is None:
         return
     allowed = "a positive integer" + (f" ({hint})" if hint else "") + (f", or None ({none})" if none else "")
-    require(_is_int(value) and value >= 1, field, value, allowed)
+    require(is_int(value) and value >= 1, field, value, allowed)
 
 
 def positive_number(field: str, value: Any, *, hint: str = "") -> None:
@@ -99,9 +100,9 @@ def _either(options: list[str]) -> str:
 def layer_selection(field: str, value: Any) -> tuple[int, ...] | str | None:
     """``value`` is None, one of :data:`LAYER_WORDS`, a block index or a list of them; returned with
     one index written as a list of one. Whether the blocks exist is checked against the model."""
-    if _is_int(value):
+    if is_int(value):
         return (value,)
-    indices = isinstance(value, (list, tuple)) and all(_is_int(v) for v in value)
+    indices = isinstance(value, (list, tuple)) and all(is_int(v) for v in value)
     require(value is None or value in LAYER_WORDS or indices, field, value,
             f"None, one of {LAYER_WORDS}, a block index or a list of block indices")
     return value

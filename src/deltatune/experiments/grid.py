@@ -46,6 +46,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from deltatune.core.config import is_int
 from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.train import recipe as recipe_mod
 from deltatune.train.methods import resolve as resolve_method
@@ -238,7 +239,7 @@ def load_sweep(source: str | Path | dict, output_dir: str | Path | None = None) 
     _check_keys(overrides, "the sweep's set")
     seeds = data.get("seeds", [0])
     seeds = [seeds] if isinstance(seeds, int) else seeds
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    if not isinstance(seeds, list) or not seeds or not all(is_int(s) for s in seeds):
         raise ConfigError(f"seeds must be a non-empty list of integers, got {seeds!r}")
     search = data.get("search", "grid")
     if search not in ("grid", "random"):

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from deltatune.core.config import MethodConfig
+from deltatune.core.config import MethodConfig, is_int
 from deltatune.errors import ConfigError
 
 PART_WORDS = ("embeddings", "head", "all")
@@ -19,7 +19,7 @@ _END = re.compile(r"(upper|lower):(\d+)")
 def parse_train(train) -> tuple[int | str, ...]:
     """``train`` as a tuple of items: block indices (ints), ``"upper:k"``, ``"lower:k"``,
     ``"embeddings"``, ``"head"``, ``"all"``. Accepts one item, a comma-separated string, or a list."""
-    if isinstance(train, (int, str)) and not isinstance(train, bool):
+    if is_int(train) or isinstance(train, str):
         items = [s.strip() for s in train.split(",")] if isinstance(train, str) else [train]
     elif isinstance(train, (list, tuple)):
         items = list(train)
@@ -30,7 +30,7 @@ def parse_train(train) -> tuple[int | str, ...]:
     for item in items:
         if isinstance(item, str) and item.isdigit():
             item = int(item)
-        if isinstance(item, int) and not isinstance(item, bool):
+        if is_int(item):
             if item < 0:
                 raise ConfigError(f"block indices in train must be >= 0, got {item}")
         elif isinstance(item, str) and (m := _END.fullmatch(item)):

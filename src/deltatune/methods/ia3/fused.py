@@ -32,13 +32,13 @@ class IA3LinearFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             w = (weight.t() if transposed else weight).to(dtype)  # [out, in]
             w_in = w * in_scale.to(dtype) if in_scale is not None else w
-            l_out = out_scale.to(dtype).unsqueeze(1) if out_scale is not None else None
-            w_eff = w_in * l_out if fold_out else w_in
+            l_out = out_scale.to(dtype) if out_scale is not None else None
+            w_eff = w_in * l_out.unsqueeze(1) if fold_out else w_in
             b = bias.to(dtype) if bias is not None else None
-            b_eff = b * l_out.squeeze(1) if fold_out and b is not None else b
+            b_eff = b * l_out if fold_out and b is not None else b
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             pre = torch.addmm(b_eff, x2, w_eff.t()) if b_eff is not None else x2 @ w_eff.t()
-            out = pre * l_out.squeeze(1) if out_scale is not None and not fold_out else pre
+            out = pre * l_out if out_scale is not None and not fold_out else pre
         keep_x = in_scale is not None and ctx.needs_input_grad[3]
         keep_out = out_scale is not None and ctx.needs_input_grad[4]
         ctx.save_for_backward(x2 if keep_x else None, (out if fold_out else pre) if keep_out else None,

@@ -10,8 +10,8 @@ own (dropped-out) input ``x_lora``; autograd's dropout node carries its gradient
 Without dropout, in fp32 (and fp64) the update is folded into the weight, ``W' = W + s B A``
 (an ``[out, in]`` product, r/N of the activation-sized work): the forward and the input gradient
 are then one matmul each, exactly as for the frozen layer, and no activation-sized buffer is
-read or written twice. ``W'`` is rebuilt in the backward rather than kept. In bf16/fp16 the two terms stay
-apart: a small update would round away inside a low-precision ``W'``.
+read or written twice. ``W'`` is rebuilt in the backward rather than kept. In bf16/fp16 the two
+terms stay apart: a small update would round away inside a low-precision ``W'``.
 
 The frozen W gets no gradient (callers use this path only when W is frozen); a trainable bias
 does. Under autocast every operand is cast once to the autocast dtype (no fp32 copies are kept);

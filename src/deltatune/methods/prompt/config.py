@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from deltatune.core.config import MethodConfig, fraction, one_of, positive_int, require
+from deltatune.core.config import MethodConfig, fraction, is_int, one_of, positive_int, require
 from deltatune.errors import ConfigError
 
 _PROMPT_INITS = ("random", "text", "sample_vocab")
@@ -44,8 +44,7 @@ class PromptLearningConfig(MethodConfig):
         for name in ("token_dim", "num_attention_heads", "num_layers"):
             positive_int(name, getattr(self, name), none="read from the model")
         submodules = self.num_transformer_submodules
-        # True == 1 in Python; a bool here is a mistaken flag, not a count
-        require(not isinstance(submodules, bool) and submodules in (None, 1, 2), "num_transformer_submodules",
+        require(submodules is None or (is_int(submodules) and submodules in (1, 2)), "num_transformer_submodules",
                 submodules, "1, 2 or None (read from the model)")
 
 
