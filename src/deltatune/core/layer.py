@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
-from functools import lru_cache
 from typing import ClassVar, Iterable
 
 import torch
@@ -61,9 +60,10 @@ def linear_layout(module: nn.Module) -> tuple[bool, int, int]:
     return True, in_features, out_features
 
 
-@lru_cache(maxsize=1)
 def linear_kinds() -> tuple[type, ...]:
     """Layer types that count as linear: ``nn.Linear`` and GPT-2's ``Conv1D``."""
+    # no functools cache: the LoRA and IA3 forwards call this, and torch.compile warns about a
+    # cache it cannot see through; the import of a loaded module is a dictionary lookup
     from transformers.pytorch_utils import Conv1D
     return (nn.Linear, Conv1D)
 

@@ -9,7 +9,8 @@ the backward builds the input gradient with one matmul and in-place scaling. The
 is folded into the weight and bias too (``diag(l_out) W``), so an output-scaled layer costs one
 matmul forward and one backward, as the frozen layer does; its gradient
 ``sum_n g * (x W^T + b)`` is then read off the saved output as ``sum_n g * y / l_out``. A scale
-with an exact zero (which that division cannot undo) keeps the pre-scale output instead.
+with an exact zero (which that division cannot undo) keeps the pre-scale output instead, and so
+does every call where looking for that zero is not free (see :func:`_folds_out_scale`).
 The frozen W gets no gradient (callers use this path only when W is frozen). Under autocast
 the operands are cast once to the autocast dtype; the vectors get gradients in their own dtype.
 """
@@ -21,6 +22,15 @@ import torch
 from deltatune.core.layer import compute_dtype
 
 
+def _folds_out_scale(out_scale: torch.Tensor | None, x: torch.Tensor) -> bool:
+    """Whether the output scale is folded into the weight: only when it has no exact zero, and only
+    where checking that is free. On CUDA reading the answer back waits for the device once per
+    layer, and under ``torch.compile`` it splits the graph at every IA3 layer; there the output
+    is scaled after the matmul instead (one elementwise product more)."""
+    return (out_scale is not None and x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and bool((out_scale != 0).all()))
+
+
 class IA3LinearFunction(torch.autograd.Function):
     """Fused IA3 linear. ``weight`` is ``[out, in]`` (``[in, out]`` with ``transposed``);
     ``in_scale`` is ``[in]`` or None, ``out_scale`` is ``[out]`` or None."""
@@ -28,7 +38,7 @@ class IA3LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, in_scale, out_scale, transposed: bool):
         dtype = compute_dtype(x)
-        fold_out = out_scale is not None and bool((out_scale != 0).all())
+        fold_out = _folds_out_scale(out_scale, x)
         with torch.autocast(x.device.type, enabled=False):
             w = (weight.t() if transposed else weight).to(dtype)  # [out, in]
             w_in = w * in_scale.to(dtype) if in_scale is not None else w
