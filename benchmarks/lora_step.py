@@ -1,13 +1,16 @@
-"""One LoRA (or IA3) training step on the embedded MiniLM, deltatune vs HF peft, side by side.
+"""One LoRA (or IA3) training step, deltatune vs HF peft, side by side.
 
-Batch 32 x 128 tokens, LoRA r=8 on q and v (``--method ia3``: IA3 on k, v and the FFN), AdamW.
-Times fp32 and, where the hardware has it natively, bf16 autocast, against the frozen-model lower
-bound (forward + activation gradients, no adapter) in the same process, and counts the memory a
-training step holds. ``--rss`` also reads the peak resident set of a step, each variant in its
-own process (coarse: it depends on what the allocator keeps). Prints one JSON line with the ratios.
-Adapter loading has its own benchmark (adapter_load.py).
+On the embedded MiniLM, batch 32 x 128 tokens (``--model smollm2``: SmolLM2-135M's architecture,
+batch 8 x 512, the CUDA column), LoRA r=8 on q and v (``--method ia3``: IA3 on k, v and the
+feed-forward output), AdamW. Times fp32 and, where the hardware has it natively, bf16 autocast,
+against the frozen-model lower bound (forward + activation gradients, no adapter) in the same
+process, interleaved, each variant's fastest round (common.fastest says why), and counts the
+memory a training step holds. ``--rss`` also reads the peak memory of a step, each variant in its
+own process (coarse on the CPU: it depends on what the allocator keeps). Prints one JSON line
+with the ratios. Adapter loading has its own benchmark (adapter_load.py).
 
-    python benchmarks/lora_step.py [--method lora|ia3] [--rounds 5] [--rss] [--device cpu|cuda] [--default-allocator]
+    python benchmarks/lora_step.py [--method lora|ia3] [--model minilm|smollm2] [--rounds 5] [--rss]
+                                   [--device cpu|cuda] [--default-allocator]
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (allocator_note, interleaved_medians, peak_rss_mib, reset_peak_rss, rss_mib,  # noqa: E402
-                    run_probe, steady_allocator, step_benchmark, training_memory_mib)
+from common import (allocator_note, fastest, interleaved_times, medians, peak_rss_mib, reset_peak_rss,  # noqa: E402
+                    rss_mib, run_probe, steady_allocator, step_benchmark, training_memory_mib)
 
 import transformers  # noqa: E402
 
@@ -30,12 +35,59 @@ from deltatune.train.precision import autocast  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 VARIANTS = ("deltatune", "deltatune-other", "peft", "frozen")
-BATCH, LENGTH, RANK, ALPHA = 32, 128, 8, 16
+RANK, ALPHA = 8, 16
 
 
-def base_model(device: str) -> torch.nn.Module:
+def smollm2_config(layers: int = 30) -> transformers.LlamaConfig:
+    """The architecture of SmolLM2-135M (a Llama). tests/test_benchmark_workloads.py checks it
+    against the embedded model's own config; ``layers`` shrinks it for that test only."""
+    return transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a step benchmark trains: a base model, the batch shape, and its parts in peft's names."""
+
+    name: str
+    batch: int
+    length: int
+    build: Callable[[], torch.nn.Module]
+    task_type: str  #: peft's task type
+    peft_lora_targets: tuple[str, ...]  #: LoRA's q and v
+    #: peft IA3Config arguments that pick deltatune's default IA3 modules; empty: peft's defaults do
+    peft_ia3: dict = field(default_factory=dict)
+
+    def data(self, device: str) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(1000, 30000, (self.batch, self.length), generator=g)
+        labels = ids if self.task_type == "CAUSAL_LM" else torch.randint(0, 2, (self.batch,), generator=g)
+        return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+                "labels": labels.to(device)}
+
+
+WORKLOADS = {
+    # the CPU suite: the embedded MiniLM, batch 32 x 128
+    # peft's BERT defaults ("output.dense" as a suffix) also scale each attention output projection
+    "minilm": Workload("minilm", 32, 128, lambda: dt.load_model("minilm", num_labels=2, quiet=True),
+                       "SEQ_CLS", ("query", "value"),
+                       {"target_modules": r".*\.(key|value)|.*\.layer\.\d+\.output\.dense",
+                        "feedforward_modules": r".*\.layer\.\d+\.output\.dense"}),
+    # the CUDA column: SmolLM2-135M's architecture, batch 8 x 512. The weights are random: a step
+    # costs the same whatever their values, and the GPU machine has neither the GGUF file nor gguf.
+    "smollm2": Workload("smollm2", 8, 512, lambda: transformers.LlamaForCausalLM(smollm2_config()),
+                        "CAUSAL_LM", ("q_proj", "v_proj")),
+}
+MINILM = WORKLOADS["minilm"]
+BATCH, LENGTH = MINILM.batch, MINILM.length
+
+
+def base_model(device: str, workload: Workload = MINILM) -> torch.nn.Module:
     torch.manual_seed(0)
-    return dt.load_model("minilm", num_labels=2, quiet=True).to(device)
+    return workload.build().to(device)
 
 
 def layer_class(method: str) -> type:
@@ -49,7 +101,7 @@ def other_path(method: str) -> str:
     return "plain" if layer_class(method).use_fused else "fused"
 
 
-def adapt(base: torch.nn.Module, variant: str, method: str = "lora") -> torch.nn.Module:
+def adapt(base: torch.nn.Module, variant: str, method: str = "lora", workload: Workload = MINILM) -> torch.nn.Module:
     """The model a variant trains: deltatune's method (its default path, or the other one),
     peft's, or the frozen base (lower bound)."""
     if variant.startswith("deltatune"):
@@ -63,10 +115,10 @@ def adapt(base: torch.nn.Module, variant: str, method: str = "lora") -> torch.nn
         return model
     if variant == "peft":
         import peft
-        if method == "ia3":  # peft's defaults for BERT: key, value, output.dense (feed-forward)
-            return peft.get_peft_model(base, peft.IA3Config(task_type="SEQ_CLS"))
-        return peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["query", "value"],
-                                                         task_type="SEQ_CLS"))
+        if method == "ia3":  # key, value and the feed-forward output (input-scaled), as deltatune's defaults
+            return peft.get_peft_model(base, peft.IA3Config(task_type=workload.task_type, **workload.peft_ia3))
+        return peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, task_type=workload.task_type,
+                                                         target_modules=list(workload.peft_lora_targets)))
     for p in base.parameters():
         p.requires_grad_(False)
     # gradients must still flow through every block, as they do for LoRA on the first layer
@@ -74,11 +126,8 @@ def adapt(base: torch.nn.Module, variant: str, method: str = "lora") -> torch.nn
     return base
 
 
-def batch(device: str) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1000, 30000, (BATCH, LENGTH), generator=g)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-            "labels": torch.randint(0, 2, (BATCH,), generator=g).to(device)}
+def batch(device: str, workload: Workload = MINILM) -> dict[str, torch.Tensor]:
+    return workload.data(device)
 
 
 def make_step(model: torch.nn.Module, data: dict, device: str, precision: str):
@@ -96,9 +145,9 @@ def make_step(model: torch.nn.Module, data: dict, device: str, precision: str):
     return step
 
 
-def time_steps(device: str, precision: str, rounds: int, method: str) -> dict:
-    data = batch(device)
-    models = {v: adapt(base_model(device), v, method) for v in VARIANTS}
+def time_steps(device: str, precision: str, rounds: int, method: str, workload: Workload = MINILM) -> dict:
+    data = batch(device, workload)
+    models = {v: adapt(base_model(device, workload), v, method, workload) for v in VARIANTS}
     memory = {}
     for v in ("deltatune", "peft", "frozen"):
         def forward(model=models[v]):
@@ -106,22 +155,27 @@ def time_steps(device: str, precision: str, rounds: int, method: str) -> dict:
                 return model.train()(**data).loss
         memory[v] = training_memory_mib(models[v], forward)
     steps = {v: make_step(models[v], data, device, precision) for v in VARIANTS}
-    med = interleaved_medians(steps, rounds=rounds, device=device)
+    times = interleaved_times(steps, rounds=rounds, device=device)
+    best, med = fastest(times), medians(times)
     return {
-        "deltatune_s": round(med["deltatune"], 4), "peft_s": round(med["peft"], 4), "frozen_s": round(med["frozen"], 4),
-        "ratio_vs_peft": round(med["deltatune"] / med["peft"], 3),
-        "ratio_vs_frozen": round(med["deltatune"] / med["frozen"], 3),
-        "peft_ratio_vs_frozen": round(med["peft"] / med["frozen"], 3),
-        "other_path": {"path": other_path(method), "s": round(med["deltatune-other"], 4),
-                       "ratio_vs_frozen": round(med["deltatune-other"] / med["frozen"], 3)},
+        **{f"{v}_s": round(best[v], 4) for v in ("deltatune", "peft", "frozen")},
+        "ratio_vs_peft": round(best["deltatune"] / best["peft"], 3),
+        "ratio_vs_frozen": round(best["deltatune"] / best["frozen"], 3),
+        "peft_ratio_vs_frozen": round(best["peft"] / best["frozen"], 3),
+        "other_path": {"path": other_path(method), "s": round(best["deltatune-other"], 4),
+                       "ratio_vs_frozen": round(best["deltatune-other"] / best["frozen"], 3)},
+        "median_ratios_vs_frozen": {v: round(med[v] / med["frozen"], 3) for v in ("deltatune", "peft")},
+        "rounds": rounds,
         "training_memory_mib": memory,
         "training_memory_ratio_vs_peft": round(memory["deltatune"]["total_mib"] / memory["peft"]["total_mib"], 3),
     }
 
 
-def probe(variant: str, device: str, precision: str, method: str) -> None:
-    """Child process: peak memory a step adds on top of the loaded model, MiB."""
-    step = make_step(adapt(base_model(device), variant, method), batch(device), device, precision)
+def probe(variant: str, device: str, precision: str, method: str, workload: str) -> None:
+    """Child process: peak memory a step adds on top of the loaded model, MiB (on CUDA also the
+    peak the caching allocator handed out)."""
+    load = WORKLOADS[workload]
+    step = make_step(adapt(base_model(device, load), variant, method, load), batch(device, load), device, precision)
     step()  # first step allocates optimizer state and warms the allocator
     before = rss_mib()
     reset_peak_rss()
@@ -138,30 +192,36 @@ def probe(variant: str, device: str, precision: str, method: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=["lora", "ia3"], default="lora")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--rss", action="store_true", help="also measure peak RSS, one process per variant")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds after one warm-up round")
+    parser.add_argument("--model", choices=list(WORKLOADS), default="minilm",
+                        help="minilm: batch 32 x 128 (the CPU suite); smollm2: SmolLM2-135M's shape, batch 8 x 512")
+    parser.add_argument("--rss", action="store_true",
+                        help="also measure peak memory (RSS; on CUDA also the device's), one process per variant")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--default-allocator", action="store_true",
                         help="keep the C allocator's defaults (page faults add noise: common.steady_allocator)")
-    parser.add_argument("--probe", nargs=4, metavar=("VARIANT", "DEVICE", "PRECISION", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--probe", nargs=5, metavar=("VARIANT", "DEVICE", "PRECISION", "METHOD", "MODEL"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
         probe(*args.probe)
         return
     if not args.default_allocator:
         steady_allocator(sys.argv)
-    result, precisions = step_benchmark(f"{args.method}_step", args.device, batch=BATCH, length=LENGTH,
-                                        **({"rank": RANK} if args.method == "lora" else {}))
+    workload = WORKLOADS[args.model]
+    result, precisions = step_benchmark(f"{args.method}_step", args.device, model=workload.name, batch=workload.batch,
+                                        length=workload.length, **({"rank": RANK} if args.method == "lora" else {}))
     result["allocator"] = allocator_note()
     for precision in precisions:
-        timing = time_steps(args.device, precision, args.rounds, args.method)
+        timing = time_steps(args.device, precision, args.rounds, args.method, workload)
         if args.rss:
-            peaks = {v: run_probe(__file__, v, args.device, precision, args.method) for v in ("deltatune", "peft")}
-            timing["step_peak_mib"] = {v: peaks[v]["step_peak_mib"] for v in peaks}
+            peaks = {v: run_probe(__file__, v, args.device, precision, args.method, workload.name)
+                     for v in ("deltatune", "peft")}
+            key = "cuda_peak_mib" if args.device == "cuda" else "step_peak_mib"
+            timing[key] = {v: peaks[v][key] for v in peaks}
             # the resident set may not grow at all when the allocator reuses freed blocks: no ratio then
-            peft_peak = peaks["peft"]["step_peak_mib"]
-            timing["memory_ratio_vs_peft"] = (round(peaks["deltatune"]["step_peak_mib"] / peft_peak, 3)
-                                              if peft_peak > 0 else None)
+            peft_peak = peaks["peft"][key]
+            timing["memory_ratio_vs_peft"] = (round(peaks["deltatune"][key] / peft_peak, 3) if peft_peak > 0 else None)
         result[precision] = timing
     print(json.dumps(result))
 

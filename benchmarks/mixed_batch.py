@@ -1,8 +1,9 @@
 """Mixed-adapter inference on the embedded MiniLM: a batch of 32 rows spread over 8 LoRA
-adapters, vs the same batch through one merged adapter (the floor: no adapter cost at all),
-vs HF peft's own ``adapter_names`` path, in one run. Prints a JSON line with the ratios.
+adapters (``--model smollm2``: SmolLM2-135M's architecture, 8 rows of 512 tokens, one per
+adapter), vs the same batch through one merged adapter (the floor: no adapter cost at all), vs
+HF peft's own ``adapter_names`` path, in one run. Prints a JSON line with the ratios.
 
-    python benchmarks/mixed_batch.py [--rounds 7]
+    python benchmarks/mixed_batch.py [--rounds 7] [--model minilm|smollm2] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -16,23 +17,23 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_clock_note, interleaved_medians, machine, use_cpu_time  # noqa: E402
-from lora_step import BATCH, LENGTH, base_model, batch  # noqa: E402
+from common import cpu_clock_note, fastest, interleaved_times, machine, use_cpu_time  # noqa: E402
+from lora_step import WORKLOADS, Workload, base_model, batch  # noqa: E402
 
 import deltatune as dt  # noqa: E402
 
 ADAPTERS, RANK = 8, 8
 
 
-def build():
-    base = base_model("cpu").eval()
+def build(device: str, workload: Workload):
+    base = base_model(device, workload).eval()
     reference = copy.deepcopy(base)
     ours = dt.attach(base, dt.LoraConfig(r=RANK, alpha=16, targets=["q", "v"], init="random"), name="a0")
     for i in range(1, ADAPTERS):
         ours.add(dt.LoraConfig(r=RANK, alpha=16, targets=["q", "v"], init="random"), name=f"a{i}")
     ours.eval()
-    names = [f"a{i % ADAPTERS}" for i in range(BATCH)]  # interleaved rows: the hardest grouping
-    inputs = {k: v for k, v in batch("cpu").items() if k != "labels"}
+    names = [f"a{i % ADAPTERS}" for i in range(workload.batch)]  # interleaved rows: the hardest grouping
+    inputs = {k: v for k, v in batch(device, workload).items() if k != "labels"}
     return reference, ours, names, inputs
 
 
@@ -51,9 +52,12 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", choices=list(WORKLOADS), default="minilm", help="as for lora_step.py")
     args = parser.parse_args()
-    use_cpu_time("cpu")
-    reference, ours, names, inputs = build()
+    cpu_clock = use_cpu_time(args.device)
+    workload = WORKLOADS[args.model]
+    reference, ours, names, inputs = build(args.device, workload)
     merged = copy.deepcopy(ours)
     merged.use("a0")
     merged.merge()
@@ -69,13 +73,14 @@ def main() -> None:
             "peft_mixed": lambda: theirs(**inputs, adapter_names=names),
         }
         with torch.no_grad():
-            med = interleaved_medians(calls, rounds=args.rounds)
+            best = fastest(interleaved_times(calls, rounds=args.rounds, warmup=2, device=args.device))
     print(json.dumps({
-        "benchmark": "mixed_batch", "adapters": ADAPTERS, "batch": BATCH, "length": LENGTH, "rank": RANK,
-        "machine": machine(), "clock": cpu_clock_note(), "seconds": {k: round(v, 4) for k, v in med.items()},
-        "deltatune_mixed_vs_merged": round(med["deltatune_mixed"] / med["merged"], 3),
-        "peft_mixed_vs_merged": round(med["peft_mixed"] / med["merged"], 3),
-        "deltatune_vs_peft": round(med["deltatune_mixed"] / med["peft_mixed"], 3),
+        "benchmark": "mixed_batch", "model": workload.name, "adapters": ADAPTERS, "batch": workload.batch,
+        "length": workload.length, "rank": RANK, "device": args.device, "machine": machine(),
+        **({"clock": cpu_clock_note()} if cpu_clock else {}), "seconds": {k: round(v, 4) for k, v in best.items()},
+        "deltatune_mixed_vs_merged": round(best["deltatune_mixed"] / best["merged"], 3),
+        "peft_mixed_vs_merged": round(best["peft_mixed"] / best["merged"], 3),
+        "deltatune_vs_peft": round(best["deltatune_mixed"] / best["peft_mixed"], 3),
         "max_abs_diff_vs_peft": max_diff,
     }))
 

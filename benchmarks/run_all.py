@@ -1,10 +1,12 @@
 """Run every benchmark, each in its own process, and write docs/benchmarks.md: the ratios
 against peft and against the frozen-model bound, the targets, the machine and the versions.
 
-    python benchmarks/run_all.py [--out docs/benchmarks.md] [--only lora_step,mixed_batch,...]
+    python benchmarks/run_all.py [--device cpu|cuda] [--out FILE] [--only lora_step,mixed_batch,...]
 
-The raw results are also written to docs/benchmarks.json; with --only, the benchmarks not rerun
-keep their results from there.
+``--device cuda`` runs the GPU suite (the step benchmarks on SmolLM2-135M's architecture, batch
+8 x 512, with peak device memory) and writes docs/benchmarks-cuda.md. The raw results are also
+written next to the document (.json); with --only, the benchmarks not rerun keep their results
+from there.
 
 Each benchmark prints one JSON line (its last line of output); the raw lines are kept in the
 document too, so any figure can be traced back.
@@ -22,22 +24,37 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-#: name -> the command line after `python`
-BENCHMARKS = {
-    "lora_step": ["lora_step.py", "--method", "lora", "--rounds", "3"],
-    "ia3_step": ["lora_step.py", "--method", "ia3", "--rounds", "3"],
-    "adapter_load": ["adapter_load.py", "--repeats", "20"],
-    "compile_step": ["compile_step.py", "--rounds", "3"],
-    "mixed_batch": ["mixed_batch.py", "--rounds", "5"],
-    "qlora_memory": ["qlora_memory.py", "--steps", "4", "--markdown", "docs/memory.md"],
-    "serve_load": ["serve_load.py", "--requests", "400", "--rounds", "2"],
+#: device -> benchmark name -> the command line after `python`
+SUITES = {
+    "cpu": {
+        "lora_step": ["lora_step.py", "--method", "lora", "--rounds", "4"],
+        "ia3_step": ["lora_step.py", "--method", "ia3", "--rounds", "4"],
+        "adapter_load": ["adapter_load.py", "--repeats", "20"],
+        "compile_step": ["compile_step.py", "--rounds", "3"],
+        "mixed_batch": ["mixed_batch.py", "--rounds", "5"],
+        "qlora_memory": ["qlora_memory.py", "--steps", "4", "--markdown", "docs/memory.md"],
+        "serve_load": ["serve_load.py", "--requests", "400", "--rounds", "2"],
+    },
+    # all on SmolLM2-135M's architecture (the embedded MiniLM is too large to carry to the GPU
+    # machine). QLoRA's memory table and the HTTP load test are CPU measurements (resident
+    # memory, the CPU server); the GPU suite times the steps, loads and the mixed batch
+    "cuda": {
+        "lora_step": ["lora_step.py", "--method", "lora", "--model", "smollm2", "--rounds", "10", "--rss",
+                      "--device", "cuda"],
+        "ia3_step": ["lora_step.py", "--method", "ia3", "--model", "smollm2", "--rounds", "10", "--rss",
+                     "--device", "cuda"],
+        "adapter_load": ["adapter_load.py", "--model", "smollm2", "--repeats", "20", "--device", "cuda"],
+        "compile_step": ["compile_step.py", "--model", "smollm2", "--rounds", "5", "--device", "cuda"],
+        "mixed_batch": ["mixed_batch.py", "--model", "smollm2", "--rounds", "10", "--device", "cuda"],
+    },
 }
+DEFAULT_OUT = {"cpu": "docs/benchmarks.md", "cuda": "docs/benchmarks-cuda.md"}
 
 
-def run(name: str) -> tuple[dict, float]:
+def run(command: list[str]) -> tuple[dict, float]:
     """Run one benchmark; its JSON line and the wall time it took."""
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, str(HERE / BENCHMARKS[name][0]), *BENCHMARKS[name][1:]],
+    out = subprocess.run([sys.executable, str(HERE / command[0]), *command[1:]],
                          capture_output=True, text=True, cwd=HERE.parent)
     took = time.perf_counter() - start
     if out.returncode != 0:
@@ -54,6 +71,8 @@ def _check(value: float | None, target: float, lower_is_better: bool = True) -> 
 
 def _step_rows(label: str, result: dict) -> list[str]:
     rows = []
+    if result.get("model", "minilm") != "minilm":
+        label += f" on {result['model']} ({result['batch']} x {result['length']})"
     for precision in ("fp32", "bf16"):
         r = result.get(precision)
         if not r:
@@ -77,12 +96,18 @@ def _step_rows(label: str, result: dict) -> list[str]:
                         f"AdamW state) | {r['training_memory_ratio_vs_peft']:.3f} ({mem['deltatune']['total_mib']} vs "
                         f"{mem['peft']['total_mib']} MiB; frozen bound {mem['frozen']['total_mib']}) | <= 1.00 | "
                         f"{_check(r['training_memory_ratio_vs_peft'], 1.0)} |")
-        if "memory_ratio_vs_peft" not in r:  # peak RSS is measured only with --rss
+        if "memory_ratio_vs_peft" not in r:  # peak memory is measured only with --rss
             continue
         ratio = r["memory_ratio_vs_peft"]
-        rows.append(f"| {label} step, {precision}: peak RSS growth deltatune / peft (coarse, see below) | "
-                    f"{'n/a' if ratio is None else f'{ratio:.3f}'} ({r['step_peak_mib']['deltatune']} vs "
-                    f"{r['step_peak_mib']['peft']} MiB) | | |")
+        shown = f"{'n/a' if ratio is None else f'{ratio:.3f}'}"
+        if "cuda_peak_mib" in r:
+            peaks = r["cuda_peak_mib"]
+            rows.append(f"| {label} step, {precision}: peak CUDA memory deltatune / peft | {shown} "
+                        f"({peaks['deltatune']} vs {peaks['peft']} MiB) | <= 1.00 | {_check(ratio, 1.0)} |")
+        else:
+            peaks = r["step_peak_mib"]
+            rows.append(f"| {label} step, {precision}: peak RSS growth deltatune / peft (coarse, see below) | {shown} "
+                        f"({peaks['deltatune']} vs {peaks['peft']} MiB) | | |")
     return rows
 
 
@@ -128,14 +153,63 @@ def table(results: dict[str, dict]) -> list[str]:
     return rows
 
 
-def document(results: dict[str, dict], times: dict[str, float]) -> str:
+#: what the CPU suite's figures mean and why they were measured so (the GPU suite has CUDA_NOTES)
+CPU_NOTES = [
+    "Training memory is counted, not sampled: the distinct tensors autograd saves for the backward",
+    "(the model's own weights excluded) plus a gradient and two AdamW moments per trainable parameter,",
+    "all variants in one process. It is the memory a step holds beyond the model at the start of the",
+    "backward, where the peak lies. Peak RSS growth (`lora_step.py --rss`: how much the resident set grows",
+    "over two steps, each variant in its own process) is coarse and not part of the suite: the C allocator",
+    "keeps or returns freed blocks differently from run to run (repeated runs gave deltatune/peft from 0.4x",
+    "to 4.8x).",
+    "",
+    "The step ratios compare each variant's fastest of 4 interleaved rounds (after one warm-up round),",
+    "to keep each benchmark within two minutes. The minimum, not the median, because interference on",
+    "this shared VM only ever adds time: a MiniLM step varied by up to a third from round to round. Over",
+    "every window of 3 consecutive rounds in a 20-round run, the ratio of minima moved with a standard",
+    "deviation of 0.027 and the ratio of medians with 0.038 (over 5 rounds: 0.014 against 0.035); the",
+    "medians are kept in the raw results (`median_ratios_vs_frozen`). `python benchmarks/lora_step.py",
+    "--rounds 10` gives a steadier figure. The step benchmarks run with glibc keeping freed memory",
+    "(`common.steady_allocator`): with its defaults, large activations went back to the OS and faulted",
+    "in again on the next step, by an amount that depended on the variant run before (per step: frozen",
+    "0 minor page faults, deltatune 34,500, peft 67,500 with 0.6 s of system time).",
+    "The frozen bound computes the input gradient of every layer, the first one included; LoRA needs no",
+    "gradient below the first adapted layer's input, so deltatune can come out a little under 1.00.",
+    "r=8 adds under 1% of the FLOPs; what LoRA cost over the frozen bound was the",
+    "orientation of its rank-8 products. On one CPU thread `[r, N] @ [N, in]` ran 7x faster than the same",
+    "numbers as `[in, N] @ [N, r]`, and the backward autograd derives for the plain path (peft's too)",
+    "takes the slow form for dA. deltatune's fused node, the default, computes every rank-r product with",
+    "the token axis as the wide side and, in fp32, folds s B A into the weight, so that the forward and",
+    "the input gradient are one matmul each, as for the frozen layer. IA3 folds its scales into the",
+    "weight the same way.",
+    "",
+    "`python benchmarks/run_all.py --device cuda` runs the GPU suite (SmolLM2-135M's architecture, batch",
+    "8 x 512) into docs/benchmarks-cuda.md; tests/test_benchmark_workloads.py runs its code on a shrunken",
+    "model on the CPU, so that a lent GPU's time goes to measuring.",
+    "",
+]
+
+CUDA_NOTES = [
+    "The step benchmarks train a model of SmolLM2-135M's architecture (a Llama: 30 layers, hidden size",
+    "576; random weights, as a step costs the same whatever their values), batch 8 x 512 tokens, LoRA r=8",
+    "on q and v, IA3 on k, v and the feed-forward output, AdamW, in fp32 and in bf16 autocast. Times are",
+    "wall clock around each step with `torch.cuda.synchronize()`, each variant's fastest of the",
+    "interleaved rounds. Peak CUDA memory is `torch.cuda.max_memory_allocated()` over two steps after a",
+    "first one, each variant in its own process. Training memory is counted as in the CPU suite.",
+    "",
+]
+
+
+def document(results: dict[str, dict], times: dict[str, float], device: str = "cpu") -> str:
     machine = next((r["machine"] for r in results.values() if "machine" in r), {})
+    clock = ("On the CPU the step timings use the process's own CPU time with one torch thread, so other "
+             "work on this shared 2-core machine does not count." if device == "cpu" else
+             "docs/benchmarks.md holds the CPU suite.")
     lines = [
-        "# Benchmarks",
+        "# Benchmarks" + (" on CUDA" if device == "cuda" else ""),
         "",
         "Every figure is a ratio measured side by side in one run (the reference in the same process),",
-        "produced by `python benchmarks/run_all.py`. On the CPU the step timings use the process's own CPU",
-        "time with one torch thread, so other work on this shared 2-core machine does not count.",
+        f"produced by `python benchmarks/run_all.py{' --device cuda' if device == 'cuda' else ''}`. {clock}",
         "",
         f"Machine: {machine.get('cpu', '?')}, capability {machine.get('cpu_capability', '?')}, native bf16: "
         f"{machine.get('native_bf16', '?')}, CUDA: {machine.get('cuda') or 'none'}. torch {machine.get('torch', '?')}, "
@@ -144,32 +218,7 @@ def document(results: dict[str, dict], times: dict[str, float]) -> str:
         "",
         *table(results),
         "",
-        "Training memory is counted, not sampled: the distinct tensors autograd saves for the backward",
-        "(the model's own weights excluded) plus a gradient and two AdamW moments per trainable parameter,",
-        "all variants in one process. It is the memory a step holds beyond the model at the start of the",
-        "backward, where the peak lies. Peak RSS growth (`lora_step.py --rss`: how much the resident set grows",
-        "over two steps, each variant in its own process) is coarse and not part of the suite: the C allocator",
-        "keeps or returns freed blocks differently from run to run (repeated runs gave deltatune/peft from 0.4x",
-        "to 4.8x).",
-        "",
-        "The step ratios come from 3 interleaved rounds, to keep each benchmark within two minutes; they",
-        "move by a few percent from run to run. `python benchmarks/lora_step.py --rounds 10` gives a",
-        "steadier figure. The step benchmarks run with glibc keeping freed memory (`common.steady_allocator`):",
-        "with its defaults, large activations went back to the OS and faulted in again on the next step, by",
-        "an amount that depended on the variant run before (per step: frozen 0 minor page faults, deltatune",
-        "34,500, peft 67,500 with 0.6 s of system time). Even so the ratios still move between runs on this",
-        "shared machine: on 2026-11-29, over four runs of lora_step.py with the other core idle, LoRA / frozen",
-        "bound was 0.97 to 1.05 for deltatune and 1.04 to 1.20 for peft; the steadiest, `--rounds 10` with",
-        "the steady allocator, gave deltatune 1.024, peft 1.042, deltatune's plain path 1.049, deltatune /",
-        "peft 0.982.",
-        "r=8 adds under 1% of the FLOPs; what LoRA cost over the frozen bound was the",
-        "orientation of its rank-8 products. On one CPU thread `[r, N] @ [N, in]` ran 7x faster than the same",
-        "numbers as `[in, N] @ [N, r]`, and the backward autograd derives for the plain path (peft's too)",
-        "takes the slow form for dA. deltatune's fused node, the default, computes every rank-r product with",
-        "the token axis as the wide side and, in fp32, folds s B A into the weight, so that the forward and",
-        "the input gradient are one matmul each, as for the frozen layer. IA3 folds its scales into the",
-        "weight the same way.",
-        "",
+        *(CPU_NOTES if device == "cpu" else CUDA_NOTES),
         "Wall time of each benchmark: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ".",
         "",
         "## Raw results",
@@ -183,28 +232,31 @@ def document(results: dict[str, dict], times: dict[str, float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="docs/benchmarks.md")
-    parser.add_argument("--only", help="comma-separated subset of: " + ", ".join(BENCHMARKS))
+    parser.add_argument("--device", choices=list(SUITES), default="cpu")
+    parser.add_argument("--out", help="the document to write (default: docs/benchmarks.md, on CUDA "
+                                      "docs/benchmarks-cuda.md)")
+    parser.add_argument("--only", help="comma-separated subset of: " + ", ".join(SUITES["cpu"]))
     args = parser.parse_args()
-    names = args.only.split(",") if args.only else list(BENCHMARKS)
-    unknown = sorted(set(names) - set(BENCHMARKS))
+    suite, out = SUITES[args.device], args.out or DEFAULT_OUT[args.device]
+    names = args.only.split(",") if args.only else list(suite)
+    unknown = sorted(set(names) - set(suite))
     if unknown:
-        parser.error(f"unknown benchmarks {unknown}; choose from {', '.join(BENCHMARKS)}")
+        parser.error(f"unknown benchmarks {unknown} for {args.device}; choose from {', '.join(suite)}")
     # the raw results live next to the document; --only reruns some and keeps the others
-    raw = Path(args.out).with_suffix(".json")
+    raw = Path(out).with_suffix(".json")
     previous = json.loads(raw.read_text()) if args.only and raw.is_file() else {}
     results = {k: v for k, v in previous.get("results", {}).items() if k not in names}
     times = {k: v for k, v in previous.get("wall_s", {}).items() if k not in names}
     for name in names:
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        results[name], times[name] = run(name)
+        results[name], times[name] = run(suite[name])
         print(json.dumps({name: results[name]}), flush=True)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    results = {k: results[k] for k in BENCHMARKS if k in results}
-    times = {k: times[k] for k in BENCHMARKS if k in times}
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    results = {k: results[k] for k in suite if k in results}
+    times = {k: times[k] for k in suite if k in times}
     raw.write_text(json.dumps({"results": results, "wall_s": times}, indent=1))
-    Path(args.out).write_text(document(results, times))
-    print(f"wrote {args.out}", file=sys.stderr)
+    Path(out).write_text(document(results, times, args.device))
+    print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
