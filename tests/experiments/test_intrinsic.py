@@ -203,3 +203,14 @@ def test_a_recipe_trains_in_a_subspace_with_the_usual_trainer(recipe, tmp_path):
         train(recipe(method={"type": "intrinsic", "d": 4, "rank": 2}, output_dir=str(tmp_path / "bad")), quiet=True)
     with pytest.raises(ConfigError, match="no d"):
         train(recipe(method={"type": "intrinsic"}, output_dir=str(tmp_path / "bad2")), quiet=True)
+
+
+@pytest.mark.parametrize("fields, named", [
+    ({"d": "8k"}, "d"), ({"d": 0}, "d"), ({"d": True}, "d"), ({"d": 8, "said": "false"}, "said"),
+    ({"d": 8, "projection_seed": 1.5}, "projection_seed"), ({"d": 8, "exclude": "word_embeddings"}, "exclude"),
+])
+def test_intrinsic_method_options_are_checked_not_converted(fields, named):
+    """A string ``said: "false"`` would have switched SAID on, ``d: "8k"`` failed deep inside int()."""
+    from deltatune.experiments.intrinsic import SubspaceMethod
+    with pytest.raises(ConfigError, match=f"intrinsic method: {named} must be"):
+        SubspaceMethod.from_section(fields)

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from deltatune.core.config import is_int, positive_int, require
 from deltatune.errors import ConfigError
 from deltatune.experiments.fastfood import Fastfood
 from deltatune.train.distributed import launched
@@ -128,7 +129,13 @@ class SubspaceMethod(TrainMethod):
     options = ("d", "said", "exclude", "projection_seed")
 
     def __init__(self, d: int, said: bool = False, exclude: Iterable[str] = (), projection_seed: int = 0) -> None:
-        self.d, self.said, self.exclude, self.projection_seed = int(d), bool(said), list(exclude), int(projection_seed)
+        # checked, not converted: int("8k") or bool("false") would train something else than asked
+        positive_int("intrinsic method: d", d)
+        require(isinstance(said, bool), "intrinsic method: said", said, "true or false")
+        require(is_int(projection_seed), "intrinsic method: projection_seed", projection_seed, "an integer")
+        require(isinstance(exclude, (list, tuple)) and all(isinstance(x, str) for x in exclude),
+                "intrinsic method: exclude", exclude, "a list of regular expressions")
+        self.d, self.said, self.exclude, self.projection_seed = d, said, list(exclude), projection_seed
 
     @classmethod
     def from_section(cls, fields: dict) -> "SubspaceMethod":
