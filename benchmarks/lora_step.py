@@ -70,8 +70,8 @@ class Workload:
 
 
 WORKLOADS = {
-    # the CPU suite: the embedded MiniLM, batch 32 x 128
-    # peft's BERT defaults ("output.dense" as a suffix) also scale each attention output projection
+    # the CPU suite: the embedded MiniLM, batch 32 x 128. peft's IA3 defaults for BERT match
+    # "output.dense" as a suffix, so they would also scale every attention output projection.
     "minilm": Workload("minilm", 32, 128, lambda: dt.load_model("minilm", num_labels=2, quiet=True),
                        "SEQ_CLS", ("query", "value"),
                        {"target_modules": r".*\.(key|value)|.*\.layer\.\d+\.output\.dense",
@@ -82,7 +82,6 @@ WORKLOADS = {
                         "CAUSAL_LM", ("q_proj", "v_proj")),
 }
 MINILM = WORKLOADS["minilm"]
-BATCH, LENGTH = MINILM.batch, MINILM.length
 
 
 def base_model(device: str, workload: Workload = MINILM) -> torch.nn.Module:
