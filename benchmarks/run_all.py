@@ -99,7 +99,7 @@ def _step_rows(label: str, result: dict) -> list[str]:
         if "memory_ratio_vs_peft" not in r:  # peak memory is measured only with --rss
             continue
         ratio = r["memory_ratio_vs_peft"]
-        shown = f"{'n/a' if ratio is None else f'{ratio:.3f}'}"
+        shown = "n/a" if ratio is None else f"{ratio:.3f}"
         if "cuda_peak_mib" in r:
             peaks = r["cuda_peak_mib"]
             rows.append(f"| {label} step, {precision}: peak CUDA memory deltatune / peft | {shown} "
