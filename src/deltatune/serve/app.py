@@ -47,7 +47,8 @@ def create_app(model: nn.Module, tokenizer, settings: ServeSettings | None = Non
     root = Path(settings.adapter_root).resolve() if settings.adapter_root is not None else None
     if not isinstance(model, AdaptedModel):
         model = AdaptedModel(model)
-    engine = Engine(model, tokenizer, max_adapters=settings.max_adapters, max_length=settings.max_length)
+    engine = Engine(model, tokenizer, max_adapters=settings.max_adapters, max_length=settings.max_length,
+                    precision=settings.precision)
     batcher = Batcher(engine.classify, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                       queue_size=settings.queue_size)
     metrics = Metrics()

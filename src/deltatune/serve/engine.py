@@ -18,6 +18,9 @@ from deltatune.core.model import BASE_ADAPTER, AdaptedModel
 from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.serve.errors import RequestError
 from deltatune.serve.settings import DEFAULTS
+from deltatune.train.precision import autocast
+from deltatune.train.precision import resolve as resolve_precision
+from deltatune.train.recipe import PRECISIONS
 
 
 CLASSIFY, GENERATE = "classify", "generate"
@@ -32,7 +35,7 @@ class Engine:
     """
 
     def __init__(self, model: AdaptedModel, tokenizer, *, max_adapters: int = DEFAULTS.max_adapters,
-                 max_length: int = DEFAULTS.max_length) -> None:
+                 max_length: int = DEFAULTS.max_length, precision: str = DEFAULTS.precision) -> None:
         kind = _KINDS.get(task_type_of(model.base_model) or "")
         if kind is None:
             raise ConfigError(f"the server serves sequence classifiers and causal LMs, "
@@ -42,6 +45,10 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.device = next(model.parameters()).device
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision = resolve_precision(precision, self.device)  #: "fp32" or "bf16", what forwards run in
+        self._autocast = autocast(self.precision, self.device)
         pinned = tuple(model.adapter_names)
         model.check_mixable(pinned)  # every request batch mixes adapters
         self.cache = AdapterCache(model, max(max_adapters, len(pinned), 1), pinned=pinned)
@@ -104,7 +111,7 @@ class Engine:
         texts = [t for i in which for t in requests[i][1]]
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         enc = {k: v.to(self.device) for k, v in enc.items()}
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             logits = self.model(**enc, adapter_names=names).logits
         probs = torch.softmax(logits.float(), dim=-1).cpu()
         labels = probs.argmax(dim=-1).tolist()
@@ -124,7 +131,7 @@ class Engine:
                              return_token_type_ids=False)
         enc = {k: v.to(self.device) for k, v in enc.items()}
         pad = self.tokenizer.pad_token_id
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             out = self.model.generate(**enc, adapter_names=[name], max_new_tokens=max_new_tokens, do_sample=False,
                                       pad_token_id=self.tokenizer.eos_token_id if pad is None else pad)
         new = out[0, enc["input_ids"].shape[1]:].tolist()

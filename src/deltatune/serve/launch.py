@@ -13,6 +13,7 @@ from pathlib import Path
 
 from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.serve.settings import DEFAULTS
+from deltatune.train.recipe import PRECISIONS
 
 _AUTO_CLASSES = {"seq-cls": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
 
@@ -37,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default = getattr(DEFAULTS, flag[2:].replace("-", "_"))
         p.add_argument(flag, type=kind, default=default, help=f"{what} (default {default:g})")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision,
+                   help="auto (default): bf16 autocast on CUDA and on CPUs with native bf16, fp32 elsewhere")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -110,5 +113,6 @@ def serve(args: argparse.Namespace) -> None:
         raise ConfigError(f"--adapter-root {root} is not a folder")
     model, tokenizer = build_model(args.model, parse_adapters(args.adapters), args.task, args.num_labels, args.device)
     app = create_app(model, tokenizer, adapter_root=root, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                     queue_size=args.queue_size, max_adapters=args.max_adapters, max_length=args.max_length)
+                     queue_size=args.queue_size, max_adapters=args.max_adapters, max_length=args.max_length,
+                     precision=args.precision)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

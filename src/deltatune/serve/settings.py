@@ -18,6 +18,8 @@ class ServeSettings:
     queue_size: int = 256  #: waiting requests beyond this are answered 429
     max_adapters: int = 64  #: adapters kept loaded (LRU); start-up adapters are pinned
     max_length: int = 512  #: tokens per input; longer inputs are truncated
+    #: auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), fp32 elsewhere
+    precision: str = "auto"
 
 
 #: the defaults, for signatures and help texts
