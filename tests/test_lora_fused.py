@@ -71,3 +71,24 @@ def test_fused_layer_under_bf16_autocast_keeps_the_update_apart_from_the_weight(
     assert y.dtype == torch.bfloat16
     # s * (x A^T) B^T = 2 * (6 * 0.1 per rank) * (3 ranks * 0.1) = 0.36 for every output
     torch.testing.assert_close(y.float(), torch.full((2, 4, 5), 0.36), atol=4e-3, rtol=0)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fold", "split"])
+def test_a_frozen_factor_gets_no_gradient_and_the_others_match_the_formula(autocast):
+    """With A frozen (as LoRA-FA trains) the node skips dL/d(xA^T) where nothing needs it; x and B
+    still get their exact gradients, in the folded (fp32) and the split (bf16 autocast) mode."""
+    layer = _layer("linear")
+    a, b = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    a.requires_grad_(False)
+    w = layer.base_layer.weight
+    x = torch.randn(2, 4, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x)
+    assert "LoraLinearFunction" in type(y.grad_fn).__name__
+    g = torch.randn_like(y)
+    y.backward(g)
+    g = g.float()
+    tol = {"atol": 3e-2, "rtol": 3e-2} if autocast else {}  # bf16 operands
+    torch.testing.assert_close(x.grad, g @ w + 2.0 * (g @ b) @ a, **tol)
+    torch.testing.assert_close(b.grad, 2.0 * torch.einsum("nto,ntr->or", g, x @ a.T), **tol)
+    assert a.grad is None

@@ -41,6 +41,11 @@ def _merged_weight_t(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: f
     return torch.addmm(w, b, a, alpha=scale).t()
 
 
+#: how a call computes the update (see the module docstring): folded into the weight, as a
+#: separate term on the same input, or as a separate term on its own (dropped-out) input
+FOLD, SPLIT, OWN_INPUT = "fold", "split", "own-input"
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """Fused LoRA linear. ``weight`` is ``[out, in]`` (or ``[in, out]`` with ``transposed``);
     ``x_lora`` is the rank-r branch's input when it differs from ``x`` (dropout), else None."""
@@ -48,18 +53,18 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, a, b, scale: float, transposed: bool):
         dtype = compute_dtype(x)
-        merge = x_lora is None and dtype in MERGE_DTYPES
+        mode = OWN_INPUT if x_lora is not None else FOLD if dtype in MERGE_DTYPES else SPLIT
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             xl2 = x2 if x_lora is None else x_lora.reshape(x2.shape).to(dtype)
             w, a_, b_ = weight.to(dtype), a.to(dtype), b.to(dtype)
             xa = (a_ @ xl2.t()).t()  # [N, r], computed as [r, N]: the fast orientation
-            w_t = _merged_weight_t(w, a_, b_, scale, transposed) if merge else _weight_t(w, transposed)
+            w_t = _merged_weight_t(w, a_, b_, scale, transposed) if mode == FOLD else _weight_t(w, transposed)
             out = torch.addmm(bias.to(dtype), x2, w_t) if bias is not None else x2 @ w_t
-            if not merge:
+            if mode != FOLD:
                 out.addmm_(xa, b_.t(), alpha=scale)
         ctx.save_for_backward(xl2, xa, w, a_, b_)
-        ctx.scale, ctx.transposed, ctx.merge, ctx.apart = scale, transposed, merge, x_lora is not None
+        ctx.scale, ctx.transposed, ctx.mode = scale, transposed, mode
         ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = x.dtype, a.dtype, b.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -67,23 +72,26 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         xl2, xa, w, a, b = ctx.saved_tensors
-        scale = ctx.scale
+        scale, mode = ctx.scale, ctx.mode
+        needs_x, needs_x_lora, needs_a = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[4]
         with torch.autocast(grad_out.device.type, enabled=False):
             g = grad_out.reshape(-1, grad_out.shape[-1]).to(xa.dtype)
-            gb_t = (b.t() @ g.t()).mul_(scale)  # dL/d(xA^T) as [r, N]
+            gb_t = None  # dL/d(xA^T) as [r, N], when a gradient below needs it
+            if needs_a or (needs_x and mode == SPLIT) or (needs_x_lora and mode == OWN_INPUT):
+                gb_t = (b.t() @ g.t()).mul_(scale)
             x_shape = (*grad_out.shape[:-1], xl2.shape[-1])
             grad_x = grad_x_lora = None
-            if ctx.needs_input_grad[0]:
-                if ctx.merge:
+            if needs_x:
+                if mode == FOLD:
                     grad_x = g @ _merged_weight_t(w, a, b, scale, ctx.transposed).t()
                 else:
                     grad_x = g @ _weight_t(w, ctx.transposed).t()
-                    if not ctx.apart:
+                    if mode == SPLIT:
                         grad_x.addmm_(gb_t.t(), a)
                 grad_x = grad_x.view(x_shape).to(ctx.x_dtype)
-            if ctx.apart and ctx.needs_input_grad[1]:
+            if needs_x_lora and mode == OWN_INPUT:
                 grad_x_lora = (gb_t.t() @ a).view(x_shape).to(ctx.x_dtype)
-            grad_a = (gb_t @ xl2).to(ctx.a_dtype) if ctx.needs_input_grad[4] else None
+            grad_a = (gb_t @ xl2).to(ctx.a_dtype) if needs_a else None
             grad_b = None
             if ctx.needs_input_grad[5]:
                 grad_b = (xa.t() @ g).mul_(scale).t().contiguous().to(ctx.b_dtype)
