@@ -61,13 +61,6 @@ class Workload:
     #: peft IA3Config arguments that pick deltatune's default IA3 modules; empty: peft's defaults do
     peft_ia3: dict = field(default_factory=dict)
 
-    def data(self, device: str) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(1)
-        ids = torch.randint(1000, 30000, (self.batch, self.length), generator=g)
-        labels = ids if self.task_type == "CAUSAL_LM" else torch.randint(0, 2, (self.batch,), generator=g)
-        return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-                "labels": labels.to(device)}
-
 
 WORKLOADS = {
     # the CPU suite: the embedded MiniLM, batch 32 x 128. peft's IA3 defaults for BERT match
@@ -126,7 +119,11 @@ def adapt(base: torch.nn.Module, variant: str, method: str = "lora", workload: W
 
 
 def batch(device: str, workload: Workload = MINILM) -> dict[str, torch.Tensor]:
-    return workload.data(device)
+    """The same random batch on every call: labels are the tokens for a causal LM, a class else."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 30000, (workload.batch, workload.length), generator=g)
+    labels = ids if workload.task_type == "CAUSAL_LM" else torch.randint(0, 2, (workload.batch,), generator=g)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
 
 
 def make_step(model: torch.nn.Module, data: dict, device: str, precision: str):

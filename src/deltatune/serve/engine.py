@@ -20,7 +20,6 @@ from deltatune.serve.errors import RequestError
 from deltatune.serve.settings import DEFAULTS
 from deltatune.train.precision import autocast
 from deltatune.train.precision import resolve as resolve_precision
-from deltatune.train.recipe import PRECISIONS
 
 
 CLASSIFY, GENERATE = "classify", "generate"
@@ -45,8 +44,6 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.device = next(model.parameters()).device
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.precision = resolve_precision(precision, self.device)  #: "fp32" or "bf16", what forwards run in
         self._autocast = autocast(self.precision, self.device)
         pinned = tuple(model.adapter_names)

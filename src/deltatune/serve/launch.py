@@ -13,7 +13,7 @@ from pathlib import Path
 
 from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.serve.settings import DEFAULTS
-from deltatune.train.recipe import PRECISIONS
+from deltatune.train.precision import PRECISIONS
 
 _AUTO_CLASSES = {"seq-cls": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
 

@@ -14,6 +14,11 @@ from typing import Callable
 
 import torch
 
+from deltatune.errors import ConfigError
+
+#: what a recipe's ``train.precision`` and the server's ``--precision`` accept
+PRECISIONS = ("auto", "fp32", "bf16")
+
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles)."""
@@ -29,6 +34,8 @@ def cpu_capability() -> str:
 
 def resolve(precision: str, device: torch.device) -> str:
     """``fp32`` or ``bf16`` for the recipe's ``precision`` on ``device``."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"

@@ -28,10 +28,10 @@ from typing import Any, Iterable
 import yaml
 
 from deltatune.errors import ConfigError
+from deltatune.train.precision import PRECISIONS
 
 TASKS = ("seq-cls", "token-cls", "causal-lm", "seq2seq")
 SCHEDULES = ("linear", "cosine", "constant")
-PRECISIONS = ("auto", "fp32", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 
 

@@ -25,7 +25,7 @@ import torch
 from deltatune.core.layer import compute_dtype
 
 #: compute dtypes in which the update is folded into the weight (see the module docstring)
-MERGE_DTYPES = (torch.float32, torch.float64)
+FOLD_DTYPES = (torch.float32, torch.float64)
 
 
 def _weight_t(w: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -53,7 +53,7 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, a, b, scale: float, transposed: bool):
         dtype = compute_dtype(x)
-        mode = OWN_INPUT if x_lora is not None else FOLD if dtype in MERGE_DTYPES else SPLIT
+        mode = OWN_INPUT if x_lora is not None else FOLD if dtype in FOLD_DTYPES else SPLIT
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             xl2 = x2 if x_lora is None else x_lora.reshape(x2.shape).to(dtype)
