@@ -25,11 +25,22 @@ def attach(base: nn.Module, config: MethodConfig, name: str = "default") -> Adap
 
 
 def load(base: nn.Module, directory: str | os.PathLike, name: str = "default", *,
-         trainable: bool = False) -> AdaptedModel:
+         trainable: bool = False, allow_nonfinite: bool = False) -> AdaptedModel:
     """Load the adapter folder ``directory`` (deltatune's or HF PEFT's) onto ``base``, made active.
 
-    With ``trainable=True`` its parameters get gradients, to continue training.
+    With ``trainable=True`` its parameters get gradients, to continue training. Weights with NaN
+    or Inf values are refused unless ``allow_nonfinite``. If loading fails, ``base`` is left
+    exactly as it was (modules and ``requires_grad`` flags).
     """
-    model = _adapted(base)
-    model.load(directory, name, trainable=trainable)
+    if isinstance(base, AdaptedModel):
+        return base.load(directory, name, trainable=trainable, allow_nonfinite=allow_nonfinite).use(name)
+    flags = [(p, p.requires_grad) for p in base.parameters()]
+    model = AdaptedModel(base)
+    try:
+        model.load(directory, name, trainable=trainable, allow_nonfinite=allow_nonfinite)
+    except BaseException:
+        model.unload()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
     return model.use(name)

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
+from deltatune.core.patterns import compile_pattern, shown
 from deltatune.errors import ConfigError
 
 #: the words a ``layers`` selection may be, besides block indices
@@ -45,12 +50,14 @@ def _thaw(value: Any) -> Any:
 def require(ok: bool, field: str, value: Any, allowed: str) -> None:
     """Raise :class:`ConfigError` naming ``field``, its bad ``value`` and what is ``allowed``, unless ``ok``."""
     if not ok:
-        raise ConfigError(f"{field} must be {allowed}, got {value!r}")
+        raise ConfigError(f"{field} must be {allowed}, got {shown(value)}")
 
 
 def is_number(value: Any) -> bool:
-    """An int or float; ``True``/``False`` are not numbers here."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float; ``True``/``False``, NaN and infinities are not numbers here."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
 
 
 def is_int(value: Any) -> bool:
@@ -58,12 +65,18 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+#: the largest size-like integer a config may hold (ranks, token counts, widths): anything
+#: above is a damaged or hostile file, refused before a tensor of that size is allocated
+MAX_SIZE = 2**20
+
+
 def positive_int(field: str, value: Any, *, hint: str = "", none: str = "") -> None:
-    """``value`` is an int >= 1; with ``none`` (what None stands for), or None."""
+    """``value`` is an int in [1, :data:`MAX_SIZE`]; with ``none`` (what None stands for), or None."""
     if none and value is None:
         return
     allowed = "a positive integer" + (f" ({hint})" if hint else "") + (f", or None ({none})" if none else "")
     require(is_int(value) and value >= 1, field, value, allowed)
+    require(value <= MAX_SIZE, field, value, f"at most {MAX_SIZE}")
 
 
 def positive_number(field: str, value: Any, *, hint: str = "") -> None:
@@ -85,7 +98,11 @@ def module_names(field: str, value: Any, *, words: tuple[str, ...] = (), regex: 
                  empty: bool = False) -> None:
     """``value`` is None, a list of module names (non-empty strings; an empty list only with
     ``empty``), or, with ``regex``, one string: a regex, or one of ``words`` (``"all-linear"``)."""
-    if value is None or (regex and isinstance(value, str)):
+    if value is None:
+        return
+    if regex and isinstance(value, str):
+        if value not in words:
+            compile_pattern(field, value)
         return
     options = [repr(w) for w in words] + (["a regex string"] if regex else [])
     options.append("a list of module names" if empty else "a non-empty list of module names")
@@ -95,6 +112,57 @@ def module_names(field: str, value: Any, *, words: tuple[str, ...] = (), regex: 
 
 def _either(options: list[str]) -> str:
     return options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` has the type the field annotation ``hint`` names (after lists became
+    tuples). Annotations it does not know (``Any``, callables) accept anything."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None) or hint is None:
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return is_int(value)
+    if hint is float:
+        return is_number(value)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    if origin in (tuple, list, Sequence) or hint in (tuple, list, Sequence):
+        if not isinstance(value, (tuple, list)):
+            return False
+        item = args[0] if args else Any
+        return all(_fits(v, item) for v in value)
+    return True
+
+
+def check_field_types(config: "MethodConfig") -> None:
+    """Raise :class:`ConfigError` naming the first field whose value has the wrong type (a string
+    ``"false"`` for a flag, a list for a number ...), before any rule reads the values."""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name in hints and not _fits(value, hints[f.name]):
+            key = type(config).peft_names.get(f.name)
+            label = f"{f.name} ({key} in adapter_config.json)" if key else f.name
+            raise ConfigError(f"{label} must be {_type_name(hints[f.name])}, got {shown(value)}")
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+               dict: "a mapping (JSON object)"}
+
+
+def _type_name(hint: Any) -> str:
+    if hint in _TYPE_NAMES:
+        return _TYPE_NAMES[hint]
+    text = str(hint).replace("typing.", "").replace("collections.abc.", "").replace("NoneType", "None")
+    return f"of type {text}"
 
 
 def layer_selection(field: str, value: Any) -> tuple[int, ...] | str | None:
@@ -136,7 +204,14 @@ class MethodConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             object.__setattr__(self, f.name, _freeze(getattr(self, f.name)))
-        self.validate()
+        try:
+            self.validate()  # its rules give the most helpful messages, so they speak first
+        except ConfigError:
+            raise
+        except Exception:  # a rule tripped over a value of the wrong type: name the field instead
+            check_field_types(self)
+            raise
+        check_field_types(self)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for invalid values. Subclasses extend this."""
@@ -198,4 +273,4 @@ class MethodConfig:
         try:
             return cls(**kwargs)
         except TypeError as exc:  # pragma: no cover - dataclass signature problems
-            raise ConfigError(f"cannot build {cls.__name__} from {data!r}: {exc}") from None
+            raise ConfigError(f"cannot build {cls.__name__} from {shown(data)}: {exc}") from None

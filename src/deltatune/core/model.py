@@ -275,7 +275,7 @@ class AdaptedModel(nn.Module):
         for path, layer in list(self.adapter_layers()):
             if name in layer.adapter_names:
                 layer.remove_adapter(name)
-                if not layer.adapter_names:
+            if not layer.adapter_names:  # also a wrapper whose adapter failed half-way in
                     self.base_model.set_submodule(path, layer.base_layer)
                     del self._layer_index[path]
         if name in self.model_adapters:
@@ -447,9 +447,11 @@ class AdaptedModel(nn.Module):
         from deltatune.core.state import save_adapter
         save_adapter(self, directory, adapter or self.active_adapter)
 
-    def load(self, directory: str, name: str = "default", *, trainable: bool = False) -> "AdaptedModel":
+    def load(self, directory: str, name: str = "default", *, trainable: bool = False,
+             allow_nonfinite: bool = False) -> "AdaptedModel":
         """Add an adapter from a deltatune or HF PEFT folder under ``name`` (not made active
-        unless it is the only adapter)."""
+        unless it is the only adapter). Weights with NaN or Inf values are refused unless
+        ``allow_nonfinite``."""
         from deltatune.core.state import load_adapter
-        load_adapter(self, directory, name, trainable=trainable)
+        load_adapter(self, directory, name, trainable=trainable, allow_nonfinite=allow_nonfinite)
         return self

@@ -39,6 +39,8 @@ def _ensure_loaded() -> None:
 def get(name: str) -> MethodSpec:
     """The method registered as ``name``."""
     _ensure_loaded()
+    if not isinstance(name, str):
+        raise ConfigError(f"a method name is a string such as 'lora', got {type(name).__name__}")
     try:
         return _METHODS[name]
     except KeyError:

@@ -1,11 +1,14 @@
 """Adapter folders: ``adapter_config.json`` + ``adapter_model.safetensors``, as HF PEFT writes them.
 
-Writes are atomic (temp file in the same folder, fsync, rename). Reads use safetensors only and
-check every key and shape against the model before anything is copied.
+A save publishes both files together (a complete new folder swapped in, see
+:mod:`deltatune.core.publish`). Reads use safetensors only, refuse damaged or hostile content
+(deep JSON, non-float or non-finite tensors) and check every key and shape against the model
+before anything is copied.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -19,8 +22,9 @@ from safetensors.torch import load_file, save_file
 
 from deltatune.core import registry
 from deltatune.core.layer import weights_from_file
+from deltatune.core.publish import publish_folder
 from deltatune.core.shared_params import canonical_name
-from deltatune.errors import AdapterFileError, ConfigError
+from deltatune.errors import AdapterFileError, ConfigError, DeltatuneError
 
 if TYPE_CHECKING:
     from deltatune.core.model import AdaptedModel
@@ -88,7 +92,8 @@ def save_adapter(model: "AdaptedModel", directory: str | os.PathLike, name: str 
         raise ConfigError("the model has no adapter to save")
     model._check(name)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise AdapterFileError(f"cannot save the adapter to {directory}: it is a file, not a folder")
     config = model.configs[name]
     data = config.to_dict()
     file_extras = getattr(registry.for_config(config).injector, "file_extras", None)
@@ -96,9 +101,15 @@ def save_adapter(model: "AdaptedModel", directory: str | os.PathLike, name: str 
         data.update(file_extras(model, name))
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(model, name).items()}
     text = json.dumps(data, indent=2, sort_keys=True)
-    # weights first: a config without its weights is never left behind
-    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+
+    def fill(folder: Path) -> None:
+        save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        (folder / CONFIG_NAME).write_text(text)
+        for file in (WEIGHTS_NAME, CONFIG_NAME):
+            os.chmod(folder / file, default_mode())  # the safetensors writer makes owner-only files
+
+    # config and weights go in together; other files in the folder (a tokenizer, say) stay
+    publish_folder(directory, fill, replace=(WEIGHTS_NAME, CONFIG_NAME))
 
 
 #: files up to this size are read in one go and parsed from memory, which for adapters of a
@@ -126,18 +137,67 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
         hint = (" It has a pickled adapter_model.bin, which deltatune never loads (unsafe): convert it to "
                 "safetensors with the library that wrote it." if pickled else "")
         raise AdapterFileError(f"{directory} has no {WEIGHTS_NAME}.{hint}")
-    try:
-        data = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFileError(f"{config_path} is not valid JSON ({exc}); the file is damaged") from None
-    if not isinstance(data, dict):
-        raise AdapterFileError(f"{config_path} does not hold a JSON object")
+    data = _read_config(config_path)
     try:
         tensors = _read_tensors(weights_path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterFileError(f"{weights_path} is not a readable safetensors file ({exc}); it may be "
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterFileError(f"{weights_path} is not a readable safetensors file ({str(exc)[:200]}); it may be "
                                f"truncated or of another format: save the adapter again") from None
     return data, tensors
+
+
+#: adapter_config.json is a few kB; a bigger one is not an adapter config
+_MAX_CONFIG_BYTES = 4 * 2**20
+#: PEFT's configs nest three levels at most
+_MAX_CONFIG_DEPTH = 16
+
+
+def _read_config(path: Path) -> dict:
+    if path.stat().st_size > _MAX_CONFIG_BYTES:
+        raise AdapterFileError(f"{path} has {path.stat().st_size} bytes, more than an adapter config "
+                               f"({_MAX_CONFIG_BYTES} at most): it is not an adapter_config.json")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{path} is not valid JSON ({exc}); the file is damaged") from None
+    except RecursionError:
+        data = None  # nested deeper than the parser's stack: refused below like any deep file
+    if data is None or _depth(data) > _MAX_CONFIG_DEPTH:
+        raise AdapterFileError(f"{path} nests lists or objects deeper than {_MAX_CONFIG_DEPTH} levels; "
+                               f"it is not an adapter config")
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _depth(value) -> int:
+    """How deeply lists and dicts nest in ``value``, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        deepest = max(deepest, level)
+        if level <= _MAX_CONFIG_DEPTH:
+            stack.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+#: the dtypes adapter weights may have
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], where: Path, *, allow_nonfinite: bool = False) -> None:
+    """Refuse integer/bool tensors and, unless ``allow_nonfinite``, tensors with NaN or Inf values,
+    naming the first bad tensor: loaded, they would make every output NaN or wrong."""
+    for key in sorted(tensors):
+        value = tensors[key]
+        if value.dtype not in _FLOAT_DTYPES:
+            raise AdapterFileError(f"{where}: tensor {key} has dtype {value.dtype}; adapter weights are floating "
+                                   f"point (float32, float16, bfloat16): the file is damaged or not an adapter")
+        if not allow_nonfinite and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise AdapterFileError(f"{where}: tensor {key} holds {bad} NaN or infinite values (training diverged, "
+                                   f"or the file is damaged); retrain, or pass allow_nonfinite=True to load it anyway")
 
 
 #: classification-head weights as adapter files name them (BERT-style, Llama-style, RoBERTa-style)
@@ -146,14 +206,20 @@ _HEAD_WEIGHTS = ("classifier.weight", "score.weight", "classifier.out_proj.weigh
 
 def saved_class_count(directory: str | os.PathLike) -> int | None:
     """The class count of a classification adapter, from its saved head's shape (the file's
-    header only; no weights are read); None when it has no head or no weights file."""
+    header only; no weights are read); None when it has no head or no weights file.
+    Raises :class:`AdapterFileError` when the weights file cannot be read."""
     weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():
         return None
-    with safe_open(str(weights), framework="pt") as fh:
-        for key in fh.keys():
-            if key.endswith(_HEAD_WEIGHTS):
-                return fh.get_slice(key).get_shape()[0]
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            for key in fh.keys():
+                if key.endswith(_HEAD_WEIGHTS):
+                    shape = fh.get_slice(key).get_shape()
+                    return shape[0] if shape else None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterFileError(f"{weights} is not a readable safetensors file ({str(exc)[:200]}); it may be "
+                               f"truncated or of another format: save the adapter again") from None
     return None
 
 
@@ -191,16 +257,33 @@ def split_by_layer(model: "AdaptedModel", name: str, tensors: dict[str, torch.Te
     return per_layer, extra_values, model_level
 
 
-def load_adapter(model: "AdaptedModel", directory: str | os.PathLike, name: str, *, trainable: bool = False) -> None:
+@contextlib.contextmanager
+def _as_adapter_file_errors(directory: str | os.PathLike):
+    """Last line of defence for hostile configs: an error that is not a deltatune one (a value no
+    check foresaw reaching torch or a method) still becomes a clear :class:`AdapterFileError`."""
+    try:
+        yield
+    except DeltatuneError:
+        raise
+    except (ArithmeticError, AttributeError, LookupError, MemoryError, RecursionError, RuntimeError, TypeError,
+            ValueError) as exc:
+        raise AdapterFileError(f"{directory}: {CONFIG_NAME} describes an adapter that cannot be built "
+                               f"({type(exc).__name__}: {str(exc)[:200]}); the file is damaged or hostile") from None
+
+
+def load_adapter(model: "AdaptedModel", directory: str | os.PathLike, name: str, *, trainable: bool = False,
+                 allow_nonfinite: bool = False) -> None:
     """Add the adapter stored in ``directory`` to ``model`` as ``name``.
 
     On any mismatch the half-added adapter is removed again and the model is left as it was.
     """
     data, tensors = read_adapter(directory)
-    spec = registry.for_file(data)
-    config = spec.config_cls.from_dict(data)
-    with weights_from_file():
-        model.add(config, name, trainable=trainable)
+    check_tensors(tensors, Path(directory) / WEIGHTS_NAME, allow_nonfinite=allow_nonfinite)
+    with _as_adapter_file_errors(directory):
+        spec = registry.for_file(data)
+        config = spec.config_cls.from_dict(data)
+        with weights_from_file():
+            model.add(config, name, trainable=trainable)
     try:
         per_layer, extra_values, model_level = split_by_layer(model, name, tensors)
         layers = dict(model.adapter_layers())

@@ -12,6 +12,7 @@ from torch import nn
 from deltatune.core.archspec import COMPONENTS, classification_head_names, output_head_names, spec_for
 from deltatune.core.config import LAYER_WORDS
 from deltatune.core.layer import AdapterLayer, linear_kinds
+from deltatune.core.patterns import compile_pattern, fullmatch
 from deltatune.errors import TargetError
 
 LayerSelection = None | str | Sequence[int]
@@ -106,11 +107,8 @@ def resolve_targets(
         chosen = {p for p, m in modules.items()
                   if isinstance(m, linear_kinds()) and not any(_matches_name(p, s) for s in skip)}
     elif isinstance(targets, str):
-        try:
-            rx = re.compile(targets)
-        except re.error as exc:
-            raise TargetError(f"targets {targets!r} is not a valid regex: {exc}") from None
-        chosen = {p for p in modules if rx.fullmatch(p)}
+        compile_pattern("targets", targets)
+        chosen = {p for p in modules if fullmatch("targets", targets, p)}
         if not chosen:
             raise TargetError(f"targets regex {targets!r} matches no module; {_candidates_message(modules, kinds, spec)}")
     else:
@@ -127,7 +125,7 @@ def resolve_targets(
             chosen |= hits
     if exclude:
         if isinstance(exclude, str):
-            chosen = {p for p in chosen if not re.fullmatch(exclude, p)}
+            chosen = {p for p in chosen if not fullmatch("exclude", exclude, p)}
         else:
             chosen = {p for p in chosen if not any(_matches_name(p, e) for e in exclude)}
     keep = _layer_filter(layers, _block_sizes(modules, spec))

@@ -7,6 +7,7 @@ from typing import Sequence
 
 from deltatune.core.config import (MethodConfig, fraction, layer_selection, module_names, one_of, positive_int,
                                    positive_number)
+from deltatune.core.patterns import compile_pattern, tail_pattern
 
 _BIAS = ("none", "all", "lora_only")
 _INIT = ("kaiming", "gaussian", "random")
@@ -71,8 +72,10 @@ class LoraConfig(MethodConfig):
         one_of("bias", self.bias, _BIAS)
         one_of("init", self.init, _INIT)
         for key, value in self.rank_pattern.items():
+            compile_pattern(f"rank_pattern key {key!r}", tail_pattern(key) if isinstance(key, str) else key)
             positive_int(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
+            compile_pattern(f"alpha_pattern key {key!r}", tail_pattern(key) if isinstance(key, str) else key)
             positive_number(f"alpha_pattern[{key!r}]", value)
 
     def to_dict(self) -> dict:

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from torch import nn
 
 from deltatune.core.layer import wrapped
+from deltatune.core.patterns import fullmatch, tail_pattern
 from deltatune.core.targets import resolve_targets
 from deltatune.methods.lora.config import LoraConfig
 from deltatune.methods.lora.layer import LoraLayer, LoraLinear, lora_kinds, wrap_with_lora
 
 
-def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
+def pattern_value(patterns: dict[str, Any], path: str, default: Any, field: str = "rank_pattern") -> Any:
     """The value of the first pattern that matches the tail of ``path`` (PEFT's rule), else default."""
     for key, value in patterns.items():
-        if re.fullmatch(rf"(?:.*\.)?(?:{key})", path):
+        if fullmatch(f"{field} key {key!r}", tail_pattern(key), path):
             return value
     return default
 
@@ -30,7 +30,7 @@ class LoraMethod:
         for path in paths:
             module = wrapped(model, path, LoraLayer, "LoRA", make=lambda m, p=path: wrap_with_lora(m, p))
             module.add_adapter(name, r=pattern_value(config.rank_pattern, path, config.r),
-                               alpha=pattern_value(config.alpha_pattern, path, config.alpha),
+                               alpha=pattern_value(config.alpha_pattern, path, config.alpha, "alpha_pattern"),
                                dropout=config.dropout, init=config.init, use_rslora=config.use_rslora)
         return paths
 
