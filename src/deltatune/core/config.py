@@ -149,9 +149,7 @@ def check_field_types(config: "MethodConfig") -> None:
     for f in fields(config):
         value = getattr(config, f.name)
         if f.name in hints and not _fits(value, hints[f.name]):
-            key = type(config).peft_names.get(f.name)
-            label = f"{f.name} ({key} in adapter_config.json)" if key else f.name
-            raise ConfigError(f"{label} must be {_type_name(hints[f.name])}, got {shown(value)}")
+            raise ConfigError(f"{f.name} must be {_type_name(hints[f.name])}, got {shown(value)}")
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
@@ -274,3 +272,9 @@ class MethodConfig:
             return cls(**kwargs)
         except TypeError as exc:  # pragma: no cover - dataclass signature problems
             raise ConfigError(f"cannot build {cls.__name__} from {shown(data)}: {exc}") from None
+        except ConfigError as exc:  # name the field as the file does: "lora_alpha (alpha) must be ..."
+            text = str(exc)
+            for name, key in {**cls.peft_names, "base_model": "base_model_name_or_path"}.items():
+                if text.startswith((f"{name} ", f"{name}[")):
+                    raise type(exc)(f"{key} ({name}){text[len(name):]}") from None
+            raise

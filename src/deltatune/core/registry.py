@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from deltatune.core.patterns import shown
 from deltatune.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ def get(name: str) -> MethodSpec:
     try:
         return _METHODS[name]
     except KeyError:
-        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS))}") from None
+        raise ConfigError(f"unknown method {shown(name)}; available: {', '.join(sorted(_METHODS))}") from None
 
 
 def for_config(config: "MethodConfig") -> MethodSpec:
@@ -61,7 +62,7 @@ def for_file(data: dict[str, Any]) -> MethodSpec:
         if peft_type and spec.config_cls.peft_type == peft_type:
             return spec
     known = sorted(s.config_cls.peft_type for s in _METHODS.values() if s.config_cls.peft_type)
-    raise ConfigError(f"adapter_config.json has peft_type={peft_type!r}; deltatune reads {', '.join(known)}")
+    raise ConfigError(f"adapter_config.json has peft_type={shown(peft_type)}; deltatune reads {', '.join(known)}")
 
 
 def names() -> list[str]:

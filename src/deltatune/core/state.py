@@ -137,7 +137,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
         hint = (" It has a pickled adapter_model.bin, which deltatune never loads (unsafe): convert it to "
                 "safetensors with the library that wrote it." if pickled else "")
         raise AdapterFileError(f"{directory} has no {WEIGHTS_NAME}.{hint}")
-    data = _read_config(config_path)
+    data = read_config(config_path)
     try:
         tensors = _read_tensors(weights_path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -152,7 +152,9 @@ _MAX_CONFIG_BYTES = 4 * 2**20
 _MAX_CONFIG_DEPTH = 16
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
+    """The JSON object in adapter config ``path``; :class:`AdapterFileError` for a damaged,
+    oversized or deeply nested file."""
     if path.stat().st_size > _MAX_CONFIG_BYTES:
         raise AdapterFileError(f"{path} has {path.stat().st_size} bytes, more than an adapter config "
                                f"({_MAX_CONFIG_BYTES} at most): it is not an adapter_config.json")
@@ -204,6 +206,17 @@ def check_tensors(tensors: dict[str, torch.Tensor], where: Path, *, allow_nonfin
 _HEAD_WEIGHTS = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
 
 
+def tensor_shapes(weights: Path) -> dict[str, list[int]]:
+    """Each tensor's shape in safetensors file ``weights``, read from its header only;
+    :class:`AdapterFileError` when the file cannot be read."""
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            return {key: list(fh.get_slice(key).get_shape()) for key in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterFileError(f"{weights} is not a readable safetensors file ({str(exc)[:200]}); it may be "
+                               f"truncated or of another format: save the adapter again") from None
+
+
 def saved_class_count(directory: str | os.PathLike) -> int | None:
     """The class count of a classification adapter, from its saved head's shape (the file's
     header only; no weights are read); None when it has no head or no weights file.
@@ -211,15 +224,9 @@ def saved_class_count(directory: str | os.PathLike) -> int | None:
     weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():
         return None
-    try:
-        with safe_open(str(weights), framework="pt") as fh:
-            for key in fh.keys():
-                if key.endswith(_HEAD_WEIGHTS):
-                    shape = fh.get_slice(key).get_shape()
-                    return shape[0] if shape else None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterFileError(f"{weights} is not a readable safetensors file ({str(exc)[:200]}); it may be "
-                               f"truncated or of another format: save the adapter again") from None
+    for key, shape in tensor_shapes(weights).items():
+        if key.endswith(_HEAD_WEIGHTS):
+            return shape[0] if shape else None
     return None
 
 

@@ -7,7 +7,6 @@ without the ``serve`` extra.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -58,14 +57,14 @@ def parse_adapters(spec: str) -> dict[str, str]:
 
 def adapter_facts(folder: str | os.PathLike) -> tuple[str | None, int | None]:
     """``(task_type, class count)`` of a saved adapter, read without loading its weights."""
-    from deltatune.core.state import CONFIG_NAME, saved_class_count
+    from deltatune.core.state import CONFIG_NAME, read_config, saved_class_count
 
     folder = Path(folder)
     task = labels = None
     try:
-        task = json.loads((folder / CONFIG_NAME).read_text()).get("task_type")
+        task = read_config(folder / CONFIG_NAME).get("task_type")
         labels = saved_class_count(folder)
-    except (OSError, ValueError, AttributeError):
+    except (DeltatuneError, OSError):
         pass  # loading the adapter later reports a broken folder with the core's message
     return task, labels
 

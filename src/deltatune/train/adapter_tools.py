@@ -3,16 +3,15 @@ belongs to, and baking it into that model (``merge``)."""
 
 from __future__ import annotations
 
-import json
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from safetensors import safe_open
-
 import deltatune as dt
 from deltatune.core import registry
-from deltatune.core.state import CONFIG_NAME, WEIGHTS_NAME, read_adapter, saved_class_count
+from deltatune.core.state import (CONFIG_NAME, WEIGHTS_NAME, read_adapter, read_config, saved_class_count,
+                                  tensor_shapes)
 from deltatune.errors import AdapterFileError, ConfigError
 from deltatune.train.files import replace_dir
 from deltatune.train.tasks import PEFT_TASKS, TASKS
@@ -73,22 +72,14 @@ def inspect_adapter(adapter: str | os.PathLike) -> AdapterInfo:
         if (folder / "config.json").is_file():
             hint = " It is a full model folder (config.json): load it with transformers' from_pretrained."
         raise AdapterFileError(f"{folder} is not an adapter folder: it has no {CONFIG_NAME}.{hint}")
-    try:
-        data = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterFileError(f"{config_path} is not valid JSON ({exc})") from None
+    data = read_config(config_path)
     spec = registry.for_file(data)
     config = spec.config_cls.from_dict(data)
     values = {f.name: getattr(config, f.name) for f in fields(config)}
     count = n = 0
     if weights.is_file():
-        with safe_open(str(weights), framework="pt") as fh:
-            for key in fh.keys():
-                shape = fh.get_slice(key).get_shape()
-                size = 1
-                for d in shape:
-                    size *= d
-                count, n = count + size, n + 1
+        for shape in tensor_shapes(weights).values():
+            count, n = count + math.prod(shape), n + 1
     task = PEFT_TASKS.get(config.task_type) if config.task_type else None
     return AdapterInfo(str(folder), spec.name, config.base_model, task, values, count, n,
                        weights.stat().st_size if weights.is_file() else 0, run_recipe(folder))
