@@ -17,14 +17,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Awaitable
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from torch import nn
 
 from deltatune.core.model import AdaptedModel
 from deltatune.errors import DeltatuneError
-from deltatune.serve import schemas
+from deltatune.serve import limits, schemas
 from deltatune.serve.batcher import Batcher
 from deltatune.serve.engine import CLASSIFY, GENERATE, Engine
 from deltatune.serve.errors import RequestError
@@ -35,7 +35,7 @@ from deltatune.serve.settings import ServeSettings
 log = logging.getLogger("deltatune.serve")
 
 
-_ERRORS = {code: {"model": schemas.Error} for code in (400, 401, 403, 404, 409, 422, 429, 503)}
+_ERRORS = {code: {"model": schemas.Error} for code in (400, 401, 403, 404, 409, 413, 422, 429, 503)}
 
 
 def create_app(model: nn.Module, tokenizer, settings: ServeSettings | None = None, **overrides) -> FastAPI:
@@ -50,7 +50,7 @@ def create_app(model: nn.Module, tokenizer, settings: ServeSettings | None = Non
     engine = Engine(model, tokenizer, max_adapters=settings.max_adapters, max_length=settings.max_length,
                     precision=settings.precision)
     batcher = Batcher(engine.classify, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-                      queue_size=settings.queue_size)
+                      queue_size=settings.queue_size, max_queue_ms=settings.max_queue_ms)
     metrics = Metrics()
 
     @asynccontextmanager
@@ -64,13 +64,9 @@ def create_app(model: nn.Module, tokenizer, settings: ServeSettings | None = Non
     from deltatune import __version__
     app = FastAPI(title="deltatune", version=__version__, lifespan=lifespan,
                   description="One base model, many adapters: requests for different adapters share a batch.")
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    limits.install(app, settings)  # body-size limit and error answers that never fail
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last: outermost, it counts the 413s too
     app.state.engine, app.state.batcher, app.state.metrics, app.state.settings = engine, batcher, metrics, settings
-
-    @app.exception_handler(RequestError)
-    async def request_error(_: Request, exc: RequestError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
 
     bearer = HTTPBearer(auto_error=False, description=f"the token in {TOKEN_ENV}")
 

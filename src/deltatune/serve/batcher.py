@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from deltatune.errors import ConfigError
-from deltatune.serve.errors import QueueFull, RequestError
+from deltatune.serve.errors import QueueFull, QueueTimeout, RequestError
 from deltatune.serve.settings import DEFAULTS
 
 log = logging.getLogger("deltatune.serve")
@@ -54,14 +54,16 @@ class Batcher:
     """
 
     def __init__(self, run_batch: BatchFn, *, max_batch: int = DEFAULTS.max_batch,
-                 max_wait_ms: float = DEFAULTS.max_wait_ms, queue_size: int = DEFAULTS.queue_size) -> None:
-        if max_batch < 1 or queue_size < 1 or max_wait_ms < 0:
+                 max_wait_ms: float = DEFAULTS.max_wait_ms, queue_size: int = DEFAULTS.queue_size,
+                 max_queue_ms: float = DEFAULTS.max_queue_ms) -> None:
+        if max_batch < 1 or queue_size < 1 or max_wait_ms < 0 or max_queue_ms < 0:
             raise ConfigError(f"max_batch ({max_batch}) and queue_size ({queue_size}) must be at least 1, "
-                              f"max_wait_ms ({max_wait_ms}) at least 0")
+                              f"max_wait_ms ({max_wait_ms}) and max_queue_ms ({max_queue_ms}) at least 0")
         self.run_batch = run_batch
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self.queue_size = queue_size
+        self.max_queue = max_queue_ms / 1000  # 0: requests wait as long as it takes
         self.stats = BatchStats()
         self._pending: deque[_Item] = deque()
         self._bounded = 0  # items in _pending that count against queue_size
@@ -129,8 +131,21 @@ class Batcher:
             self._bounded += 1
         self._pending.append(item)
         self._wake.set()
-        # a client that goes away cancels this await, which cancels the future: the worker skips it
-        return await item.future
+        if not (item.bounded and self.max_queue):
+            # a client that goes away cancels this await, which cancels the future: the worker skips it
+            return await item.future
+        timer = asyncio.get_running_loop().call_later(self.max_queue, self._shed, item)
+        try:
+            return await item.future
+        finally:
+            timer.cancel()
+
+    def _shed(self, item: _Item) -> None:
+        """Answer ``item`` 503 if it is still waiting (not if the model has it already)."""
+        if item in self._pending:  # _Item compares by identity
+            self._pending.remove(item)
+            self._bounded -= 1
+            _settle(item.future, QueueTimeout(self.max_queue * 1000))
 
     def _pop(self) -> _Item:
         item = self._pending.popleft()

@@ -33,7 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                              ("--max-wait-ms", float, "how long a batch waits to fill"),
                              ("--queue-size", int, "waiting requests before 429"),
                              ("--max-adapters", int, "adapters kept loaded, LRU"),
-                             ("--max-length", int, "tokens per input, longer is truncated")):
+                             ("--max-length", int, "tokens per input, longer is truncated"),
+                             ("--max-body-mb", float, "request bodies above this are answered 413; 0: no limit"),
+                             ("--max-queue-ms", float, "requests queued longer are answered 503 with Retry-After; "
+                                                       "0: no deadline")):
         default = getattr(DEFAULTS, flag[2:].replace("-", "_"))
         p.add_argument(flag, type=kind, default=default, help=f"{what} (default {default:g})")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -113,5 +116,5 @@ def serve(args: argparse.Namespace) -> None:
     model, tokenizer = build_model(args.model, parse_adapters(args.adapters), args.task, args.num_labels, args.device)
     app = create_app(model, tokenizer, adapter_root=root, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                      queue_size=args.queue_size, max_adapters=args.max_adapters, max_length=args.max_length,
-                     precision=args.precision)
+                     precision=args.precision, max_body_mb=args.max_body_mb, max_queue_ms=args.max_queue_ms)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

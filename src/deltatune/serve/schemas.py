@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from deltatune.core.model import BASE_ADAPTER
 
@@ -12,7 +12,17 @@ MAX_INPUTS = 64  # texts per classify request
 MAX_CHARS = 20_000  # characters per text or prompt; longer token sequences are truncated anyway
 NAME_PATTERN = r"^[A-Za-z0-9_\-]{1,64}$"
 
-Text = Annotated[str, Field(max_length=MAX_CHARS)]
+
+def _encodable(text: str) -> str:
+    """Refuse text with lone surrogates (``"\\ud800"`` in JSON): no tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (it holds a lone surrogate escape such as \\ud800)") from None
+    return text
+
+
+Text = Annotated[str, Field(max_length=MAX_CHARS), AfterValidator(_encodable)]
 #: the adapter a request names; longer than NAME_PATTERN allows, as start-up adapters are named freely
 AdapterName = Annotated[str, Field(min_length=1, max_length=128,
                                    description=f'adapter name, or "{BASE_ADAPTER}" for the base model')]

@@ -32,6 +32,14 @@ def check_admin_token(given: str | None, expected: str | None) -> None:
 def resolve_adapter_path(root: str | Path | None, relative: str) -> Path:
     """The real path of adapter folder ``relative`` inside ``root``; raises a 4xx
     :class:`RequestError` for anything that is not a plain folder below the root."""
+    try:
+        return _resolve(root, relative)
+    except OSError as exc:  # a name too long for the file system, a loop of links ...
+        raise RequestError(400, f"path cannot be used as a folder name ({exc.strerror or exc}); "
+                                f"give a shorter path relative to the adapter root") from None
+
+
+def _resolve(root: str | Path | None, relative: str) -> Path:
     if root is None:
         raise RequestError(403, "runtime adapter loading is disabled: start the server with --adapter-root DIR")
     if not relative or "\x00" in relative or "\\" in relative:

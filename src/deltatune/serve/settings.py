@@ -20,6 +20,9 @@ class ServeSettings:
     max_length: int = 512  #: tokens per input; longer inputs are truncated
     #: auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), fp32 elsewhere
     precision: str = "auto"
+    max_body_mb: float = 8.0  #: larger request bodies are answered 413; 0: no limit
+    #: a request still queued after this long is answered 503 with Retry-After; 0: no deadline
+    max_queue_ms: float = 30_000.0
 
 
 #: the defaults, for signatures and help texts
