@@ -292,3 +292,20 @@ def test_a_failed_load_unwraps_a_layer_it_had_wrapped_already(valid_folder, tmp_
     with pytest.raises(dt.ConfigError):
         model.load(folder, name="second")
     assert module_types(model) == types
+
+
+@pytest.mark.parametrize("damage", ["json-nested-100000", "weights-header-flip-0", "weights-cut-3", "json-raw-1"])
+def test_the_cli_reports_a_bad_folder_in_one_line(valid_folder, tmp_path, capsys, damage):
+    from deltatune.cli import main
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(valid_folder, folder)
+    CASES[damage](folder)
+    commands = [["inspect", str(folder)]]
+    if damage == "json-nested-100000":  # serve reads the folder's facts before loading any model
+        commands.append(["serve", "--model", str(tmp_path / "no-model"), "--adapters", f"x={folder}"])
+    for argv in commands:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"deltatune {argv[0]}: error: ") and err.count("\n") == 1, err
+        assert "Traceback" not in err
