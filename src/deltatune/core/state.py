@@ -123,8 +123,10 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(config dict, tensors)`` of an adapter folder, with clear errors for bad folders."""
+def read_adapter(directory: str | os.PathLike, *,
+                 allow_nonfinite: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config dict, tensors)`` of an adapter folder, with clear errors for bad folders
+    (see :func:`check_tensors` for the weights refused)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise AdapterFileError(f"adapter folder {directory} does not exist")
@@ -141,9 +143,14 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
     try:
         tensors = _read_tensors(weights_path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterFileError(f"{weights_path} is not a readable safetensors file ({str(exc)[:200]}); it may be "
-                               f"truncated or of another format: save the adapter again") from None
+        raise _unreadable(weights_path, exc) from None
+    check_tensors(tensors, weights_path, allow_nonfinite=allow_nonfinite)
     return data, tensors
+
+
+def _unreadable(weights: Path, exc: Exception) -> AdapterFileError:
+    return AdapterFileError(f"{weights} is not a readable safetensors file ({str(exc)[:200]}); it may be "
+                            f"truncated or of another format: save the adapter again")
 
 
 #: adapter_config.json is a few kB; a bigger one is not an adapter config
@@ -213,8 +220,7 @@ def tensor_shapes(weights: Path) -> dict[str, list[int]]:
         with safe_open(str(weights), framework="pt") as fh:
             return {key: list(fh.get_slice(key).get_shape()) for key in fh.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterFileError(f"{weights} is not a readable safetensors file ({str(exc)[:200]}); it may be "
-                               f"truncated or of another format: save the adapter again") from None
+        raise _unreadable(weights, exc) from None
 
 
 def saved_class_count(directory: str | os.PathLike) -> int | None:
@@ -284,8 +290,7 @@ def load_adapter(model: "AdaptedModel", directory: str | os.PathLike, name: str,
 
     On any mismatch the half-added adapter is removed again and the model is left as it was.
     """
-    data, tensors = read_adapter(directory)
-    check_tensors(tensors, Path(directory) / WEIGHTS_NAME, allow_nonfinite=allow_nonfinite)
+    data, tensors = read_adapter(directory, allow_nonfinite=allow_nonfinite)
     with _as_adapter_file_errors(directory):
         spec = registry.for_file(data)
         config = spec.config_cls.from_dict(data)
