@@ -143,8 +143,9 @@ def _fits(value: Any, hint: Any) -> bool:
 
 
 def check_field_types(config: "MethodConfig") -> None:
-    """Raise :class:`ConfigError` naming the first field whose value has the wrong type (a string
-    ``"false"`` for a flag, a list for a number ...), before any rule reads the values."""
+    """Raise :class:`ConfigError` naming the first field whose value has the wrong type for its
+    annotation (a string ``"false"`` for a flag, a list for a number ...): files are checked as
+    strictly as code, whatever rules a method's ``validate`` has."""
     hints = typing.get_type_hints(type(config))
     for f in fields(config):
         value = getattr(config, f.name)

@@ -276,8 +276,8 @@ class AdaptedModel(nn.Module):
             if name in layer.adapter_names:
                 layer.remove_adapter(name)
             if not layer.adapter_names:  # also a wrapper whose adapter failed half-way in
-                    self.base_model.set_submodule(path, layer.base_layer)
-                    del self._layer_index[path]
+                self.base_model.set_submodule(path, layer.base_layer)
+                del self._layer_index[path]
         if name in self.model_adapters:
             del self.model_adapters[name]
         self.configs.pop(name, None)

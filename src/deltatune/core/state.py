@@ -165,13 +165,14 @@ def read_config(path: Path) -> dict:
     if path.stat().st_size > _MAX_CONFIG_BYTES:
         raise AdapterFileError(f"{path} has {path.stat().st_size} bytes, more than an adapter config "
                                f"({_MAX_CONFIG_BYTES} at most): it is not an adapter_config.json")
+    too_deep = False
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterFileError(f"{path} is not valid JSON ({exc}); the file is damaged") from None
-    except RecursionError:
-        data = None  # nested deeper than the parser's stack: refused below like any deep file
-    if data is None or _depth(data) > _MAX_CONFIG_DEPTH:
+    except RecursionError:  # nested deeper than the parser's stack
+        data, too_deep = None, True
+    if too_deep or _depth(data) > _MAX_CONFIG_DEPTH:
         raise AdapterFileError(f"{path} nests lists or objects deeper than {_MAX_CONFIG_DEPTH} levels; "
                                f"it is not an adapter config")
     if not isinstance(data, dict):
