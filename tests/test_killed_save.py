@@ -93,3 +93,16 @@ def test_a_save_keeps_other_files_in_the_folder(tmp_path):
     assert (folder / "tokenizer.json").read_text() == '{"kept": true}'
     assert (folder / "notes" / "README.md").read_text() == "trained on sst2"
     assert _tags(folder) == (3, {3.0})
+
+
+def test_without_an_atomic_exchange_the_swap_renames_aside_and_cleans_up(tmp_path, monkeypatch):
+    from deltatune.core import publish
+
+    monkeypatch.setattr(publish, "_RENAMEAT2", None)  # as on macOS or an old kernel
+    model = dt.attach(BERT.base(), dt.LoraConfig(r=8, targets=["q", "v"]))
+    folder = tmp_path / "adapter"
+    _tagged_save(model, folder, 1)
+    (tmp_path / ".adapter.x1y2.publish").mkdir()  # what a killed save would have left
+    _tagged_save(model, folder, 2)
+    assert _tags(folder) == (2, {2.0})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
