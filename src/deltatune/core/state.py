@@ -191,12 +191,14 @@ def split_by_layer(model: "AdaptedModel", name: str, tensors: dict[str, torch.Te
     return per_layer, extra_values, model_level
 
 
-def load_adapter(model: "AdaptedModel", directory: str | os.PathLike, name: str, *, trainable: bool = False) -> None:
-    """Add the adapter stored in ``directory`` to ``model`` as ``name``.
+def load_adapter(model: "AdaptedModel", directory: str | os.PathLike, name: str, *, trainable: bool = False,
+                 read: Callable[[str | os.PathLike], tuple[dict, dict]] = read_adapter) -> None:
+    """Add the adapter stored in ``directory`` to ``model`` as ``name``; ``read`` turns the folder
+    into ``(PEFT config dict, tensors keyed as in a PEFT file)``.
 
     On any mismatch the half-added adapter is removed again and the model is left as it was.
     """
-    data, tensors = read_adapter(directory)
+    data, tensors = read(directory)
     spec = registry.for_file(data)
     config = spec.config_cls.from_dict(data)
     with weights_from_file():

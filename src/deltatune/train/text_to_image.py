@@ -1,0 +1,161 @@
+"""The ``text-to-image`` task: train an adapter on a diffusers pipeline's denoiser.
+
+The recipe's ``model`` is a diffusers pipeline folder (``model_index.json``; e.g. a Stable
+Diffusion checkpoint), ``data.train`` a folder of images with a ``metadata.jsonl`` of
+``{"file_name": ..., "<data.text>": caption}`` lines (the layout of HF's ``imagefolder``).
+Each step encodes the images with the frozen VAE and the captions with the frozen text encoder,
+noises the latents at random timesteps and trains the adapted UNet to predict the noise (or
+the velocity, when the scheduler is set up for v-prediction): the usual denoising loss.
+The adapter is saved in both layouts: PEFT's (``dt.load``) and diffusers'
+(``pipe.load_lora_weights(folder)``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+import torch
+import torch.nn.functional as F
+
+from deltatune.errors import ConfigError
+from deltatune.train.callbacks import MetricsLog
+from deltatune.train.files import replace_dir, write_json, write_text
+from deltatune.train.methods import AdapterMethod, resolve as resolve_method
+from deltatune.train.recipe import Recipe
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def read_image_captions(folder: Path, caption_field: str, size: int) -> tuple[torch.Tensor, list[str]]:
+    """``(images in [-1, 1] as N x 3 x size x size, captions)`` of an image-caption folder."""
+    from PIL import Image, UnidentifiedImageError
+    meta = folder / "metadata.jsonl"
+    if not meta.is_file():
+        raise ConfigError(f"data.train for text-to-image is a folder of images with a metadata.jsonl of "
+                          f'{{"file_name": ..., "{caption_field}": ...}} lines; {meta} does not exist')
+    images, captions = [], []
+    for number, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name, caption = row["file_name"], row[caption_field]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{meta} line {number}: needs file_name and {caption_field!r} ({exc!r})") from None
+        path = folder / str(name)
+        if path.suffix.lower() not in _IMAGE_SUFFIXES or not path.is_file() or folder not in path.resolve().parents:
+            raise ConfigError(f"{meta} line {number}: {name!r} is not an image file in {folder}")
+        try:
+            with Image.open(path) as img:
+                rgb = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ConfigError(f"{path} is not a readable image ({exc})") from None
+        pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(size, size, 3)
+        images.append(pixels.permute(2, 0, 1).float() / 127.5 - 1.0)
+        captions.append(str(caption))
+    if not images:
+        raise ConfigError(f"{meta} lists no images")
+    return torch.stack(images), captions
+
+
+def load_pipeline(source: str):
+    """A diffusers pipeline from a folder (or hub name), fp32, on the CPU."""
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError:
+        raise ConfigError("task text-to-image needs diffusers: pip install diffusers") from None
+    if Path(source).is_dir() and not (Path(source) / "model_index.json").is_file():
+        raise ConfigError(f"{source} is not a diffusers pipeline folder (it has no model_index.json)")
+    pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=torch.float32)
+    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, c, None) is None]
+    if missing:
+        raise ConfigError(f"text-to-image trains UNet pipelines (Stable Diffusion style); {type(pipe).__name__} "
+                          f"has no {', '.join(missing)}")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def _conditioning(pipe, images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents of the images and text-encoder states of the captions (both frozen, so once)."""
+    latents = pipe.vae.encode(images).latent_dist.mean * pipe.vae.config.scaling_factor
+    tok = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt")
+    return latents, pipe.text_encoder(tok.input_ids)[0]
+
+
+def denoising_loss(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, generator: torch.Generator):
+    """MSE between the UNet's prediction on noised latents and the scheduler's training target."""
+    noise = torch.randn(latents.shape, generator=generator)
+    steps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    noisy = scheduler.add_noise(latents, noise, steps)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, steps)
+    else:
+        raise ConfigError(f"text-to-image trains epsilon or v_prediction schedulers, not {kind!r}")
+    pred = unet(noisy, steps, encoder_hidden_states=text, return_dict=False)[0]
+    return F.mse_loss(pred.float(), target.float())
+
+
+def train_text_to_image(recipe: Recipe, *, overwrite: bool = False, stream: TextIO | None = None,
+                        quiet: bool = False) -> dict:
+    """Run a ``task: text-to-image`` recipe; returns the summary also written to summary.json."""
+    began, spec, out = time.perf_counter(), recipe.train, Path(recipe.output_dir)
+    if not overwrite and any((out / name).exists() for name in ("summary.json", "adapter")):
+        raise ConfigError(f"{out} holds a previous run; pass --overwrite to start again")
+    say = (lambda line: None) if quiet else (lambda line: print(line, file=stream or sys.stderr, flush=True))
+    method = resolve_method(recipe.method)
+    if not isinstance(method, AdapterMethod):
+        raise ConfigError(f"text-to-image trains adapters (lora, ia3, ...), not {method.name!r}")
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    torch.manual_seed(spec.seed)
+    pipe = load_pipeline(recipe.model)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    images, captions = read_image_captions(Path(recipe.resolve_path(recipe.data.train)), recipe.data.text, size)
+    latents, text = _conditioning(pipe, images, captions)
+    model = method.apply(pipe.unet)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    batch = min(spec.batch_size, len(captions))
+    per_epoch = math.ceil(len(captions) / batch)
+    total = min(spec.max_steps or per_epoch * spec.epochs, per_epoch * spec.epochs)
+    say(f"deltatune: text-to-image on {recipe.model} with {method.name}: {sum(p.numel() for p in params):,} "
+        f"trainable parameters; {len(captions)} images, {total} steps")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "recipe.yaml", recipe.to_yaml())
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    log, generator, losses = MetricsLog(out / "metrics.jsonl"), torch.Generator().manual_seed(spec.seed), []
+    model.train()
+    try:
+        for step in range(1, total + 1):
+            rows = torch.randperm(len(captions), generator=generator)[:batch]
+            loss = denoising_loss(model, pipe.scheduler, latents[rows], text[rows], generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if spec.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            optimizer.step()
+            losses.append(loss.item())
+            if step % spec.log_every == 0 or step == total:
+                log.write({"step": step, "loss": sum(losses[-spec.log_every:]) / len(losses[-spec.log_every:])})
+    finally:
+        log.close()
+    model.eval()
+    result = out / method.result
+    replace_dir(result, lambda tmp: (model.save(str(tmp)), model.save(str(tmp), format="diffusers")))
+    summary = {"model": recipe.model, "task": "text-to-image", "method": method.name, "steps": total,
+               "train_examples": len(captions), "train_loss": sum(losses[-spec.log_every:]) / len(losses[-spec.log_every:]),
+               "losses": losses, "result": str(result),
+               "wall_time_s": round(time.perf_counter() - began, 2)}
+    write_json(out / "summary.json", summary)
+    say(f"done in {summary['wall_time_s']:.0f}s; adapter -> {result} (PEFT and diffusers files)")
+    return summary
