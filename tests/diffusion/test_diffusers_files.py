@@ -70,6 +70,16 @@ def test_diffusers_saved_adapter_loads_with_dt_load(tmp_path):
     assert model.configs["default"].alpha == 16
 
 
+def test_diffusers_saved_dit_adapter_loads_with_dt_load(tmp_path):
+    x = dit_inputs()
+    theirs = tiny_dit()
+    theirs.add_adapter(PeftLoraConfig(r=2, lora_alpha=3, init_lora_weights=False,
+                                      target_modules=["to_q", "add_k_proj", "to_add_out", "ff_context.net.2"]))
+    expected = denoise(theirs, x)
+    theirs.save_lora_adapter(str(tmp_path))
+    torch.testing.assert_close(denoise(dt.load(tiny_dit(), tmp_path), x), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_pipeline_file_without_metadata_reads_as_diffusers_does(tmp_path):
     """A pipeline-style file (``unet.`` and ``text_encoder.`` keys, no config): ranks from the
     factors, alpha = rank; diffusers' own loader on the same file is the reference."""

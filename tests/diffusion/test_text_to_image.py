@@ -34,10 +34,11 @@ def _image_folder(root):
     return root
 
 
-def _recipe(tmp_path, **train):
-    pipeline = tmp_path / "pipeline"
-    tiny_pipeline().save_pretrained(pipeline)
-    return {"model": str(pipeline), "task": "text-to-image", "output_dir": str(tmp_path / "run"),
+def _recipe(tmp_path, pipeline: bool = True, **train):
+    folder = tmp_path / "pipeline"
+    if pipeline:
+        tiny_pipeline().save_pretrained(folder)
+    return {"model": str(folder), "task": "text-to-image", "output_dir": str(tmp_path / "run"),
             "data": {"train": str(_image_folder(tmp_path / "images"))},
             "method": {"type": "lora", "r": 4, "alpha": 4, "targets": ["attention", "proj"]},
             "train": {"lr": 1e-2, "batch_size": 8, "log_every": 1, "threads": 1, **train}}
@@ -70,7 +71,10 @@ def test_a_few_steps_run_and_write_both_files(tmp_path):
 
 
 def test_a_folder_without_captions_is_refused(tmp_path):
-    recipe = _recipe(tmp_path, max_steps=1)
+    recipe = _recipe(tmp_path, pipeline=False, max_steps=1)
     (tmp_path / "images" / "metadata.jsonl").unlink()
     with pytest.raises(ConfigError, match="metadata.jsonl"):
+        train(recipe, quiet=True)
+    (tmp_path / "images" / "metadata.jsonl").write_text('{"file_name": "../0.png", "text": "a toy"}\n')
+    with pytest.raises(ConfigError, match="not an image file"):
         train(recipe, quiet=True)

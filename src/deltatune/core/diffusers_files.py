@@ -97,13 +97,18 @@ def read_diffusers_folder(directory: str | os.PathLike) -> tuple[dict, dict[str,
     _refuse_other_layouts(path, tensors)
     prefix = _denoiser_prefix(path, tensors)
     if prefix:
-        tensors = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        tensors = _under(prefix, tensors)
     stray = sorted(k for k in tensors if not k.endswith(_FACTORS))
     if stray:
         raise AdapterFileError(f"{path} has tensors that are not LoRA factors, e.g. {stray[:3]}; deltatune reads "
                                f"LoRA files (lora_A / lora_B) only")
     config = _config_from_metadata(path, header, prefix) or _config_from_factors(tensors)
     return config, {KEY_PREFIX + k: v for k, v in tensors.items()}
+
+
+def _under(prefix: str, entries: dict) -> dict:
+    """The entries whose key starts with ``prefix.``, with that removed."""
+    return {k[len(prefix) + 1:]: v for k, v in entries.items() if k.startswith(prefix + ".")}
 
 
 def _refuse_other_layouts(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -147,7 +152,7 @@ def _config_from_metadata(path: Path, header: dict, prefix: str) -> dict | None:
     if not isinstance(data, dict):
         raise AdapterFileError(f"{path}: its {METADATA_KEY} header does not hold a JSON object")
     if prefix and any(k.startswith(prefix + ".") for k in data):
-        data = {k[len(prefix) + 1:]: v for k, v in data.items() if k.startswith(prefix + ".")}
+        data = _under(prefix, data)
     return {"peft_type": "LORA", **data}
 
 

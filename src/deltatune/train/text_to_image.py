@@ -12,7 +12,6 @@ The adapter is saved in both layouts: PEFT's (``dt.load``) and diffusers'
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 from deltatune.errors import ConfigError
 from deltatune.train.callbacks import MetricsLog
+from deltatune.train.data import read_rows
 from deltatune.train.files import replace_dir, write_json, write_text
 from deltatune.train.methods import AdapterMethod, resolve as resolve_method
 from deltatune.train.recipe import Recipe
@@ -31,25 +31,32 @@ from deltatune.train.recipe import Recipe
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def read_image_captions(folder: Path, caption_field: str, size: int) -> tuple[torch.Tensor, list[str]]:
-    """``(images in [-1, 1] as N x 3 x size x size, captions)`` of an image-caption folder."""
-    from PIL import Image, UnidentifiedImageError
+def image_caption_rows(folder: Path, caption_field: str) -> list[tuple[Path, str]]:
+    """``(image path, caption)`` pairs that ``folder/metadata.jsonl`` lists, checked."""
     meta = folder / "metadata.jsonl"
     if not meta.is_file():
         raise ConfigError(f"data.train for text-to-image is a folder of images with a metadata.jsonl of "
                           f'{{"file_name": ..., "{caption_field}": ...}} lines; {meta} does not exist')
-    images, captions = [], []
-    for number, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            name, caption = row["file_name"], row[caption_field]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{meta} line {number}: needs file_name and {caption_field!r} ({exc!r})") from None
-        path = folder / str(name)
-        if path.suffix.lower() not in _IMAGE_SUFFIXES or not path.is_file() or folder not in path.resolve().parents:
-            raise ConfigError(f"{meta} line {number}: {name!r} is not an image file in {folder}")
+    pairs = []
+    for number, row in enumerate(read_rows(meta), 1):
+        name, caption = row.get("file_name"), row.get(caption_field)
+        if not isinstance(name, str) or caption is None:
+            raise ConfigError(f"{meta}, entry {number}: needs \"file_name\" and {caption_field!r}")
+        path = folder / name
+        if (path.suffix.lower() not in _IMAGE_SUFFIXES or not path.is_file()
+                or folder.resolve() not in path.resolve().parents):
+            raise ConfigError(f"{meta}, entry {number}: {name!r} is not an image file in {folder}")
+        pairs.append((path, str(caption)))
+    if not pairs:
+        raise ConfigError(f"{meta} lists no images")
+    return pairs
+
+
+def load_images(paths: list[Path], size: int) -> torch.Tensor:
+    """The images as ``N x 3 x size x size`` in [-1, 1] (the VAE's input range)."""
+    from PIL import Image, UnidentifiedImageError
+    images = []
+    for path in paths:
         try:
             with Image.open(path) as img:
                 rgb = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
@@ -57,10 +64,7 @@ def read_image_captions(folder: Path, caption_field: str, size: int) -> tuple[to
             raise ConfigError(f"{path} is not a readable image ({exc})") from None
         pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(size, size, 3)
         images.append(pixels.permute(2, 0, 1).float() / 127.5 - 1.0)
-        captions.append(str(caption))
-    if not images:
-        raise ConfigError(f"{meta} lists no images")
-    return torch.stack(images), captions
+    return torch.stack(images)
 
 
 def load_pipeline(source: str):
@@ -118,9 +122,10 @@ def train_text_to_image(recipe: Recipe, *, overwrite: bool = False, stream: Text
     if spec.threads:
         torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
+    pairs = image_caption_rows(Path(recipe.resolve_path(recipe.data.train)), recipe.data.text)
+    captions = [caption for _, caption in pairs]
     pipe = load_pipeline(recipe.model)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    images, captions = read_image_captions(Path(recipe.resolve_path(recipe.data.train)), recipe.data.text, size)
+    images = load_images([path for path, _ in pairs], pipe.unet.config.sample_size * pipe.vae_scale_factor)
     latents, text = _conditioning(pipe, images, captions)
     model = method.apply(pipe.unet)
     params = [p for p in model.parameters() if p.requires_grad]
