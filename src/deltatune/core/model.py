@@ -443,8 +443,7 @@ class AdaptedModel(nn.Module):
         return format_report(self)
 
     def save(self, directory: str, adapter: str | None = None, *, format: str = "peft") -> None:
-        """Write ``adapter`` (default: the active one) as a PEFT-compatible adapter folder, or with
-        ``format="diffusers"`` as the LoRA file diffusers' loaders read (see docs/diffusion.md)."""
+        """Write ``adapter`` (default: the active one) as a PEFT folder, or as diffusers' LoRA file."""
         from deltatune.core.diffusers_files import writer_for
         writer_for(format)(self, directory, adapter or self.active_adapter)
 

@@ -109,10 +109,12 @@ def denoising_loss(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, g
     return F.mse_loss(pred.float(), target.float())
 
 
-def train_text_to_image(recipe: Recipe, *, overwrite: bool = False, stream: TextIO | None = None,
-                        quiet: bool = False) -> dict:
+def train_text_to_image(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
+                        stream: TextIO | None = None, quiet: bool = False) -> dict:
     """Run a ``task: text-to-image`` recipe; returns the summary also written to summary.json."""
     began, spec, out = time.perf_counter(), recipe.train, Path(recipe.output_dir)
+    if resume:
+        raise ConfigError("text-to-image runs cannot be resumed yet; start again with --overwrite")
     if not overwrite and any((out / name).exists() for name in ("summary.json", "adapter")):
         raise ConfigError(f"{out} holds a previous run; pass --overwrite to start again")
     say = (lambda line: None) if quiet else (lambda line: print(line, file=stream or sys.stderr, flush=True))
