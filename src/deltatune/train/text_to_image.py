@@ -6,8 +6,8 @@ Diffusion checkpoint), ``data.train`` a folder of images with a ``metadata.jsonl
 Each step encodes the images with the frozen VAE and the captions with the frozen text encoder,
 noises the latents at random timesteps and trains the adapted UNet to predict the noise (or
 the velocity, when the scheduler is set up for v-prediction): the usual denoising loss.
-The adapter is saved in both layouts: PEFT's (``dt.load``) and diffusers'
-(``pipe.load_lora_weights(folder)``).
+Each step draws a random batch of the examples. A LoRA adapter is saved in both layouts: PEFT's
+(``dt.load``) and diffusers' (``pipe.load_lora_weights(folder)``); other methods in PEFT's.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from deltatune.errors import ConfigError
+from deltatune.methods.lora import LoraConfig
+from deltatune.train import distributed
 from deltatune.train.callbacks import MetricsLog
 from deltatune.train.data import read_rows
 from deltatune.train.files import replace_dir, write_json, write_text
@@ -90,13 +92,14 @@ def _conditioning(pipe, images: torch.Tensor, captions: list[str]) -> tuple[torc
     latents = pipe.vae.encode(images).latent_dist.mean * pipe.vae.config.scaling_factor
     tok = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt")
-    return latents, pipe.text_encoder(tok.input_ids)[0]
+    return latents, pipe.text_encoder(tok.input_ids.to(latents.device))[0]
 
 
 def denoising_loss(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, generator: torch.Generator):
     """MSE between the UNet's prediction on noised latents and the scheduler's training target."""
-    noise = torch.randn(latents.shape, generator=generator)
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     steps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    steps = steps.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, steps)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -121,13 +124,17 @@ def train_text_to_image(recipe: Recipe, *, resume: bool = False, overwrite: bool
     method = resolve_method(recipe.method)
     if not isinstance(method, AdapterMethod):
         raise ConfigError(f"text-to-image trains adapters (lora, ia3, ...), not {method.name!r}")
+    if distributed.launched():
+        raise ConfigError("text-to-image trains in one process; run it without torchrun")
+    device = distributed.setup(spec.device).device
     if spec.threads:
         torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
     pairs = image_caption_rows(Path(recipe.resolve_path(recipe.data.train)), recipe.data.text)
     captions = [caption for _, caption in pairs]
-    pipe = load_pipeline(recipe.model)
+    pipe = load_pipeline(recipe.model).to(device)
     images = load_images([path for path, _ in pairs], pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    images = images.to(device)
     latents, text = _conditioning(pipe, images, captions)
     model = method.apply(pipe.unet)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -157,12 +164,14 @@ def train_text_to_image(recipe: Recipe, *, resume: bool = False, overwrite: bool
     finally:
         log.close()
     model.eval()
-    result = out / method.result
-    replace_dir(result, lambda tmp: (model.save(str(tmp)), model.save(str(tmp), format="diffusers")))
+    result, lora = out / method.result, isinstance(method.config, LoraConfig)
+    formats = ("peft", "diffusers") if lora else ("peft",)  # diffusers' files hold LoRA only
+    replace_dir(result, lambda tmp: [model.save(str(tmp), format=f) for f in formats])
+    recent = losses[-spec.log_every:]
     summary = {"model": recipe.model, "task": "text-to-image", "method": method.name, "steps": total,
-               "train_examples": len(captions), "train_loss": sum(losses[-spec.log_every:]) / len(losses[-spec.log_every:]),
-               "losses": losses, "result": str(result),
+               "train_examples": len(captions), "train_loss": sum(recent) / len(recent), "losses": losses,
+               "result": str(result), "formats": list(formats), "device": str(device),
                "wall_time_s": round(time.perf_counter() - began, 2)}
     write_json(out / "summary.json", summary)
-    say(f"done in {summary['wall_time_s']:.0f}s; adapter -> {result} (PEFT and diffusers files)")
+    say(f"done in {summary['wall_time_s']:.0f}s; adapter ({' and '.join(formats)} files) -> {result}")
     return summary
