@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("diffusers", reason="diffusers is a test dependency of the diffusion tests: pip install -e '.[dev]'")
+pytest.importorskip("diffusers", reason="the diffusion tests need diffusers: pip install -e '.[dev]'")
 
 from diffusers import SD3Transformer2DModel, UNet2DConditionModel  # noqa: E402
 
