@@ -57,7 +57,7 @@ def tiny_pipeline():
         vocab_size=len(WORDS), hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=8, projection_dim=TEXT_DIM, pad_token_id=0, bos_token_id=2, eos_token_id=2)).eval()
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(), unet=unet,
-                                   scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -70,14 +70,14 @@ def load_images(paths: list[Path], size: int) -> torch.Tensor:
 
 
 def load_pipeline(source: str):
-    """A diffusers pipeline from a folder (or hub name), fp32, on the CPU."""
+    """A diffusers pipeline from a folder (or hub name), checked to have what training needs."""
     try:
         from diffusers import DiffusionPipeline
     except ImportError:
         raise ConfigError("task text-to-image needs diffusers: pip install diffusers") from None
     if Path(source).is_dir() and not (Path(source) / "model_index.json").is_file():
         raise ConfigError(f"{source} is not a diffusers pipeline folder (it has no model_index.json)")
-    pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(source)
     missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, c, None) is None]
     if missing:
         raise ConfigError(f"text-to-image trains UNet pipelines (Stable Diffusion style); {type(pipe).__name__} "
@@ -87,7 +87,7 @@ def load_pipeline(source: str):
 
 
 @torch.no_grad()
-def _conditioning(pipe, images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def conditioning(pipe, images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents of the images and text-encoder states of the captions (both frozen, so once)."""
     latents = pipe.vae.encode(images).latent_dist.mean * pipe.vae.config.scaling_factor
     tok = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
@@ -133,9 +133,11 @@ def train_text_to_image(recipe: Recipe, *, resume: bool = False, overwrite: bool
     pairs = image_caption_rows(Path(recipe.resolve_path(recipe.data.train)), recipe.data.text)
     captions = [caption for _, caption in pairs]
     pipe = load_pipeline(recipe.model).to(device)
+    if pipe.unet.dtype != torch.float32:  # a half-precision checkpoint: adapters train in fp32 here
+        pipe.to(device, torch.float32)
     images = load_images([path for path, _ in pairs], pipe.unet.config.sample_size * pipe.vae_scale_factor)
     images = images.to(device)
-    latents, text = _conditioning(pipe, images, captions)
+    latents, text = conditioning(pipe, images, captions)
     model = method.apply(pipe.unet)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
