@@ -101,10 +101,22 @@ def test_pipeline_file_without_metadata_reads_as_diffusers_does(tmp_path):
 
 
 def test_kohya_and_old_layouts_are_refused_with_the_way_out(tmp_path):
-    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 16, 1, 1)},
-              str(tmp_path / WEIGHTS))
+    kohya = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    torch.manual_seed(0)
+    save_file({f"{kohya}.lora_down.weight": torch.randn(2, 16), f"{kohya}.lora_up.weight": torch.randn(16, 2),
+               f"{kohya}.alpha": torch.tensor(4.0)}, str(tmp_path / WEIGHTS))
     with pytest.raises(AdapterFileError, match="kohya.*save_lora_adapter"):
         dt.load(tiny_unet(), tmp_path)
+
+    # the conversion the message names, then dt.load gives what diffusers gives
+    pipe = tiny_pipeline()
+    pipe.load_lora_weights(str(tmp_path), adapter_name="x")
+    pipe.unet.save_lora_adapter(str(tmp_path / "converted"), adapter_name="x")
+    x = unet_inputs()
+    converted = dt.load(tiny_unet(), tmp_path / "converted")
+    torch.testing.assert_close(denoise(converted, x), denoise(pipe.unet, x), atol=1e-5, rtol=1e-5)
+    assert converted.configs["default"].alpha == 4
+
     save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight":
                torch.zeros(2, 16)}, str(tmp_path / WEIGHTS))
     with pytest.raises(AdapterFileError, match="old attention-processor layout"):

@@ -115,13 +115,14 @@ def _refuse_other_layouts(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     keys = list(tensors)
     if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k for k in keys):
         raise AdapterFileError(
-            f"{path} is a kohya / A1111 LoRA (keys like {keys[0]!r}), which deltatune does not read: load it "
-            f"into the diffusers model with model.load_lora_adapter(...) or pipe.load_lora_weights(...), "
-            f"save it with save_lora_adapter(...), and load that folder")
+            f"{path} is a kohya / A1111 LoRA (keys like {keys[0]!r}), which deltatune does not read: convert it "
+            f"with diffusers (pipe.load_lora_weights(file, adapter_name='x'), then "
+            f"pipe.unet.save_lora_adapter(folder, adapter_name='x')) and load that folder")
     if any(".lora.down." in k or "_lora.down." in k for k in keys):
         raise AdapterFileError(
-            f"{path} uses diffusers' old attention-processor layout ({keys[0]!r}): load it with "
-            f"pipe.load_lora_weights(...) and save it again with save_lora_adapter(...) to convert it")
+            f"{path} uses diffusers' old attention-processor layout ({keys[0]!r}): convert it with diffusers "
+            f"(pipe.load_lora_weights(file, adapter_name='x'), then pipe.unet.save_lora_adapter(folder, "
+            f"adapter_name='x')) and load that folder")
 
 
 def _denoiser_prefix(path: Path, tensors: dict[str, torch.Tensor]) -> str:
