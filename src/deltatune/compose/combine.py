@@ -19,7 +19,7 @@ import torch
 from deltatune.core.layer import ModulesToSave
 from deltatune.core.model import AdaptedModel
 from deltatune.errors import AdapterError, ConfigError
-from deltatune.methods.lora import LoraConfig, LoraLinear
+from deltatune.methods.lora import LoraConfig, LoraConv2d, LoraLinear
 
 _HOW = ("linear", "cat", "svd")
 
@@ -38,16 +38,19 @@ class CombineReport:
         return min(self.energy_kept.values(), default=1.0)
 
 
-def _sources(model: AdaptedModel, weights: dict[str, float]) -> list[tuple[str, LoraLinear]]:
+def _sources(model: AdaptedModel, weights: dict[str, float], how: str) -> list[tuple[str, LoraLinear]]:
     for name in weights:
         model._check(name)
         if not isinstance(model.configs[name], LoraConfig):
             raise AdapterError(f"combine works on LoRA adapters; {name!r} is a {type(model.configs[name]).__name__}")
     layers = [(p, layer) for p, layer in model.adapter_layers()
               if set(weights) & set(layer.adapter_names) and not isinstance(layer, ModulesToSave)]
-    others = [p for p, layer in layers if not isinstance(layer, LoraLinear)]
+    # a conv's factors stack and add like a linear's (A: r x in x kh x kw, B: out x r x 1 x 1); SVD needs matrices
+    kinds = (LoraLinear,) if how == "svd" else (LoraLinear, LoraConv2d)
+    others = [p for p, layer in layers if not isinstance(layer, kinds)]
     if others:
-        raise AdapterError(f"combine supports LoRA on linear layers only; {others[0]} is not one")
+        raise AdapterError(f"combine how={how!r} supports LoRA on {' and '.join(k.__name__ for k in kinds)} "
+                           f"layers; {others[0]} is not one")
     return layers
 
 
@@ -85,7 +88,7 @@ def combine(model: AdaptedModel, weights: dict[str, float], name: str, how: str 
         raise ConfigError("how='svd' needs a target rank, e.g. rank=8")
     if name in model.configs:
         raise AdapterError(f"an adapter named {name!r} exists already")
-    layers = _sources(model, weights)
+    layers = _sources(model, weights, how)
     with torch.no_grad():  # the combination is a fixed adapter: no graph through its sources
         built = {path: _factors(layer, weights, how, rank) for path, layer in layers}
     ranks = {path: a.shape[0] for path, (a, _, _) in built.items()}

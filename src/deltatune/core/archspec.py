@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from deltatune.core.archspec_diffusers import FAMILIES as DIFFUSERS_FAMILIES, diffusers_family
+
 COMPONENTS = ("q", "k", "v", "o", "up", "down", "gate")
 
 # The first ".layer.N." / ".layers.N." / ".h.N." / ".block.N." segment splits a path into
@@ -76,6 +78,8 @@ _GENERIC = ArchSpec("generic", {
 def spec_for(model: nn.Module) -> ArchSpec:
     """The :class:`ArchSpec` of a transformers model (a generic one for unknown families)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None and (family := diffusers_family(model)):
+        return ArchSpec(family, *DIFFUSERS_FAMILIES[family])
     return SPECS.get(model_type, _GENERIC)
 
 

@@ -442,16 +442,18 @@ class AdaptedModel(nn.Module):
         """A per-module table of the adapters and a trainable-parameter summary line."""
         return format_report(self)
 
-    def save(self, directory: str, adapter: str | None = None) -> None:
-        """Write ``adapter`` (default: the active one) as a PEFT-compatible adapter folder."""
-        from deltatune.core.state import save_adapter
-        save_adapter(self, directory, adapter or self.active_adapter)
+    def save(self, directory: str, adapter: str | None = None, *, format: str = "peft") -> None:
+        """Write ``adapter`` (default: the active one) as a PEFT folder, or as diffusers' LoRA file."""
+        from deltatune.core.diffusers_files import writer_for
+        writer_for(format)(self, directory, adapter or self.active_adapter)
 
     def load(self, directory: str, name: str = "default", *, trainable: bool = False,
              allow_nonfinite: bool = False) -> "AdaptedModel":
-        """Add an adapter from a deltatune or HF PEFT folder under ``name`` (not made active
-        unless it is the only adapter). Weights with NaN or Inf values are refused unless
-        ``allow_nonfinite``."""
+        """Add an adapter from a deltatune, HF PEFT or diffusers LoRA folder under ``name`` (not
+        made active unless it is the only adapter). Weights with NaN or Inf values are refused
+        unless ``allow_nonfinite``."""
+        from deltatune.core.diffusers_files import reader_for
         from deltatune.core.state import load_adapter
-        load_adapter(self, directory, name, trainable=trainable, allow_nonfinite=allow_nonfinite)
+        load_adapter(self, directory, name, trainable=trainable, allow_nonfinite=allow_nonfinite,
+                     read=reader_for(directory))
         return self

@@ -286,12 +286,13 @@ def _as_adapter_file_errors(directory: str | os.PathLike):
 
 
 def load_adapter(model: "AdaptedModel", directory: str | os.PathLike, name: str, *, trainable: bool = False,
-                 allow_nonfinite: bool = False) -> None:
-    """Add the adapter stored in ``directory`` to ``model`` as ``name``.
+                 allow_nonfinite: bool = False, read: Callable[..., tuple[dict, dict]] = read_adapter) -> None:
+    """Add the adapter stored in ``directory`` to ``model`` as ``name``; ``read(directory,
+    allow_nonfinite=...)`` turns the folder into ``(PEFT config dict, tensors keyed as in a PEFT file)``.
 
     On any mismatch the half-added adapter is removed again and the model is left as it was.
     """
-    data, tensors = read_adapter(directory, allow_nonfinite=allow_nonfinite)
+    data, tensors = read(directory, allow_nonfinite=allow_nonfinite)
     with _as_adapter_file_errors(directory):
         spec = registry.for_file(data)
         config = spec.config_cls.from_dict(data)

@@ -114,7 +114,7 @@ def resolve_targets(
     else:
         chosen = set()
         for target in targets:
-            if target in COMPONENTS and target in spec.components:
+            if target in spec.components:  # an alias (q, v, ...) or a family's group word
                 rx = re.compile(spec.components[target])
                 hits = {p for p in modules if (s := spec.split(p)) and rx.fullmatch(s[2])}
             else:

@@ -30,7 +30,7 @@ import yaml
 from deltatune.errors import ConfigError
 from deltatune.train.precision import PRECISIONS
 
-TASKS = ("seq-cls", "token-cls", "causal-lm", "seq2seq")
+TASKS = ("seq-cls", "token-cls", "causal-lm", "seq2seq", "text-to-image")
 SCHEDULES = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw", "adamw8bit")
 

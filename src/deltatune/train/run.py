@@ -59,6 +59,9 @@ def train(recipe: Recipe | str | dict, overrides: list[str] | tuple[str, ...] = 
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
+    if recipe.task == "text-to-image":  # a diffusers pipeline, with its own loop
+        from deltatune.train.text_to_image import train_text_to_image
+        return train_text_to_image(recipe, resume=resume, overwrite=overwrite, stream=stream, quiet=quiet)
     dist = distributed.setup(recipe.train.device)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
