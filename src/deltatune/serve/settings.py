@@ -20,6 +20,10 @@ class ServeSettings:
     max_length: int = 512  #: tokens per input; longer inputs are truncated
     #: auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), fp32 elsewhere
     precision: str = "auto"
+    max_running: int = 32  #: sequences generated together (continuous batching); more wait
+    max_prefill_tokens: int = 2048  #: prompt tokens prefilled per step (a longer prompt goes alone)
+    max_kv_tokens: int = 65536  #: prompt + max_tokens reserved over all running sequences
+    load_on_demand: bool = False  #: a request naming an unloaded folder under adapter_root loads it
 
 
 #: the defaults, for signatures and help texts
