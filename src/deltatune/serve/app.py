@@ -25,7 +25,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from torch import nn
 
 from deltatune.core.model import AdaptedModel
-from deltatune.errors import DeltatuneError
+from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.serve import schemas
 from deltatune.serve.batcher import Batcher
 from deltatune.serve.engine import CLASSIFY, GENERATE, Engine
@@ -50,6 +50,8 @@ def create_app(model: nn.Module, tokenizer, settings: ServeSettings | None = Non
     settings = replace(settings or ServeSettings(), **overrides)
     token = settings.admin_token if settings.admin_token is not None else os.environ.get(TOKEN_ENV)
     root = Path(settings.adapter_root).resolve() if settings.adapter_root is not None else None
+    if settings.load_on_demand and root is None:
+        raise ConfigError("load_on_demand (--load-on-demand) needs adapter_root (--adapter-root DIR) to load from")
     if not isinstance(model, AdaptedModel):
         model = AdaptedModel(model)
     engine = Engine(model, tokenizer, max_adapters=settings.max_adapters, max_length=settings.max_length,
