@@ -82,9 +82,13 @@ class RunningBatch:
             for seq in changed:
                 if not seq.done:
                     seq.finish_reason, seq.error = "error", exc
-            self.rows, self.cache, self.mask = [], None, None
+            self.clear()
         self._drop([s for s in self.rows if s.done])
         return changed
+
+    def clear(self) -> None:
+        """Forget every row (after a failure outside :meth:`step`)."""
+        self.rows, self.cache, self.mask = [], None, None
 
     # --- forwards -------------------------------------------------------------------------
     def _decode(self) -> list[Sequence]:
@@ -157,7 +161,7 @@ class RunningBatch:
             return
         keep = [i for i, s in enumerate(self.rows) if s not in leaving]
         if not keep:
-            self.rows, self.cache, self.mask = [], None, None
+            self.clear()
             return
         self._take(torch.tensor(keep))
         first = int(self.mask.any(dim=0).nonzero()[0])  # columns before it are padding in every row left

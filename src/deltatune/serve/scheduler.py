@@ -162,7 +162,8 @@ class Scheduler:
         joining = self._admit()
         if not joining and not self.running:
             return
-        adapters = [g.seq.adapter for g in [*self.running, *joining]]
+        self.running = [*self.running, *joining]
+        adapters = [g.seq.adapter for g in self.running]
 
         def step() -> list[Sequence]:
             if self.before_step is not None:
@@ -170,9 +171,14 @@ class Scheduler:
             return self.batch.step([g.seq for g in joining])
 
         started = time.perf_counter()
-        await self.batcher.call(step, bounded=False)
+        try:
+            await self.batcher.call(step, bounded=False)
+        except Exception as exc:  # the step never ran (the worker stopped ...): fail what it carried
+            log.warning("generation step failed: %s", exc)
+            self.batch.clear()
+            for gen in self.running:
+                gen.seq.finish_reason, gen.seq.error = "error", exc
         now = time.perf_counter()
-        self.running = [*self.running, *joining]
         still = []
         for gen in self.running:
             seq = gen.seq
