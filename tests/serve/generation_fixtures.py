@@ -23,7 +23,7 @@ def tiny_llama() -> torch.nn.Module:
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(
         vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=None, eos_token_id=None,
+        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=None, eos_token_id=None,
         pad_token_id=0)).eval()
 
 

@@ -134,16 +134,16 @@ def test_scheduler_bounds_running_sequences_and_frees_cancelled_slots(llama, cha
             for seq, text in zip(seqs, texts):
                 assert seq.tokens == greedy_alone(llama, seq.adapter, seq.prompt, seq.params.max_tokens)
                 assert text == chat_tokenizer.decode(seq.tokens, skip_special_tokens=True)
-            long = scheduler.submit(sequence(chat_tokenizer, "l0", PROMPTS[0], max_tokens=200))
+            long = scheduler.submit(sequence(chat_tokenizer, "l0", PROMPTS[0], max_tokens=900))
             pieces = long.pieces()
             await pieces.__anext__()
             await pieces.aclose()  # the client went away
-            for _ in range(100):
+            for _ in range(3000):  # a few steps at most; generous for a busy machine
                 if not scheduler.running and not scheduler.batch.rows:
                     break
                 await asyncio.sleep(0.01)
             assert not scheduler.running and not scheduler.batch.rows
-            assert len(long.seq.tokens) < 200
+            assert len(long.seq.tokens) < 900
         finally:
             await scheduler.stop()
             await batcher.stop()

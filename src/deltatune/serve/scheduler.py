@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from deltatune.errors import ConfigError
-from deltatune.serve.batcher import Batcher
+from deltatune.serve.batcher import Batcher, cancel_and_wait
 from deltatune.serve.errors import QueueFull, RequestError
 from deltatune.serve.running_batch import RunningBatch, Sequence
 from deltatune.serve.settings import DEFAULTS
@@ -92,17 +92,14 @@ class Scheduler:
 
     # --- life cycle -----------------------------------------------------------------------
     async def start(self) -> None:
+        """Start the stepping task in the running event loop (the batcher must be started too)."""
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._work(), name="deltatune-scheduler")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        """Stop stepping; running and waiting requests end with a 503."""
+        await cancel_and_wait(self._task)
+        self._task = None
         for gen in [*self.running, *self.waiting]:
             gen.seq.finish_reason, gen.seq.error = "error", RequestError(503, "the server is shutting down")
             gen._updates.put_nowait(("", True))
