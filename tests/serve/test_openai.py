@@ -15,7 +15,7 @@ import deltatune as dt
 from deltatune.serve import create_app
 from tests.serve.conftest import LiveServer
 from tests.serve.generation_fixtures import (CHAT_TEMPLATE, LLAMA_ADAPTERS, chat_tokenizer, greedy_alone,  # noqa: F401
-                                             llama_root, llama_with)
+                                             llama_root, llama_with, tiny_llama)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,14 @@ def test_errors_come_in_openai_format(client, server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     with pytest.raises(openai.NotFoundError):  # on-demand loads take only folders inside the root
         client.completions.create(model="..", prompt="hi", max_tokens=3)
+
+
+def test_on_demand_loads_follow_the_admin_path_rules(client, llama_root, chat_tokenizer):
+    (llama_root / "linked").symlink_to(llama_root / "l0", target_is_directory=True)
+    with pytest.raises(openai.PermissionDeniedError, match="symlink"):
+        client.completions.create(model="linked", prompt="hi", max_tokens=3)
+    with pytest.raises(dt.ConfigError, match="adapter-root"):
+        create_app(tiny_llama(), chat_tokenizer, load_on_demand=True)
 
 
 def test_a_client_leaving_mid_stream_frees_its_slot(server):
