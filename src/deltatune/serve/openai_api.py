@@ -23,7 +23,7 @@ from deltatune.core.model import BASE_ADAPTER
 from deltatune.errors import DeltatuneError
 from deltatune.serve.errors import RequestError
 from deltatune.serve.generation import GenerationService
-from deltatune.serve.openai_schemas import ChatRequest, CompletionRequest, _Common
+from deltatune.serve.openai_schemas import ChatRequest, CompletionRequest, SamplingRequest
 from deltatune.serve.scheduler import Generation
 
 log = logging.getLogger("deltatune.serve")
@@ -113,7 +113,7 @@ def _chat_choice(text: str | None, finish: str | None, first: bool, stream: bool
     return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
 
-async def _answer(gen: Generation, body: _Common, kind: str, prefix: str, choice: Callable):
+async def _answer(gen: Generation, body: SamplingRequest, kind: str, prefix: str, choice: Callable):
     head = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": body.model}
     if body.stream:
         chunk_kind = kind + ".chunk" if kind.startswith("chat") else kind

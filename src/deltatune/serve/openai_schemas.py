@@ -20,7 +20,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
+class SamplingRequest(BaseModel):
+    """What completions and chat requests share: the adapter, sampling, stopping, streaming."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: AdapterName
@@ -50,7 +52,7 @@ class _Common(BaseModel):
                               top_p=self.top_p, top_k=self.top_k, seed=self.seed, stop=tuple(stop))
 
 
-class CompletionRequest(_Common):
+class CompletionRequest(SamplingRequest):
     prompt: Annotated[str, Field(min_length=1, max_length=MAX_CHARS)] | \
         Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_CHARS)]], Field(min_length=1, max_length=1)]
     echo: Literal[False] = False
@@ -68,12 +70,10 @@ class ChatMessage(BaseModel):
     content: Annotated[str, Field(max_length=MAX_CHARS)]
 
 
-class ChatRequest(_Common):
+class ChatRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     max_completion_tokens: int | None = Field(None, ge=1, le=4096, description="the newer name of max_tokens")
     logprobs: Literal[False] | None = None
 
     def sampling(self, default_max_tokens: int = 16) -> SamplingParams:
-        if self.max_completion_tokens is not None and self.max_tokens is None:
-            self.max_tokens = self.max_completion_tokens
-        return super().sampling(default_max_tokens)
+        return super().sampling(self.max_completion_tokens or default_max_tokens)  # max_tokens wins if both
