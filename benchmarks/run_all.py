@@ -34,6 +34,7 @@ SUITES = {
         "mixed_batch": ["mixed_batch.py", "--rounds", "5"],
         "qlora_memory": ["qlora_memory.py", "--steps", "4", "--markdown", "docs/memory.md"],
         "serve_load": ["serve_load.py", "--requests", "400", "--rounds", "2"],
+        "generate_load": ["generate_load.py"],
     },
     # all on SmolLM2-135M's architecture (the embedded MiniLM is too large to carry to the GPU
     # machine). QLoRA's memory table and the HTTP load test are CPU measurements (resident
@@ -150,6 +151,15 @@ def table(results: dict[str, dict]) -> list[str]:
     if "throughput_ratio_32_vs_1" in serve:
         rows.append(f"| serving throughput, 32 adapters / 1 | {serve['throughput_ratio_32_vs_1']:.3f} | >= 0.8 | "
                     f"{_check(serve['throughput_ratio_32_vs_1'], 0.8, lower_is_better=False)} |")
+    gen = results.get("generate_load", {})
+    if "mixed_vs_one_at_a_time" in gen:
+        rows += [
+            f"| generation, 32 requests over 8 adapters + base / one at a time (tokens/s) | "
+            f"{gen['mixed_vs_one_at_a_time']:.2f} | >= 3 | {_check(gen['mixed_vs_one_at_a_time'], 3, lower_is_better=False)} |",
+            f"| generation, 8 adapters + base / all on one adapter (tokens/s) | {gen['mixed_vs_one_adapter']:.3f} | "
+            f">= 0.85 | {_check(gen['mixed_vs_one_adapter'], 0.85, lower_is_better=False)} |",
+            f"| generation time to first token, p50 / p99 (s) | {gen['ttft_p50_s']} / {gen['ttft_p99_s']} | | |",
+        ]
     return rows
 
 

@@ -5,7 +5,9 @@
 
 Routes: ``POST /v1/classify``, ``POST /v1/generate``, ``GET /v1/adapters``, admin
 ``POST /v1/adapters`` and ``DELETE /v1/adapters/{name}`` (``Authorization: Bearer <token>``),
-``GET /healthz``, ``GET /metrics``; OpenAPI docs at ``/docs``.
+``GET /healthz``, ``GET /metrics``; OpenAPI docs at ``/docs``. Causal LMs also get the
+OpenAI-compatible ``POST /v1/completions``, ``POST /v1/chat/completions`` and ``GET /v1/models``,
+generated with continuous batching across adapters.
 """
 
 from __future__ import annotations
@@ -17,19 +19,22 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Awaitable
 
-from fastapi import Depends, FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from torch import nn
 
 from deltatune.core.model import AdaptedModel
-from deltatune.errors import DeltatuneError
+from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.serve import limits, schemas
 from deltatune.serve.batcher import Batcher
 from deltatune.serve.engine import CLASSIFY, GENERATE, Engine
 from deltatune.serve.errors import RequestError
+from deltatune.serve.generation import GenerationService, load_from_root
+from deltatune.serve.generation_metrics import wants_prometheus
 from deltatune.serve.metrics import Metrics, MetricsMiddleware, percentiles
-from deltatune.serve.security import TOKEN_ENV, check_admin_token, resolve_adapter_path
+from deltatune.serve.openai_api import openai_router
+from deltatune.serve.security import TOKEN_ENV, check_admin_token
 from deltatune.serve.settings import ServeSettings
 
 log = logging.getLogger("deltatune.serve")
@@ -45,6 +50,8 @@ def create_app(model: nn.Module, tokenizer, settings: ServeSettings | None = Non
     settings = replace(settings or ServeSettings(), **overrides)
     token = settings.admin_token if settings.admin_token is not None else os.environ.get(TOKEN_ENV)
     root = Path(settings.adapter_root).resolve() if settings.adapter_root is not None else None
+    if settings.load_on_demand and root is None:
+        raise ConfigError("load_on_demand (--load-on-demand) needs adapter_root (--adapter-root DIR) to load from")
     if not isinstance(model, AdaptedModel):
         model = AdaptedModel(model)
     engine = Engine(model, tokenizer, max_adapters=settings.max_adapters, max_length=settings.max_length,
@@ -52,13 +59,18 @@ def create_app(model: nn.Module, tokenizer, settings: ServeSettings | None = Non
     batcher = Batcher(engine.classify, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                       queue_size=settings.queue_size, max_queue_ms=settings.max_queue_ms)
     metrics = Metrics()
+    generation = GenerationService(engine, batcher, settings, root) if engine.kind == GENERATE else None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         await batcher.start()
+        if generation is not None:
+            await generation.start()
         try:
             yield
         finally:
+            if generation is not None:
+                await generation.stop()
             await batcher.stop()
 
     from deltatune import __version__
@@ -67,6 +79,9 @@ def create_app(model: nn.Module, tokenizer, settings: ServeSettings | None = Non
     limits.install(app, settings)  # body-size limit and error answers that never fail
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last: outermost, it counts the 413s too
     app.state.engine, app.state.batcher, app.state.metrics, app.state.settings = engine, batcher, metrics, settings
+    app.state.generation = generation
+    if generation is not None:
+        app.include_router(openai_router(generation))
 
     bearer = HTTPBearer(auto_error=False, description=f"the token in {TOKEN_ENV}")
 
@@ -102,15 +117,7 @@ def create_app(model: nn.Module, tokenizer, settings: ServeSettings | None = Non
               dependencies=[Depends(admin)], tags=["admin"])
     async def load_adapter(body: schemas.LoadRequest):
         """Load the adapter folder ``path`` (relative to ``--adapter-root``) as ``name``."""
-        def work() -> list[str]:
-            # resolved on the model thread right before loading, so the check and the read are adjacent
-            folder = resolve_adapter_path(root, body.path)
-            try:
-                return engine.load(body.name, folder)
-            except RequestError as exc:  # the core names files by absolute path: keep the root private
-                raise RequestError(exc.status, exc.detail.replace(str(root), "<adapter-root>")) from None
-
-        evicted = await _answer(batcher.call(work, bounded=False))
+        evicted = await _answer(batcher.call(lambda: load_from_root(engine, root, body.name, body.path), bounded=False))
         return {"loaded": body.name, "evicted": evicted}
 
     @app.delete("/v1/adapters/{name}", responses=_ERRORS, dependencies=[Depends(admin)], tags=["admin"])
@@ -128,8 +135,11 @@ def create_app(model: nn.Module, tokenizer, settings: ServeSettings | None = Non
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", tags=["operations"])
-    async def get_metrics():
-        """Requests by route and status, latency percentiles (ms), batch sizes, adapters loaded and evicted."""
+    async def get_metrics(request: Request):
+        """Requests by route and status, latency percentiles (ms), batch sizes, adapters loaded and evicted;
+        with ``Accept: text/plain`` (Prometheus) generation metrics per adapter in the Prometheus text format."""
+        if generation is not None and wants_prometheus(request.headers.get("accept")):
+            return Response(generation.metrics.render(), media_type=generation.metrics.content_type)
         stats = batcher.stats
         sizes = list(stats.sizes)
         return {

@@ -81,13 +81,8 @@ class Batcher:
 
     async def stop(self) -> None:
         """Stop taking work, fail what is still queued (503) and wait for the batch in flight."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         for item in [*self._in_flight, *self._pending]:
             _settle(item.future, RequestError(503, "the server is shutting down"))
         self._pending.clear()
@@ -229,6 +224,17 @@ class Batcher:
             result = exc
         self._in_flight = []
         _settle(item.future, result)
+
+
+async def cancel_and_wait(task: asyncio.Task | None) -> None:
+    """Cancel ``task`` (if any) and wait until it has stopped."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
 
 
 def _settle(future: asyncio.Future, result: Any) -> None:

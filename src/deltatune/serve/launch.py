@@ -36,9 +36,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                              ("--max-length", int, "tokens per input, longer is truncated"),
                              ("--max-body-mb", float, "request bodies above this are answered 413; 0: no limit"),
                              ("--max-queue-ms", float, "requests queued longer are answered 503 with Retry-After; "
-                                                       "0: no deadline")):
+                                                       "0: no deadline"),
+                             ("--max-running", int, "sequences generated together (continuous batching)"),
+                             ("--max-prefill-tokens", int, "prompt tokens prefilled per generation step"),
+                             ("--max-kv-tokens", int, "prompt + max_tokens reserved over running sequences")):
         default = getattr(DEFAULTS, flag[2:].replace("-", "_"))
         p.add_argument(flag, type=kind, default=default, help=f"{what} (default {default:g})")
+    p.add_argument("--load-on-demand", action="store_true",
+                   help="a generation request naming an unloaded adapter folder under --adapter-root loads it")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision,
                    help="auto (default): bf16 autocast on CUDA and on CPUs with native bf16, fp32 elsewhere")
@@ -116,5 +121,8 @@ def serve(args: argparse.Namespace) -> None:
     model, tokenizer = build_model(args.model, parse_adapters(args.adapters), args.task, args.num_labels, args.device)
     app = create_app(model, tokenizer, adapter_root=root, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                      queue_size=args.queue_size, max_adapters=args.max_adapters, max_length=args.max_length,
-                     precision=args.precision, max_body_mb=args.max_body_mb, max_queue_ms=args.max_queue_ms)
+                     precision=args.precision, max_body_mb=args.max_body_mb, max_queue_ms=args.max_queue_ms,
+                     max_running=args.max_running,
+                     max_prefill_tokens=args.max_prefill_tokens, max_kv_tokens=args.max_kv_tokens,
+                     load_on_demand=args.load_on_demand)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -23,6 +23,10 @@ class ServeSettings:
     max_body_mb: float = 8.0  #: larger request bodies are answered 413; 0: no limit
     #: a request still queued after this long is answered 503 with Retry-After; 0: no deadline
     max_queue_ms: float = 30_000.0
+    max_running: int = 32  #: sequences generated together (continuous batching); more wait
+    max_prefill_tokens: int = 2048  #: prompt tokens prefilled per step (a longer prompt goes alone)
+    max_kv_tokens: int = 65536  #: prompt + max_tokens reserved over all running sequences
+    load_on_demand: bool = False  #: a request naming an unloaded folder under adapter_root loads it
 
 
 #: the defaults, for signatures and help texts
