@@ -222,7 +222,9 @@ class AdaptedModel(nn.Module):
     def _wrap_modules_to_save(self, config: MethodConfig, name: str) -> tuple[str, ...]:
         wanted = config.modules_to_save or ()
         modules = visible_modules(self.base_model)
-        found = [p for p in modules if any(p == w or p.endswith("." + w) for w in wanted)]
+        # peft's rule, a bare suffix ("classifier" also takes DistilBERT's "pre_classifier"), so
+        # that a file's modules_to_save selects the same modules in both libraries
+        found = [p for p in modules if any(p.endswith(w) for w in wanted)]
         if wanted and not found:
             raise TargetError(f"modules_to_save {list(wanted)} match no module; top-level modules: "
                               f"{', '.join(n for n, _ in self.base_model.named_children())}")

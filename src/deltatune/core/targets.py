@@ -1,5 +1,6 @@
 """Which modules a config touches: names, suffixes, regexes, "all-linear", component aliases
-(q k v o up down gate) and layer selection ("lower", "upper", "even", "odd", or a list)."""
+(q k v o up down gate), the alias groups "attention" and "mlp", and layer selection ("lower",
+"upper", "even", "odd", or a list)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Iterable, Sequence
 
 from torch import nn
 
-from deltatune.core.archspec import COMPONENTS, classification_head_names, output_head_names, spec_for
+from deltatune.core.archspec import (COMPONENTS, GROUPS, ArchSpec, classification_head_names, output_head_names,
+                                    spec_for)
 from deltatune.core.config import LAYER_WORDS
 from deltatune.core.layer import AdapterLayer, linear_kinds
 from deltatune.errors import TargetError
@@ -74,11 +76,35 @@ def _kind_ok(module: nn.Module, kinds: tuple[type, ...]) -> bool:
     return isinstance(module, kinds)
 
 
+def alias_map(model: nn.Module, modules: dict[str, nn.Module] | None = None) -> dict[str, list[str]]:
+    """``alias -> [module paths]`` for every component alias that selects something in ``model``,
+    paths in model order (e.g. ``{"q": ["model.layers.0.self_attn.q_proj", ...], ...}``)."""
+    modules = visible_modules(model) if modules is None else modules
+    spec = spec_for(model)
+    found: dict[str, list[str]] = {c: [] for c in COMPONENTS}
+    for path in _alias_candidates(modules):
+        split = spec.split(path)
+        for component in spec.components_of(split[2]) if split else ():
+            found[component].append(path)
+    return {c: paths for c, paths in found.items() if paths}
+
+
+def _alias_candidates(modules: dict[str, nn.Module]) -> list[str]:
+    # an alias names a projection, a leaf layer: MPT's "ffn" container is not DistilBERT's "ffn" Linear
+    return [p for p, m in modules.items() if next(m.children(), None) is None]
+
+
+def _alias_hits(spec: ArchSpec, modules: dict[str, nn.Module], component: str) -> set[str]:
+    return {p for p in _alias_candidates(modules)
+            if (s := spec.split(p)) and component in spec.components_of(s[2])}
+
+
 def _candidates_message(modules: dict[str, nn.Module], kinds: tuple[type, ...], spec) -> str:
     leaves = Counter(p.rsplit(".", 1)[-1] for p, m in modules.items() if _kind_ok(m, kinds))
     listed = ", ".join(f"{n} (x{c})" if c > 1 else n for n, c in sorted(leaves.items()))
-    aliases = ", ".join(c for c in COMPONENTS if c in spec.components)
-    return f"modules it can wrap: {listed or 'none'}; component aliases for {spec.name}: {aliases}"
+    resolved = {c: sorted({p.rsplit(".", 1)[-1] for p in _alias_hits(spec, modules, c)}) for c in COMPONENTS}
+    aliases = "; ".join(f"{c} -> {', '.join(names)}" for c, names in resolved.items() if names)
+    return f"modules it can wrap: {listed or 'none'}; component aliases on this model: {aliases or 'none'}"
 
 
 def resolve_targets(
@@ -93,8 +119,9 @@ def resolve_targets(
     """Paths of the modules ``targets`` selects, in model order.
 
     ``targets`` is a list of names (a module matches when its path equals the name or ends with
-    ``.name``) and component aliases, a regex string (whole-path match), or ``"all-linear"``
-    (every linear layer but the output head and the classification head).
+    ``.name``) and component aliases, a regex string (whole-path match), ``"all-linear"``
+    (every linear layer but the output head and the classification head), or an alias group:
+    ``"attention"`` (q k v o) or ``"mlp"`` (up down gate).
     Raises :class:`TargetError` when an entry matches nothing, naming the modules that exist.
     """
     modules = visible_modules(model)
@@ -105,6 +132,8 @@ def resolve_targets(
         skip = output_head_names(model) | set(classification_head_names(model))
         chosen = {p for p, m in modules.items()
                   if isinstance(m, linear_kinds()) and not any(_matches_name(p, s) for s in skip)}
+    elif isinstance(targets, str) and targets in GROUPS:
+        chosen = _select_names(model, modules, list(GROUPS[targets]), kinds, spec)
     elif isinstance(targets, str):
         try:
             rx = re.compile(targets)
@@ -114,17 +143,7 @@ def resolve_targets(
         if not chosen:
             raise TargetError(f"targets regex {targets!r} matches no module; {_candidates_message(modules, kinds, spec)}")
     else:
-        chosen = set()
-        for target in targets:
-            if target in COMPONENTS and target in spec.components:
-                rx = re.compile(spec.components[target])
-                hits = {p for p in modules if (s := spec.split(p)) and rx.fullmatch(s[2])}
-            else:
-                hits = {p for p in modules if _matches_name(p, target)}
-            if not hits:
-                raise TargetError(f"target {target!r} matches no module in {type(model).__name__}; "
-                                  f"{_candidates_message(modules, kinds, spec)}")
-            chosen |= hits
+        chosen = _select_names(model, modules, list(targets), kinds, spec)
     if exclude:
         if isinstance(exclude, str):
             chosen = {p for p in chosen if not re.fullmatch(exclude, p)}
@@ -142,6 +161,31 @@ def resolve_targets(
             f"{wrong[0]} is a {type(modules[wrong[0]]).__name__}, which this method cannot wrap "
             f"(it wraps {kinds_txt}); name the layers inside it instead. {_candidates_message(modules, kinds, spec)}")
     return [p for p in modules if p in chosen]
+
+
+def _select_names(model: nn.Module, modules: dict[str, nn.Module], targets: list[str],
+                  kinds: tuple[type, ...], spec: ArchSpec) -> set[str]:
+    """Paths a list of names and component aliases selects.
+
+    A name must match something. A component alias the model lacks (``gate`` on BERT) is passed
+    over, so one list fits many families, as long as the aliases of the list select something.
+    """
+    chosen: set[str] = set()
+    by_alias: set[str] = set()
+    aliases = [t for t in targets if t in COMPONENTS]
+    for target in targets:
+        if target in aliases:
+            by_alias |= _alias_hits(spec, modules, target)
+            continue
+        hits = {p for p in modules if _matches_name(p, target)}
+        if not hits:
+            raise TargetError(f"target {target!r} matches no module in {type(model).__name__}; "
+                              f"{_candidates_message(modules, kinds, spec)}")
+        chosen |= hits
+    if aliases and not by_alias:
+        raise TargetError(f"targets {aliases} match no module in {type(model).__name__}; "
+                          f"{_candidates_message(modules, kinds, spec)}")
+    return chosen | by_alias
 
 
 def compact_targets(model: nn.Module, paths: Sequence[str]) -> list[str]:
