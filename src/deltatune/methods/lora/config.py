@@ -24,8 +24,9 @@ class LoraConfig(MethodConfig):
             (``alpha / sqrt(r)`` with ``use_rslora``).
         dropout: dropout probability on the LoRA path's input.
         targets: modules to adapt: names or name suffixes (``["query", "value"]``), component
-            aliases (``["q", "v"]``, resolved per architecture), a regex string matched against
-            whole module paths, or ``"all-linear"``. ``None`` means ``["q", "v"]``.
+            aliases (``["q", "v"]``, resolved per architecture; see docs/models.md), a regex
+            string matched against whole module paths, ``"attention"``, ``"mlp"`` or
+            ``"all-linear"``. ``None`` means ``["q", "v"]``.
         layers: restrict to blocks: a list of indices, or ``"lower"``, ``"upper"``, ``"even"``,
             ``"odd"``, ``"all"``.
         exclude: names (suffixes) or a regex of modules to leave alone.
