@@ -160,3 +160,10 @@ def test_merged_and_unmerged_adapters_generate_the_same_tokens(family):
     prompt = 1 if entry.batch_kind in ("seq2seq", "whisper") else batch["input_ids"].shape[-1]
     assert unmerged.shape[-1] > prompt
     assert torch.equal(unmerged, merged)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_mlp_aliases_on_fused_experts_say_why_they_select_nothing(family):
+    with pytest.raises(dt.TargetError) as err:
+        dt.attach(ZOO[family].build(), dt.LoraConfig(targets=["up", "down", "gate"]))
+    assert "mlp.experts.gate_up_proj" in str(err.value) and "mlp.experts.down_proj" in str(err.value)

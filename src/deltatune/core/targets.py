@@ -104,7 +104,23 @@ def _candidates_message(modules: dict[str, nn.Module], kinds: tuple[type, ...], 
     listed = ", ".join(f"{n} (x{c})" if c > 1 else n for n, c in sorted(leaves.items()))
     resolved = {c: sorted({p.rsplit(".", 1)[-1] for p in _alias_hits(spec, modules, c)}) for c in COMPONENTS}
     aliases = "; ".join(f"{c} -> {', '.join(names)}" for c, names in resolved.items() if names)
-    return f"modules it can wrap: {listed or 'none'}; component aliases on this model: {aliases or 'none'}"
+    message = f"modules it can wrap: {listed or 'none'}; component aliases on this model: {aliases or 'none'}"
+    experts = _fused_expert_parameters(modules, spec)
+    if experts:
+        message += (f"; its routed experts are fused 3-D parameters ({', '.join(experts)}), not layers, "
+                    f"which LoRA cannot adapt yet (docs/models.md)")
+    return message
+
+
+def _fused_expert_parameters(modules: dict[str, nn.Module], spec: ArchSpec) -> list[str]:
+    """Block-relative names of 3-D weights (fused MoE experts) that an alias would mean."""
+    found: set[str] = set()
+    for path, module in modules.items():
+        for name, param in module.named_parameters(recurse=False):
+            split = spec.split(f"{path}.{name}")
+            if param.dim() == 3 and split and spec.components_of(split[2]):
+                found.add(split[2])
+    return sorted(found)
 
 
 def resolve_targets(
