@@ -45,6 +45,15 @@ def test_an_unknown_name_in_an_alias_list_still_fails_naming_what_the_model_has(
     assert "attn_q" in message and "q -> c_attn" in message and "down -> c_proj" in message
 
 
+def test_the_report_names_each_modules_aliases():
+    from tests.arch_zoo import ZOO
+    model = dt.attach(ZOO["phi3"].build(), dt.LoraConfig(r=2, targets=["q", "up", "down"]))
+    report = model.report()
+    for path in lora_paths(model):
+        aliases = {"qkv_proj": "q,k,v", "gate_up_proj": "up,gate", "down_proj": "down"}[path.rsplit(".", 1)[-1]]
+        assert re.search(rf"^{re.escape(path)}\s+{re.escape(aliases)}\s+default\*", report, re.MULTILINE), path
+
+
 class _Cell(nn.Module):
     def __init__(self) -> None:
         super().__init__()
