@@ -22,6 +22,7 @@ ALL = ["q", "k", "v", "o", "up", "down", "gate"]
 # peft 0.21 reads up_proj/gate_proj/down_proj on DeepSeek-V2 as its fused routed experts (its
 # transformers-v5 conversion), so an adapter on the shared experts cannot go to peft there
 PEFT_READABLE = {"deepseek_v2": ["q", "k", "v", "o"]}
+FUSED_EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2")
 
 _LLAMA = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
           "up": "mlp.up_proj", "down": "mlp.down_proj", "gate": "mlp.gate_proj"}
@@ -130,6 +131,8 @@ def test_lora_on_every_alias_runs_moves_to_peft_and_back_and_merges(family, tmp_
     model = randomize(dt.attach(entry.build(), dt.LoraConfig(r=2, alpha=4, targets=aliases)), scale=0.2)
     wrapped = {p for p, _ in model.adapter_layers()}
     expected = set().union(*(expected_paths(entry.build(), family, a) for a in aliases))
+    if family in FUSED_EXPERTS and "up" in aliases:  # the routed experts' 3-D weights, peft's target_parameters
+        expected |= {p for p, _ in entry.build().named_modules() if p.endswith(".mlp.experts")}
     assert expected <= wrapped and not {p for p in wrapped - expected if "classifier" not in p and "score" not in p}
     ours = _outputs(model, batch)
     assert_differs(ours, base_out)
@@ -163,7 +166,38 @@ def test_merged_and_unmerged_adapters_generate_the_same_tokens(family):
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_mlp_aliases_on_fused_experts_say_why_they_select_nothing(family):
+def test_mlp_aliases_on_fused_experts_say_why_a_layer_method_selects_nothing(family):
     with pytest.raises(dt.TargetError) as err:
-        dt.attach(ZOO[family].build(), dt.LoraConfig(targets=["up", "down", "gate"]))
-    assert "mlp.experts.gate_up_proj" in str(err.value) and "mlp.experts.down_proj" in str(err.value)
+        dt.attach(ZOO[family].build(), dt.IA3Config(targets=["up", "down"], feedforward=["down"]))
+    assert "mlp.experts.gate_up_proj" in str(err.value) and "only LoRA" in str(err.value)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_a_peft_target_parameters_adapter_loads_with_peft_s_outputs(family, tmp_path):
+    import peft
+    entry = ZOO[family]
+    batch = entry.batch()
+    theirs = peft.get_peft_model(entry.build(), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False,
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])).eval()
+    expected = _outputs(theirs, batch)
+    assert_differs(expected, _outputs(entry.build(), batch))
+    theirs.save_pretrained(str(tmp_path))
+    ours = dt.load(entry.build(), str(tmp_path))
+    assert_same(_outputs(ours, batch), expected, atol=1e-4)
+    assert {type(layer).__name__ for _, layer in ours.adapter_layers()} == {"LoraLinear", "LoraExperts"}
+    ours.merge()
+    assert_same(_outputs(ours, batch), expected, atol=1e-4)
+
+
+def test_only_the_fused_experts_can_be_adapted_and_train(tmp_path):
+    import json
+    entry = ZOO["mixtral"]
+    model = dt.attach(entry.build(), dt.LoraConfig(r=2, targets=["up", "down", "gate"], init="random"))
+    loss = model(**entry.batch(), labels=entry.batch()["input_ids"]).loss
+    loss.backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained and all(".experts.lora_" in n for n in trained)
+    model.save(str(tmp_path))
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["target_modules"] == [] and len(saved["target_parameters"]) == 4

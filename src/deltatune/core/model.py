@@ -200,8 +200,9 @@ class AdaptedModel(nn.Module):
         extra = getattr(spec.injector, "extra_trainable", None)
         extras = extra(self.base_model, config, paths) if extra else []
         self._shared.add(name, [n for n in extras if not any(n.startswith(s + ".") for s in saved)])
-        if paths:
-            config = config.with_targets(compact_targets(self.base_model, paths))
+        layer_paths = [p for p in paths if not self._layer_index[p].adapts_parameters]
+        if layer_paths:
+            config = config.with_targets(compact_targets(self.base_model, layer_paths))
         self.configs[name] = config.replace(modules_to_save=saved)
         if trainable:
             self._trainable.add(name)

@@ -107,20 +107,56 @@ def _candidates_message(modules: dict[str, nn.Module], kinds: tuple[type, ...], 
     message = f"modules it can wrap: {listed or 'none'}; component aliases on this model: {aliases or 'none'}"
     experts = _fused_expert_parameters(modules, spec)
     if experts:
-        message += (f"; its routed experts are fused 3-D parameters ({', '.join(experts)}), not layers, "
-                    f"which LoRA cannot adapt yet (docs/models.md)")
+        message += (f"; its routed experts are fused 3-D parameters ({', '.join(experts)}), not layers: "
+                    f"only LoRA adapts those (docs/models.md)")
     return message
 
 
 def _fused_expert_parameters(modules: dict[str, nn.Module], spec: ArchSpec) -> list[str]:
     """Block-relative names of 3-D weights (fused MoE experts) that an alias would mean."""
-    found: set[str] = set()
+    return sorted({spec.split(path)[2] for path in _fused_parameter_paths(modules, spec)})
+
+
+def _fused_parameter_paths(modules: dict[str, nn.Module], spec: ArchSpec) -> dict[str, frozenset[str]]:
+    """``"path.param" -> aliases`` for every 3-D weight inside a block that an alias names."""
+    found: dict[str, frozenset[str]] = {}
     for path, module in modules.items():
         for name, param in module.named_parameters(recurse=False):
             split = spec.split(f"{path}.{name}")
-            if param.dim() == 3 and split and spec.components_of(split[2]):
-                found.add(split[2])
-    return sorted(found)
+            components = spec.components_of(split[2]) if split and param.dim() == 3 else frozenset()
+            if components:
+                found[f"{path}.{name}"] = components
+    return found
+
+
+def resolve_parameters(model: nn.Module, targets: str | Sequence[str] | None, names: Sequence[str] | None,
+                       layers: LayerSelection = None) -> list[str]:
+    """Paths (``module.param``) of the fused 3-D expert weights that the component aliases in
+    ``targets`` select, plus those ``names`` selects (peft's ``target_parameters``: a path that
+    equals a name or ends with ``.name``), in model order."""
+    modules = visible_modules(model)
+    spec = spec_for(model)
+    fused = _fused_parameter_paths(modules, spec)
+    aliases = set(GROUPS.get(targets, ())) if isinstance(targets, str) else set(targets or ())
+    chosen = {p for p, components in fused.items() if components & aliases}
+    for name in names or ():
+        hits = {f"{path}.{pname}" for path, m in modules.items() for pname, _ in m.named_parameters(recurse=False)
+                if _matches_name(f"{path}.{pname}", name)}
+        if not hits:
+            raise TargetError(f"target_parameters entry {name!r} matches no parameter of {type(model).__name__}"
+                              + (f"; its fused expert weights: {', '.join(_fused_expert_parameters(modules, spec))}"
+                                 if fused else ""))
+        chosen |= hits
+    keep = _layer_filter(layers, _block_sizes(modules, spec))
+    if keep is not None:
+        chosen = {p for p in chosen if (s := spec.split(p)) and keep(s[0], s[1])}
+    return sorted(chosen, key=list(_all_parameter_paths(modules)).index)
+
+
+def _all_parameter_paths(modules: dict[str, nn.Module]):
+    for path, module in modules.items():
+        for name, _ in module.named_parameters(recurse=False):
+            yield f"{path}.{name}"
 
 
 def resolve_targets(
@@ -131,6 +167,7 @@ def resolve_targets(
     layers: LayerSelection = None,
     exclude: str | Sequence[str] | None = None,
     default: Sequence[str] = ("q", "v"),
+    parameters: bool = False,
 ) -> list[str]:
     """Paths of the modules ``targets`` selects, in model order.
 
@@ -139,6 +176,9 @@ def resolve_targets(
     (every linear layer but the output head and the classification head), or an alias group:
     ``"attention"`` (q k v o) or ``"mlp"`` (up down gate).
     Raises :class:`TargetError` when an entry matches nothing, naming the modules that exist.
+    With ``parameters`` (a method that also adapts fused expert weights, see
+    :func:`resolve_parameters`), aliases that name only such weights select no module but are
+    no error.
     """
     modules = visible_modules(model)
     spec = spec_for(model)
@@ -149,7 +189,7 @@ def resolve_targets(
         chosen = {p for p, m in modules.items()
                   if isinstance(m, linear_kinds()) and not any(_matches_name(p, s) for s in skip)}
     elif isinstance(targets, str) and targets in GROUPS:
-        chosen = _select_names(model, modules, list(GROUPS[targets]), kinds, spec)
+        chosen = _select_names(model, modules, list(GROUPS[targets]), kinds, spec, parameters)
     elif isinstance(targets, str):
         try:
             rx = re.compile(targets)
@@ -159,7 +199,7 @@ def resolve_targets(
         if not chosen:
             raise TargetError(f"targets regex {targets!r} matches no module; {_candidates_message(modules, kinds, spec)}")
     else:
-        chosen = _select_names(model, modules, list(targets), kinds, spec)
+        chosen = _select_names(model, modules, list(targets), kinds, spec, parameters)
     if exclude:
         if isinstance(exclude, str):
             chosen = {p for p in chosen if not re.fullmatch(exclude, p)}
@@ -168,7 +208,7 @@ def resolve_targets(
     keep = _layer_filter(layers, _block_sizes(modules, spec))
     if keep is not None:
         chosen = {p for p in chosen if (s := spec.split(p)) and keep(s[0], s[1])}
-        if not chosen:
+        if not chosen and not parameters:
             raise TargetError(f"no targeted module lies in layers {layers!r}")
     wrong = sorted(p for p in chosen if not _kind_ok(modules[p], kinds))
     if wrong:
@@ -180,7 +220,7 @@ def resolve_targets(
 
 
 def _select_names(model: nn.Module, modules: dict[str, nn.Module], targets: list[str],
-                  kinds: tuple[type, ...], spec: ArchSpec) -> set[str]:
+                  kinds: tuple[type, ...], spec: ArchSpec, parameters: bool = False) -> set[str]:
     """Paths a list of names and component aliases selects.
 
     A name must match something. A component alias the model lacks (``gate`` on BERT) is passed
@@ -198,7 +238,8 @@ def _select_names(model: nn.Module, modules: dict[str, nn.Module], targets: list
             raise TargetError(f"target {target!r} matches no module in {type(model).__name__}; "
                               f"{_candidates_message(modules, kinds, spec)}")
         chosen |= hits
-    if aliases and not by_alias:
+    fused = parameters and any(c & set(aliases) for c in _fused_parameter_paths(modules, spec).values())
+    if aliases and not by_alias and not fused:
         raise TargetError(f"targets {aliases} match no module in {type(model).__name__}; "
                           f"{_candidates_message(modules, kinds, spec)}")
     return chosen | by_alias
