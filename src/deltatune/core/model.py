@@ -200,7 +200,7 @@ class AdaptedModel(nn.Module):
         extra = getattr(spec.injector, "extra_trainable", None)
         extras = extra(self.base_model, config, paths) if extra else []
         self._shared.add(name, [n for n in extras if not any(n.startswith(s + ".") for s in saved)])
-        layer_paths = [p for p in paths if not self._layer_index[p].adapts_parameters]
+        layer_paths = [p for p in paths if not getattr(self._layer_index.get(p), "adapts_parameters", False)]
         if layer_paths:
             config = config.with_targets(compact_targets(self.base_model, layer_paths))
         self.configs[name] = config.replace(modules_to_save=saved)
@@ -223,8 +223,7 @@ class AdaptedModel(nn.Module):
     def _wrap_modules_to_save(self, config: MethodConfig, name: str) -> tuple[str, ...]:
         wanted = config.modules_to_save or ()
         modules = visible_modules(self.base_model)
-        # peft's rule, a bare suffix ("classifier" also takes DistilBERT's "pre_classifier"), so
-        # that a file's modules_to_save selects the same modules in both libraries
+        # peft's bare-suffix rule ("classifier" takes "pre_classifier" too): files mean the same in both
         found = [p for p in modules if any(p.endswith(w) for w in wanted)]
         if wanted and not found:
             raise TargetError(f"modules_to_save {list(wanted)} match no module; top-level modules: "

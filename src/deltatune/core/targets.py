@@ -140,8 +140,7 @@ def resolve_parameters(model: nn.Module, targets: str | Sequence[str] | None, na
     aliases = set(GROUPS.get(targets, ())) if isinstance(targets, str) else set(targets or ())
     chosen = {p for p, components in fused.items() if components & aliases}
     for name in names or ():
-        hits = {f"{path}.{pname}" for path, m in modules.items() for pname, _ in m.named_parameters(recurse=False)
-                if _matches_name(f"{path}.{pname}", name)}
+        hits = {p for p in _all_parameter_paths(modules) if _matches_name(p, name)}
         if not hits:
             raise TargetError(f"target_parameters entry {name!r} matches no parameter of {type(model).__name__}"
                               + (f"; its fused expert weights: {', '.join(_fused_expert_parameters(modules, spec))}"
@@ -150,13 +149,11 @@ def resolve_parameters(model: nn.Module, targets: str | Sequence[str] | None, na
     keep = _layer_filter(layers, _block_sizes(modules, spec))
     if keep is not None:
         chosen = {p for p in chosen if (s := spec.split(p)) and keep(s[0], s[1])}
-    return sorted(chosen, key=list(_all_parameter_paths(modules)).index)
+    return [p for p in _all_parameter_paths(modules) if p in chosen]
 
 
-def _all_parameter_paths(modules: dict[str, nn.Module]):
-    for path, module in modules.items():
-        for name, _ in module.named_parameters(recurse=False):
-            yield f"{path}.{name}"
+def _all_parameter_paths(modules: dict[str, nn.Module]) -> list[str]:
+    return [f"{path}.{name}" for path, module in modules.items() for name, _ in module.named_parameters(recurse=False)]
 
 
 def resolve_targets(
@@ -238,8 +235,8 @@ def _select_names(model: nn.Module, modules: dict[str, nn.Module], targets: list
             raise TargetError(f"target {target!r} matches no module in {type(model).__name__}; "
                               f"{_candidates_message(modules, kinds, spec)}")
         chosen |= hits
-    fused = parameters and any(c & set(aliases) for c in _fused_parameter_paths(modules, spec).values())
-    if aliases and not by_alias and not fused:
+    if aliases and not by_alias and not (
+            parameters and any(c & set(aliases) for c in _fused_parameter_paths(modules, spec).values())):
         raise TargetError(f"targets {aliases} match no module in {type(model).__name__}; "
                           f"{_candidates_message(modules, kinds, spec)}")
     return chosen | by_alias
