@@ -75,6 +75,9 @@ class AdapterLayer(nn.Module):
     adapter_attrs: ClassVar[tuple[str, ...]] = ()
     #: whether ``delta_weight`` exists, i.e. the adapter can be baked into the base weight
     mergeable: ClassVar[bool] = False
+    #: whether it adapts named parameters of its module (peft's ``target_parameters``) rather
+    #: than the module as a layer; such paths stay out of the saved ``target_modules``
+    adapts_parameters: ClassVar[bool] = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()

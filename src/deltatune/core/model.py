@@ -200,8 +200,9 @@ class AdaptedModel(nn.Module):
         extra = getattr(spec.injector, "extra_trainable", None)
         extras = extra(self.base_model, config, paths) if extra else []
         self._shared.add(name, [n for n in extras if not any(n.startswith(s + ".") for s in saved)])
-        if paths:
-            config = config.with_targets(compact_targets(self.base_model, paths))
+        layer_paths = [p for p in paths if not getattr(self._layer_index.get(p), "adapts_parameters", False)]
+        if layer_paths:
+            config = config.with_targets(compact_targets(self.base_model, layer_paths))
         self.configs[name] = config.replace(modules_to_save=saved)
         if trainable:
             self._trainable.add(name)
@@ -222,7 +223,8 @@ class AdaptedModel(nn.Module):
     def _wrap_modules_to_save(self, config: MethodConfig, name: str) -> tuple[str, ...]:
         wanted = config.modules_to_save or ()
         modules = visible_modules(self.base_model)
-        found = [p for p in modules if any(p == w or p.endswith("." + w) for w in wanted)]
+        # peft's bare-suffix rule ("classifier" takes "pre_classifier" too): files mean the same in both
+        found = [p for p in modules if any(p.endswith(w) for w in wanted)]
         if wanted and not found:
             raise TargetError(f"modules_to_save {list(wanted)} match no module; top-level modules: "
                               f"{', '.join(n for n, _ in self.base_model.named_children())}")

@@ -25,8 +25,12 @@ class LoraConfig(MethodConfig):
             (``alpha / sqrt(r)`` with ``use_rslora``).
         dropout: dropout probability on the LoRA path's input.
         targets: modules to adapt: names or name suffixes (``["query", "value"]``), component
-            aliases (``["q", "v"]``, resolved per architecture), a regex string matched against
-            whole module paths, or ``"all-linear"``. ``None`` means ``["q", "v"]``.
+            aliases (``["q", "v"]``, resolved per architecture; see docs/models.md), a regex
+            string matched against whole module paths, ``"attention"``, ``"mlp"`` or
+            ``"all-linear"``. ``None`` means ``["q", "v"]``. On MoE models whose experts are
+            fused 3-D weights (Mixtral, Qwen3-MoE...), ``up``/``down``/``gate`` also adapt those.
+        target_parameters: fused expert weights to adapt by name, as in peft
+            (``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``).
         layers: restrict to blocks: a list of indices, or ``"lower"``, ``"upper"``, ``"even"``,
             ``"odd"``, ``"all"``.
         exclude: names (suffixes) or a regex of modules to leave alone.
@@ -43,7 +47,7 @@ class LoraConfig(MethodConfig):
     peft_names = {"alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules",
                   "layers": "layers_to_transform", "exclude": "exclude_modules", "init": "init_lora_weights"}
     peft_unsupported = frozenset({
-        "use_dora", "lora_bias", "layer_replication", "target_parameters", "trainable_token_indices",
+        "use_dora", "lora_bias", "layer_replication", "trainable_token_indices",
         "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config", "eva_config", "corda_config",
     })
 
@@ -58,6 +62,7 @@ class LoraConfig(MethodConfig):
     use_rslora: bool = False
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
+    target_parameters: Sequence[str] | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -67,7 +72,10 @@ class LoraConfig(MethodConfig):
         positive_int("r", self.r, hint="the rank of the update")
         positive_number("alpha", self.alpha)
         fraction("dropout", self.dropout)
-        module_names("targets", self.targets, words=("all-linear",))
+        module_names("target_parameters", self.target_parameters, regex=False, empty=True)
+        if self.target_parameters and self.targets is None:  # peft: parameters only, no default modules
+            object.__setattr__(self, "targets", ())
+        module_names("targets", self.targets, words=("all-linear",), empty=bool(self.target_parameters))
         module_names("exclude", self.exclude, empty=True)
         one_of("bias", self.bias, _BIAS)
         one_of("init", self.init, _INIT)

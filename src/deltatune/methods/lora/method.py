@@ -6,9 +6,11 @@ from typing import Any
 
 from torch import nn
 
-from deltatune.core.layer import wrapped
+from deltatune.core.layer import ModulesToSave, wrapped
 from deltatune.core.patterns import fullmatch, tail_pattern
-from deltatune.core.targets import resolve_targets
+from deltatune.core.targets import resolve_parameters, resolve_targets
+from deltatune.errors import TargetError
+from deltatune.methods.lora.experts import LoraExperts
 from deltatune.methods.lora.config import LoraConfig
 from deltatune.methods.lora.layer import LoraLayer, LoraLinear, lora_kinds, wrap_with_lora
 
@@ -26,13 +28,28 @@ class LoraMethod:
 
     def inject(self, model: nn.Module, config: LoraConfig, name: str) -> list[str]:
         paths = resolve_targets(model, config.targets, kinds=lora_kinds(), layers=config.layers,
-                                exclude=config.exclude)
+                                exclude=config.exclude, parameters=True)
         for path in paths:
             module = wrapped(model, path, LoraLayer, "LoRA", make=lambda m, p=path: wrap_with_lora(m, p))
             module.add_adapter(name, r=pattern_value(config.rank_pattern, path, config.r),
                                alpha=pattern_value(config.alpha_pattern, path, config.alpha, "alpha_pattern"),
                                dropout=config.dropout, init=config.init, use_rslora=config.use_rslora)
-        return paths
+        return paths + self._inject_expert_parameters(model, config, name)
+
+    def _inject_expert_parameters(self, model: nn.Module, config: LoraConfig, name: str) -> list[str]:
+        by_module: dict[str, list[str]] = {}
+        for param_path in resolve_parameters(model, config.targets, config.target_parameters, config.layers):
+            module_path, _, param_name = param_path.rpartition(".")
+            by_module.setdefault(module_path, []).append(param_name)
+        for path, names in by_module.items():
+            module = wrapped(model, path, LoraExperts, "LoRA", make=lambda m, n=names: LoraExperts(m, n), exact=True)
+            if set(module.param_names) != set(names):
+                raise TargetError(f"{path}: every adapter must adapt the same expert weights "
+                                  f"({', '.join(module.param_names)}), as in peft")
+            module.add_adapter(name, r=pattern_value(config.rank_pattern, path, config.r),
+                               alpha=pattern_value(config.alpha_pattern, path, config.alpha, "alpha_pattern"),
+                               dropout=config.dropout, init=config.init, use_rslora=config.use_rslora)
+        return list(by_module)
 
     def extra_trainable(self, model: nn.Module, config: LoraConfig, paths: list[str]) -> list[str]:
         """Names of base parameters that train and save with the adapter (the ``bias`` option)."""
@@ -45,7 +62,14 @@ class LoraMethod:
         return []
 
     def file_extras(self, model, name: str) -> dict[str, Any]:
-        """PEFT wants ``fan_in_fan_out`` set when the adapted layers are GPT-2 Conv1D."""
-        conv1d = any(isinstance(layer, LoraLinear) and layer.fan_in_fan_out and name in layer.adapter_names
-                     for _, layer in model.adapter_layers())
-        return {"fan_in_fan_out": conv1d}
+        """PEFT wants ``fan_in_fan_out`` set when the adapted layers are GPT-2 Conv1D, and the
+        adapted fused expert weights as ``target_parameters`` (their full paths)."""
+        layers = [(p, layer) for p, layer in model.adapter_layers() if name in layer.adapter_names]
+        conv1d = any(isinstance(layer, LoraLinear) and layer.fan_in_fan_out for _, layer in layers)
+        extras: dict[str, Any] = {"fan_in_fan_out": conv1d}
+        experts = [f"{p}.{n}" for p, layer in layers if isinstance(layer, LoraExperts) for n in layer.param_names]
+        if experts:
+            extras["target_parameters"] = experts
+            if all(isinstance(layer, (LoraExperts, ModulesToSave)) for _, layer in layers):
+                extras["target_modules"] = []
+        return extras
