@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from deltatune.train import checkpoint
+from deltatune.train import checkpoint, fsdp
 from deltatune.train.batching import epoch_batches, shard
 from deltatune.train.callbacks import MetricsLog, Progress
 from deltatune.train.distributed import Dist
@@ -54,11 +54,14 @@ class Trainer:
         self.ckpt_dir = output_dir / "checkpoints"
         self.log = log or MetricsLog(output_dir / "metrics.jsonl", enabled=False)
         self.extra_logs, self.fingerprint = extra_logs, fingerprint
+        self.sharded = dist.active and spec.distributed == "fsdp"
+        if self.sharded:  # before the optimizer, so that its state is sharded too
+            fsdp.shard(model, dist, spec.fsdp_offload)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(model, spec)
         # DDP all-reduces exactly the parameters with requires_grad: the adapter's
         self.model = model
-        if dist.active:
+        if dist.active and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel
             ids = [dist.device.index] if dist.device.type == "cuda" else None
             self.model = DistributedDataParallel(model, device_ids=ids)
@@ -129,7 +132,7 @@ class Trainer:
             batch = {k: v.to(self.dist.device) for k, v in batch.items()}
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if last or not self.dist.active else self.model.no_sync()
+            sync = contextlib.nullcontext() if last or not self.dist.active else fsdp.gradient_sync_paused(self.model)
             with sync:
                 with self.autocast():
                     out = self.model(**batch)
@@ -137,7 +140,7 @@ class Trainer:
                 penalty = self._penalty()
                 if penalty is not None:  # a method's regulariser, e.g. diff pruning's L0 term
                     loss = loss + penalty.float()
-                # the model's loss is a mean over units[i] items; DDP divides by world_size
+                # the model's loss is a mean over units[i] items; DDP and FSDP divide by world_size
                 (loss * (units[i] * self.dist.world_size / total_units)).backward()
             loss_sum += float(out.loss.detach()) * units[i]
         if self.spec.max_grad_norm:
@@ -179,9 +182,10 @@ class Trainer:
                 writer.write(record)
 
     def evaluate(self) -> dict:
-        """Evaluation metrics of the current weights (computed on rank 0, shared with all ranks)."""
+        """Evaluation metrics of the current weights (computed on rank 0, shared with all ranks;
+        under FSDP every rank runs the sharded model along)."""
         metrics = None
-        if self.dist.main:
+        if self.dist.main or self.sharded:
             batch_size = self.spec.eval_batch_size or self.spec.batch_size * 2
             metrics = self.task.evaluate(self.module, self.eval_set, batch_size, self.dist.device, self.autocast)
         return self.dist.broadcast(metrics)

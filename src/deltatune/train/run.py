@@ -16,7 +16,7 @@ import torch
 
 import deltatune as dt
 from deltatune.errors import ConfigError, DeltatuneError
-from deltatune.train import checkpoint, distributed, precision as precision_mod, tasks
+from deltatune.train import checkpoint, distributed, fsdp, precision as precision_mod, tasks
 from deltatune.train.callbacks import MetricsLog, Progress, TensorBoard, plot_losses, read_records
 from deltatune.train.data import read_rows
 from deltatune.train.files import write_json, write_text
@@ -213,8 +213,13 @@ def _train(recipe: Recipe, dist, resume: bool, overwrite: bool, stream: TextIO, 
     }
     if dist.device.type == "cuda":
         summary["cuda_peak_memory_mb"] = round(torch.cuda.max_memory_allocated(dist.device) / 2**20, 1)
+    summary["distributed"] = spec.distributed if dist.active else None
+    summary["parameter_bytes_per_process"] = [int(t) for t in dist.gather_tensor(
+        torch.tensor([fsdp.local_parameter_bytes(model)], dtype=torch.float64))]
+    with fsdp.full_trainables(model):  # under FSDP: the whole adapter, gathered from every process
+        if dist.main:
+            method.save(model, result)
     if dist.main:
-        method.save(model, result)
         if plot_losses(read_records(out / "metrics.jsonl"), out / "loss.png",
                        f"{recipe.model} {method.name} {recipe.task}"):
             summary["plot"] = str(out / "loss.png")
