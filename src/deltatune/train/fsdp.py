@@ -14,6 +14,7 @@ and the optimizer state is saved gathered too.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator
 
 import torch
@@ -39,14 +40,36 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
-def _check_shardable(model: nn.Module) -> None:
+def strategy(configured: str) -> str:
+    """How several processes share the work: the recipe's ``train.distributed``, or ``fsdp``
+    when ``accelerate launch --use_fsdp`` started them (it says so in ``ACCELERATE_USE_FSDP``)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise ConfigError("accelerate launch --use_deepspeed: deltatune's training loop shards with PyTorch FSDP2, "
+                          "not DeepSpeed; launch with --use_fsdp (or set train.distributed: fsdp), see "
+                          "docs/distributed.md")
+    return "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else configured
+
+
+def _prepare_quantized(model: nn.Module) -> None:
+    """Let bitsandbytes 4-bit layers run sharded; refuse any other special parameter.
+
+    FSDP2 shards a 4-bit layer's packed bytes like any tensor, but the weight it gathers for the
+    forward is a plain tensor without the quantization state. bitsandbytes restores that state
+    from the layer's ``quant_state`` attribute (its own provision for FSDP), so it is set here.
+    """
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        state = getattr(weight, "quant_state", None)
+        if state is not None and hasattr(module, "quant_storage"):
+            module.quant_state = state
+            # its CPU inference repacking rewrites the weight in place: not a gathered copy's job
+            module.support_avx512bf16_for_cpu = False
     for name, param in model.named_parameters():
-        if type(param) is not nn.Parameter and not isinstance(param, DTensor):
+        if type(param) is not nn.Parameter and getattr(param, "quant_state", None) is None:
             raise ConfigError(
-                f"train.distributed: fsdp cannot shard {name}, a {type(param).__name__} (a quantized base "
-                f"weight): FSDP2 shards plain tensors only, and bitsandbytes' 4-bit weights keep their "
-                f"quantization state outside the tensor. Train the quantized base with train.distributed: ddp, "
-                f"or shard the unquantized base with fsdp (see docs/distributed.md)")
+                f"train.distributed: fsdp cannot shard {name}, a {type(param).__name__}: its extra state (e.g. "
+                f"8-bit quantization statistics) would be lost when FSDP gathers it. Use 4-bit quantization "
+                f"(quantize.bits: 4), or train.distributed: ddp")
 
 
 def shard(model: nn.Module, dist: Dist, offload: bool = False) -> nn.Module:
@@ -55,9 +78,9 @@ def shard(model: nn.Module, dist: Dist, offload: bool = False) -> nn.Module:
     ``offload`` keeps the shards (and so the adapters' gradients and optimizer state) in CPU
     memory between uses; it matters on GPUs, where it trades transfer time for device memory.
     """
-    _check_shardable(model)
+    _prepare_quantized(model)
     mesh = init_device_mesh(dist.device.type, (dist.world_size,))
-    policy = CPUOffloadPolicy() if offload else OffloadPolicy()
+    policy = CPUOffloadPolicy(pin_memory=dist.device.type == "cuda") if offload else OffloadPolicy()
     units = shard_units(model)
     if not units:
         raise ConfigError(f"train.distributed: fsdp found no transformer blocks to shard in "

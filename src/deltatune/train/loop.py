@@ -54,7 +54,7 @@ class Trainer:
         self.ckpt_dir = output_dir / "checkpoints"
         self.log = log or MetricsLog(output_dir / "metrics.jsonl", enabled=False)
         self.extra_logs, self.fingerprint = extra_logs, fingerprint
-        self.sharded = dist.active and spec.distributed == "fsdp"
+        self.sharded = dist.active and fsdp.strategy(spec.distributed) == "fsdp"
         if self.sharded:  # before the optimizer, so that its state is sharded too
             fsdp.shard(model, dist, spec.fsdp_offload)
         self.params = [p for p in model.parameters() if p.requires_grad]

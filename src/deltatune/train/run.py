@@ -157,7 +157,9 @@ def _train(recipe: Recipe, dist, resume: bool, overwrite: bool, stream: TextIO, 
         method = resolve_method(recipe.method)
         task = tasks.get(recipe.task)(recipe.data, dt.load_tokenizer(recipe.model))
         train_set, eval_set, notes = load_data(recipe, task)
-        model = build_model(recipe, task, method, dist.device)
+        # sharding moves each block to the device by itself: the whole model never lands there
+        sharded = dist.active and fsdp.strategy(spec.distributed) == "fsdp" and not recipe.quantize
+        model = build_model(recipe, task, method, torch.device("cpu") if sharded else dist.device)
     used = precision_mod.resolve(spec.precision, dist.device)
     trainable, total = parameter_counts(model)
     say(f"deltatune: {recipe.task} on {recipe.model} with {method.name}: {trainable:,} trainable of {total:,} "
@@ -213,7 +215,7 @@ def _train(recipe: Recipe, dist, resume: bool, overwrite: bool, stream: TextIO, 
     }
     if dist.device.type == "cuda":
         summary["cuda_peak_memory_mb"] = round(torch.cuda.max_memory_allocated(dist.device) / 2**20, 1)
-    summary["distributed"] = spec.distributed if dist.active else None
+    summary["distributed"] = ("fsdp" if trainer.sharded else "ddp") if dist.active else None
     summary["parameter_bytes_per_process"] = [int(t) for t in dist.gather_tensor(
         torch.tensor([fsdp.local_parameter_bytes(model)], dtype=torch.float64))]
     with fsdp.full_trainables(model):  # under FSDP: the whole adapter, gathered from every process
