@@ -36,6 +36,15 @@ from deltatune.train import distributed, fsdp  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 MODES = ("one", "ddp", "fsdp")
+NOTES = """\
+Parameter MiB is what each process holds, summed over its (local) tensors: FSDP halves it. Peak
+RSS is higher under FSDP because every process first builds the whole model (random weights),
+then keeps only its shards; the freed memory stays with the C allocator, and the gathered block
+weights and communication buffers come on top. From a checkpoint on disk onto GPUs, `deltatune
+train` loads the base on the CPU and moves each block's shard to the device as it is sharded.
+On the CPU, FSDP's step pays for gathering every block's weights twice per step (forward and
+backward) over gloo; DDP's shorter step is each process computing half the batch. The figures
+were taken on a shared 2-core VM while other jobs ran: the ratios are rough."""
 
 
 def worker(mode: str, steps: int, batch: int, length: int, device: str) -> dict:
@@ -96,16 +105,19 @@ def run_variant(mode: str, args: argparse.Namespace) -> dict:
 
 def markdown(result: dict) -> str:
     one = result["variants"]["one"]
-    lines = [f"Sharded training, SmolLM2-135M's architecture, LoRA r=8 on q and v, global batch "
+    lines = ["# Sharded training: one process, DDP and FSDP2", "",
+             f"`python benchmarks/sharded.py`: SmolLM2-135M's architecture, LoRA r=8 on q and v, global batch "
              f"{result['batch']} x {result['length']} tokens, {result['device']}, median of {result['steps']} steps.",
-             "", "| variant | parameter MiB per process | vs one process | peak RSS MiB per process | step s | vs one process |",
-             "|---|---|---|---|---|---|"]
+             "", "| variant | parameter MiB per process | vs one process | peak RSS MiB per process | step s "
+                 "| vs one process |", "|---|---|---|---|---|---|"]
     for mode, row in result["variants"].items():
         params = row["parameter_mib_per_process"]
-        lines.append(f"| {mode if mode == 'one' else f'{mode} x {row[\"processes\"]}'} | "
+        label = "one process" if mode == "one" else f"{mode} x {row['processes']}"
+        lines.append(f"| {label} | "
                      f"{' / '.join(map(str, params))} | {max(params) / one['parameter_mib_per_process'][0]:.2f} | "
                      f"{' / '.join(map(str, row['peak_rss_mib_per_process']))} | {row['step_s']} | "
                      f"{row['step_s'] / one['step_s']:.2f} |")
+    lines += ["", NOTES, "", "Raw result:", "", "```json", json.dumps(result), "```"]
     return "\n".join(lines) + "\n"
 
 

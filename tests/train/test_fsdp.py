@@ -6,6 +6,7 @@ parameter bytes; the adapter they write loads in peft; a sharded run resumes fro
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ SETTINGS = {"max_steps": 6, "eval_every": 3, "log_every": 1}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 # accelerate's multi-process launcher (its flag says GPU; without one it runs gloo on the CPU)
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
 def _launch(recipe_path: Path, *extra: str, launcher: list[str] = TORCHRUN) -> None:
@@ -111,7 +112,28 @@ def test_sharded_run_resumes_from_its_checkpoint_to_the_same_adapter(recipe, tmp
 def test_accelerate_launch_with_fsdp_equals_one_process(recipe, tmp_path):
     single, sharded = _pair(recipe, tmp_path)
     sharded["train"]["distributed"] = "ddp"  # accelerate's --use_fsdp asks for the sharding
-    _launch(_write(sharded, tmp_path / "fsdp.yaml"), launcher=[*ACCELERATE, "--use_fsdp"])
+    with socket.socket() as probe:  # a free port: other test runs may share this machine
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    _launch(_write(sharded, tmp_path / "fsdp.yaml"), launcher=[*ACCELERATE, "--main_process_port", port, "--use_fsdp"])
     assert read_json(tmp_path / "fsdp" / "summary.json")["distributed"] == "fsdp"
     train(single, quiet=True)
     _assert_same_run(tmp_path / "fsdp", tmp_path / "one")
+
+
+def test_fsdp_refuses_what_it_cannot_shard_and_deepspeed_launches(toy_models, monkeypatch):
+    from deltatune.errors import ConfigError
+    from deltatune.train import fsdp
+    from deltatune.train.distributed import Dist
+
+    model = dt.quantize(dt.load_model(toy_models["bert-nodrop"], quiet=True), bits=8)
+    with pytest.raises(ConfigError, match="Int8Params.*4-bit"):
+        fsdp.shard(model, Dist(0, 2))
+    with pytest.raises(ConfigError, match="adamw8bit"):
+        fsdp.check_optimizer("adamw8bit")
+    assert fsdp.strategy("ddp") == "ddp"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert fsdp.strategy("ddp") == "fsdp"
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="FSDP2"):
+        fsdp.strategy("fsdp")

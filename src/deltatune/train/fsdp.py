@@ -72,6 +72,13 @@ def _prepare_quantized(model: nn.Module) -> None:
                 f"(quantize.bits: 4), or train.distributed: ddp")
 
 
+def check_optimizer(name: str) -> None:
+    """Refuse an optimizer that cannot step sharded parameters."""
+    if name == "adamw8bit":
+        raise ConfigError("train.optimizer: adamw8bit does not take FSDP's sharded parameters; use optimizer: adamw "
+                          "with train.distributed: fsdp (its state is sharded anyway), or distributed: ddp")
+
+
 def shard(model: nn.Module, dist: Dist, offload: bool = False) -> nn.Module:
     """Shard ``model`` in place over all processes (one FSDP unit per block, then the root).
 

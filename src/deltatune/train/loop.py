@@ -56,6 +56,7 @@ class Trainer:
         self.extra_logs, self.fingerprint = extra_logs, fingerprint
         self.sharded = dist.active and fsdp.strategy(spec.distributed) == "fsdp"
         if self.sharded:  # before the optimizer, so that its state is sharded too
+            fsdp.check_optimizer(spec.optimizer)
             fsdp.shard(model, dist, spec.fsdp_offload)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(model, spec)
