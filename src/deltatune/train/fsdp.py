@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from deltatune.errors import ConfigError
 from deltatune.train.distributed import Dist
 
+
 def shard_units(model: nn.Module) -> list[nn.Module]:
     """The modules that become their own FSDP unit: the classes a transformers model lists in
     ``_no_split_modules`` (its blocks, often the embeddings), else the members of the longest
