@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import deltatune as dt
+from deltatune.errors import DeltatuneError
 from deltatune.train import train
 from deltatune.train.callbacks import read_records
 from tests.train.conftest import read_json
@@ -107,6 +108,15 @@ def test_sharded_run_resumes_from_its_checkpoint_to_the_same_adapter(recipe, tmp
         shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
     _launch(path, "--resume")
     assert read_json(run / "summary.json")["resumed"] is True
+    _assert_same_run(run, tmp_path / "whole")
+
+    # the gathered checkpoint also resumes on one process, with the same global batch
+    for name in ("adapter", "summary.json"):
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    with pytest.raises(DeltatuneError, match="global batch of 8"):
+        train(sharded, resume=True, quiet=True)
+    one_process = {**sharded, "train": {**sharded["train"], "batch_size": 8, "distributed": "ddp"}}
+    assert train(one_process, resume=True, quiet=True)["resumed"] is True
     _assert_same_run(run, tmp_path / "whole")
 
 

@@ -123,13 +123,24 @@ def latest(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def restore(path: Path, model: nn.Module, optimizer, scheduler, dist: Dist) -> dict:
+def restore(path: Path, model: nn.Module, optimizer, scheduler, dist: Dist, global_batch: int | None = None) -> dict:
     """Load checkpoint ``path`` into the model, optimizer and schedule; set this rank's RNG.
-    Returns the loop state saved with it."""
+    Returns the loop state saved with it.
+
+    The files hold whole tensors whatever the process count, so another count may resume a run
+    when the global batch (``batch_size`` x processes) stays the same, and with it the data order.
+    """
     state = json.loads((path / "state.json").read_text())
-    if state.get("world_size", 1) != dist.world_size:
+    saved_batch = state.get("global_batch")
+    if saved_batch is None and state.get("world_size", 1) != dist.world_size:
         raise DeltatuneError(f"{path} was written by {state.get('world_size', 1)} processes; resume it with the "
                              f"same number (now {dist.world_size}) so the data order stays the same")
+    if saved_batch is not None and global_batch is not None and saved_batch != global_batch:
+        raise DeltatuneError(f"{path} was written with a global batch of {saved_batch} (train.batch_size x "
+                             f"processes), now {global_batch}; set batch_size so that they match (the data order "
+                             f"depends on it)")
+    same_processes = state.get("world_size", 1) == dist.world_size
+    state.update(world_size=dist.world_size, global_batch=global_batch or saved_batch)
     with fsdp.full_trainables(model, write_back=True):
         load_trainable(model, path / WEIGHTS)
     optimizer_state = _load_nested(path, "optimizer", dist.device)
@@ -138,6 +149,8 @@ def restore(path: Path, model: nn.Module, optimizer, scheduler, dist: Dist) -> d
     else:
         optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    if not same_processes:  # each process keeps its seeded RNG (only dropout draws differ)
+        return state
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng[f"cpu.{dist.rank}"])
     if dist.device.type == "cuda" and f"cuda.{dist.rank}" in rng:

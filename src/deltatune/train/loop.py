@@ -80,7 +80,7 @@ class Trainer:
         self._window_start = time.perf_counter()
         self.state = {"step": 0, "epoch": 0, "micro": 0, "best": None, "bad_evals": 0, "elapsed": 0.0,
                       "tokens": 0, "window": [0.0, 0, 0], "last_loss": None, "last_eval": None,
-                      "world_size": dist.world_size, "fingerprint": fingerprint}
+                      "world_size": dist.world_size, "global_batch": self.global_batch, "fingerprint": fingerprint}
 
     def _batches(self, epoch: int) -> list[list[int]]:
         return epoch_batches(self.train_set.lengths, self.global_batch, self.spec.seed, epoch,
@@ -90,7 +90,8 @@ class Trainer:
     def fit(self, resume_from: Path | None = None, progress: Progress | None = None) -> Outcome:
         """Train to the end (or an early stop); returns the metrics of the weights left in the model."""
         if resume_from is not None:
-            self.state.update(checkpoint.restore(resume_from, self.module, self.optimizer, self.scheduler, self.dist))
+            self.state.update(checkpoint.restore(resume_from, self.module, self.optimizer, self.scheduler, self.dist,
+                                                 self.global_batch))
         elif self.eval_set is not None:
             self._evaluate()  # step 0: the starting point of the curves
         progress = progress or Progress(self.total_steps, self.state["step"], self.spec.log_every, enabled=False)

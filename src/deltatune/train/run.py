@@ -27,7 +27,7 @@ from deltatune.train.recipe import Recipe, load as load_recipe
 #: recipe keys that may change between a run and its resumption
 RESUMABLE_CHANGES = {("train", k) for k in ("max_steps", "epochs", "eval_every", "log_every", "patience",
                                              "checkpoint_every", "keep_checkpoints", "tensorboard", "device",
-                                             "threads")}
+                                             "threads", "batch_size", "distributed", "fsdp_offload")}
 #: files and folders a run writes (``--overwrite`` removes them first)
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "recipe.yaml", "tensorboard",
              "adapter", "model", "head")
