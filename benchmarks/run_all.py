@@ -35,6 +35,7 @@ SUITES = {
         "qlora_memory": ["qlora_memory.py", "--steps", "4", "--markdown", "docs/memory.md"],
         "serve_load": ["serve_load.py", "--requests", "400", "--rounds", "2"],
         "generate_load": ["generate_load.py"],
+        "sharded": ["sharded.py", "--steps", "3", "--markdown", "docs/sharded.md"],
     },
     # all on SmolLM2-135M's architecture (the embedded MiniLM is too large to carry to the GPU
     # machine). QLoRA's memory table and the HTTP load test are CPU measurements (resident
@@ -194,6 +195,8 @@ CPU_NOTES = [
     "the token axis as the wide side and, in fp32, folds s B A into the weight, so that the forward and",
     "the input gradient are one matmul each, as for the frozen layer. IA3 folds its scales into the",
     "weight the same way.",
+    "",
+    "Sharded training (1 process, DDP x 2, FSDP x 2 on SmolLM2-135M's architecture): docs/sharded.md.",
     "",
     "`python benchmarks/run_all.py --device cuda` runs the GPU suite (SmolLM2-135M's architecture, batch",
     "8 x 512) into docs/benchmarks-cuda.md; tests/test_benchmark_workloads.py runs its code on a shrunken",

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deltatune.errors import DeltatuneError
+from deltatune.train import fsdp
 from deltatune.train.distributed import Dist
 from deltatune.train.files import remove_leftovers, replace_dir
 
@@ -94,17 +95,25 @@ def save(root: Path, model: nn.Module, optimizer, scheduler, state: dict, dist: 
     """Write checkpoint ``step-{state['step']}`` under ``root`` (rank 0 writes; every rank's RNG
     state goes in) and delete all but the ``keep`` newest."""
     rng = _rng_states(dist)  # a collective: every rank takes part
-    if dist.main:
-        def fill(folder: Path) -> None:
-            _save_tensors(trainable_state(model), folder / WEIGHTS)
-            _save_nested(optimizer.state_dict(), folder, "optimizer")
-            (folder / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-            _save_tensors(rng, folder / "rng.safetensors")
-            (folder / "state.json").write_text(json.dumps(state, indent=2))
-        replace_dir(root / f"{PREFIX}{state['step']:07d}", fill)
-        for old in sorted(root.glob(f"{PREFIX}*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    # under FSDP, gathering the sharded weights and optimizer state is a collective too
+    sharded = fsdp.is_sharded(model)
+    optimizer_state = fsdp.optimizer_state(optimizer) if sharded else optimizer.state_dict()
+    with fsdp.full_trainables(model):
+        if dist.main:
+            _write(root, model, optimizer_state, scheduler, rng, state, keep)
     dist.barrier()
+
+
+def _write(root: Path, model: nn.Module, optimizer_state: dict, scheduler, rng: dict, state: dict, keep: int) -> None:
+    def fill(folder: Path) -> None:
+        _save_tensors(trainable_state(model), folder / WEIGHTS)
+        _save_nested(optimizer_state, folder, "optimizer")
+        (folder / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+        _save_tensors(rng, folder / "rng.safetensors")
+        (folder / "state.json").write_text(json.dumps(state, indent=2))
+    replace_dir(root / f"{PREFIX}{state['step']:07d}", fill)
+    for old in sorted(root.glob(f"{PREFIX}*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def latest(root: Path) -> Path | None:
@@ -114,16 +123,34 @@ def latest(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def restore(path: Path, model: nn.Module, optimizer, scheduler, dist: Dist) -> dict:
+def restore(path: Path, model: nn.Module, optimizer, scheduler, dist: Dist, global_batch: int | None = None) -> dict:
     """Load checkpoint ``path`` into the model, optimizer and schedule; set this rank's RNG.
-    Returns the loop state saved with it."""
+    Returns the loop state saved with it.
+
+    The files hold whole tensors whatever the process count, so another count may resume a run
+    when the global batch (``batch_size`` x processes) stays the same, and with it the data order.
+    """
     state = json.loads((path / "state.json").read_text())
-    if state.get("world_size", 1) != dist.world_size:
+    saved_batch = state.get("global_batch")
+    if saved_batch is None and state.get("world_size", 1) != dist.world_size:
         raise DeltatuneError(f"{path} was written by {state.get('world_size', 1)} processes; resume it with the "
                              f"same number (now {dist.world_size}) so the data order stays the same")
-    load_trainable(model, path / WEIGHTS)
-    optimizer.load_state_dict(_load_nested(path, "optimizer", dist.device))
+    if saved_batch is not None and global_batch is not None and saved_batch != global_batch:
+        raise DeltatuneError(f"{path} was written with a global batch of {saved_batch} (train.batch_size x "
+                             f"processes), now {global_batch}; set batch_size so that they match (the data order "
+                             f"depends on it)")
+    same_processes = state.get("world_size", 1) == dist.world_size
+    state.update(world_size=dist.world_size, global_batch=global_batch or saved_batch)
+    with fsdp.full_trainables(model, write_back=True):
+        load_trainable(model, path / WEIGHTS)
+    optimizer_state = _load_nested(path, "optimizer", dist.device)
+    if fsdp.is_sharded(model):
+        fsdp.load_optimizer_state(optimizer, optimizer_state)
+    else:
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    if not same_processes:  # each process keeps its seeded RNG (only dropout draws differ)
+        return state
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng[f"cpu.{dist.rank}"])
     if dist.device.type == "cuda" and f"cuda.{dist.rank}" in rng:
@@ -133,11 +160,12 @@ def restore(path: Path, model: nn.Module, optimizer, scheduler, dist: Dist) -> d
 
 def save_best(root: Path, model: nn.Module, info: dict, dist: Dist) -> None:
     """Keep the current trainable weights as ``best`` (rank 0 writes)."""
-    if dist.main:
-        def fill(folder: Path) -> None:
-            _save_tensors(trainable_state(model), folder / WEIGHTS)
-            (folder / "best.json").write_text(json.dumps(info, indent=2))
-        replace_dir(root / "best", fill)
+    with fsdp.full_trainables(model):
+        if dist.main:
+            def fill(folder: Path) -> None:
+                _save_tensors(trainable_state(model), folder / WEIGHTS)
+                (folder / "best.json").write_text(json.dumps(info, indent=2))
+            replace_dir(root / "best", fill)
     dist.barrier()
 
 
@@ -146,5 +174,6 @@ def restore_best(root: Path, model: nn.Module) -> dict | None:
     folder = root / "best"
     if not (folder / "best.json").is_file():
         return None
-    load_trainable(model, folder / WEIGHTS)
+    with fsdp.full_trainables(model, write_back=True):
+        load_trainable(model, folder / WEIGHTS)
     return json.loads((folder / "best.json").read_text())

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from deltatune.train import checkpoint
+from deltatune.train import checkpoint, fsdp
 from deltatune.train.batching import epoch_batches, shard
 from deltatune.train.callbacks import MetricsLog, Progress
 from deltatune.train.distributed import Dist
@@ -54,11 +54,15 @@ class Trainer:
         self.ckpt_dir = output_dir / "checkpoints"
         self.log = log or MetricsLog(output_dir / "metrics.jsonl", enabled=False)
         self.extra_logs, self.fingerprint = extra_logs, fingerprint
+        self.sharded = dist.active and fsdp.strategy(spec.distributed) == "fsdp"
+        if self.sharded:  # before the optimizer, so that its state is sharded too
+            fsdp.check_optimizer(spec.optimizer)
+            fsdp.shard(model, dist, spec.fsdp_offload)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(model, spec)
         # DDP all-reduces exactly the parameters with requires_grad: the adapter's
         self.model = model
-        if dist.active:
+        if dist.active and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel
             ids = [dist.device.index] if dist.device.type == "cuda" else None
             self.model = DistributedDataParallel(model, device_ids=ids)
@@ -76,7 +80,7 @@ class Trainer:
         self._window_start = time.perf_counter()
         self.state = {"step": 0, "epoch": 0, "micro": 0, "best": None, "bad_evals": 0, "elapsed": 0.0,
                       "tokens": 0, "window": [0.0, 0, 0], "last_loss": None, "last_eval": None,
-                      "world_size": dist.world_size, "fingerprint": fingerprint}
+                      "world_size": dist.world_size, "global_batch": self.global_batch, "fingerprint": fingerprint}
 
     def _batches(self, epoch: int) -> list[list[int]]:
         return epoch_batches(self.train_set.lengths, self.global_batch, self.spec.seed, epoch,
@@ -86,7 +90,8 @@ class Trainer:
     def fit(self, resume_from: Path | None = None, progress: Progress | None = None) -> Outcome:
         """Train to the end (or an early stop); returns the metrics of the weights left in the model."""
         if resume_from is not None:
-            self.state.update(checkpoint.restore(resume_from, self.module, self.optimizer, self.scheduler, self.dist))
+            self.state.update(checkpoint.restore(resume_from, self.module, self.optimizer, self.scheduler, self.dist,
+                                                 self.global_batch))
         elif self.eval_set is not None:
             self._evaluate()  # step 0: the starting point of the curves
         progress = progress or Progress(self.total_steps, self.state["step"], self.spec.log_every, enabled=False)
@@ -129,7 +134,7 @@ class Trainer:
             batch = {k: v.to(self.dist.device) for k, v in batch.items()}
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if last or not self.dist.active else self.model.no_sync()
+            sync = contextlib.nullcontext() if last or not self.dist.active else fsdp.gradient_sync_paused(self.model)
             with sync:
                 with self.autocast():
                     out = self.model(**batch)
@@ -137,7 +142,7 @@ class Trainer:
                 penalty = self._penalty()
                 if penalty is not None:  # a method's regulariser, e.g. diff pruning's L0 term
                     loss = loss + penalty.float()
-                # the model's loss is a mean over units[i] items; DDP divides by world_size
+                # the model's loss is a mean over units[i] items; DDP and FSDP divide by world_size
                 (loss * (units[i] * self.dist.world_size / total_units)).backward()
             loss_sum += float(out.loss.detach()) * units[i]
         if self.spec.max_grad_norm:
@@ -179,9 +184,10 @@ class Trainer:
                 writer.write(record)
 
     def evaluate(self) -> dict:
-        """Evaluation metrics of the current weights (computed on rank 0, shared with all ranks)."""
+        """Evaluation metrics of the current weights (computed on rank 0, shared with all ranks;
+        under FSDP every rank runs the sharded model along)."""
         metrics = None
-        if self.dist.main:
+        if self.dist.main or self.sharded:
             batch_size = self.spec.eval_batch_size or self.spec.batch_size * 2
             metrics = self.task.evaluate(self.module, self.eval_set, batch_size, self.dist.device, self.autocast)
         return self.dist.broadcast(metrics)

@@ -75,6 +75,9 @@ class TrainSpec:
     """How to train.
 
     ``threads`` sets torch's CPU threads (default: torch's choice; 1 helps on a busy machine).
+    ``distributed`` says how several processes (torchrun, accelerate launch) share the work:
+    ``ddp`` (each holds the whole model) or ``fsdp`` (each holds a shard of every block; see
+    docs/distributed.md); ``fsdp_offload`` keeps the shards in CPU memory between uses.
     ``compile`` runs the training forward and backward through ``torch.compile`` (off by
     default: see docs/benchmarks.md for where it helps).
     ``batch_size`` is per process and micro-batch: one optimizer step sees
@@ -111,6 +114,8 @@ class TrainSpec:
     tensorboard: bool = False
     device: str = "auto"
     threads: int | None = None
+    distributed: str = "ddp"
+    fsdp_offload: bool = False
 
 
 @dataclass
@@ -135,6 +140,7 @@ class Recipe:
         _choice("train.precision", self.train.precision, PRECISIONS)
         _choice("train.optimizer", self.train.optimizer, OPTIMIZERS)
         _choice("data.format", self.data.format, ("auto", "text", "instruction"))
+        _choice("train.distributed", self.train.distributed, ("ddp", "fsdp"))
         t = self.train
         for name in ("epochs", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(t, name) < 1:

@@ -16,7 +16,7 @@ import torch
 
 import deltatune as dt
 from deltatune.errors import ConfigError, DeltatuneError
-from deltatune.train import checkpoint, distributed, precision as precision_mod, tasks
+from deltatune.train import checkpoint, distributed, fsdp, precision as precision_mod, tasks
 from deltatune.train.callbacks import MetricsLog, Progress, TensorBoard, plot_losses, read_records
 from deltatune.train.data import read_rows
 from deltatune.train.files import write_json, write_text
@@ -27,7 +27,7 @@ from deltatune.train.recipe import Recipe, load as load_recipe
 #: recipe keys that may change between a run and its resumption
 RESUMABLE_CHANGES = {("train", k) for k in ("max_steps", "epochs", "eval_every", "log_every", "patience",
                                              "checkpoint_every", "keep_checkpoints", "tensorboard", "device",
-                                             "threads")}
+                                             "threads", "batch_size", "distributed", "fsdp_offload")}
 #: files and folders a run writes (``--overwrite`` removes them first)
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "recipe.yaml", "tensorboard",
              "adapter", "model", "head")
@@ -160,7 +160,9 @@ def _train(recipe: Recipe, dist, resume: bool, overwrite: bool, stream: TextIO, 
         method = resolve_method(recipe.method)
         task = tasks.get(recipe.task)(recipe.data, dt.load_tokenizer(recipe.model))
         train_set, eval_set, notes = load_data(recipe, task)
-        model = build_model(recipe, task, method, dist.device)
+        # sharding moves each block to the device by itself: the whole model never lands there
+        sharded = dist.active and fsdp.strategy(spec.distributed) == "fsdp" and not recipe.quantize
+        model = build_model(recipe, task, method, torch.device("cpu") if sharded else dist.device)
     used = precision_mod.resolve(spec.precision, dist.device)
     trainable, total = parameter_counts(model)
     say(f"deltatune: {recipe.task} on {recipe.model} with {method.name}: {trainable:,} trainable of {total:,} "
@@ -216,8 +218,13 @@ def _train(recipe: Recipe, dist, resume: bool, overwrite: bool, stream: TextIO, 
     }
     if dist.device.type == "cuda":
         summary["cuda_peak_memory_mb"] = round(torch.cuda.max_memory_allocated(dist.device) / 2**20, 1)
+    summary["distributed"] = ("fsdp" if trainer.sharded else "ddp") if dist.active else None
+    summary["parameter_bytes_per_process"] = [int(t) for t in dist.gather_tensor(
+        torch.tensor([fsdp.local_parameter_bytes(model)], dtype=torch.float64))]
+    with fsdp.full_trainables(model):  # under FSDP: the whole adapter, gathered from every process
+        if dist.main:
+            method.save(model, result)
     if dist.main:
-        method.save(model, result)
         if plot_losses(read_records(out / "metrics.jsonl"), out / "loss.png",
                        f"{recipe.model} {method.name} {recipe.task}"):
             summary["plot"] = str(out / "loss.png")
