@@ -12,6 +12,7 @@ from torch import nn
 from deltatune.core import registry
 from deltatune.core.archspec import classification_head_names, task_type_of
 from deltatune.core.config import MethodConfig
+from deltatune.core.hf_interop import with_base_signature
 from deltatune.core.layer import AdapterLayer, ModelAdapter, ModulesToSave, wrapped
 from deltatune.core.quantized import handler_for
 from deltatune.core.report import format_report
@@ -47,7 +48,11 @@ class AdaptedModel(nn.Module):
         for p in base_model.parameters():
             p.requires_grad_(False)
 
+    #: tells transformers' Trainer that trainable adapters sit on a (possibly quantized) base
+    _hf_peft_config_loaded = True
+
     # --- calls ----------------------------------------------------------------------------
+    @with_base_signature
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """The base model's forward with the active adapters; ``adapter_names`` (one name per
         row, ``"__base__"`` for none) runs each row through its own adapter instead."""
@@ -446,6 +451,11 @@ class AdaptedModel(nn.Module):
         """Write ``adapter`` (default: the active one) as a PEFT-compatible adapter folder."""
         from deltatune.core.state import save_adapter
         save_adapter(self, directory, adapter or self.active_adapter)
+
+    def save_pretrained(self, save_directory: str, **_ignored) -> None:
+        """:meth:`save` under the name Hugging Face tools call (Trainer, TRL); options such as
+        ``state_dict`` or ``safe_serialization`` do not apply to an adapter folder."""
+        self.save(save_directory)
 
     def load(self, directory: str, name: str = "default", *, trainable: bool = False) -> "AdaptedModel":
         """Add an adapter from a deltatune or HF PEFT folder under ``name`` (not made active

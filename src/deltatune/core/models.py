@@ -93,6 +93,7 @@ def _forget_gguf_origin(model) -> None:
             getattr(model.hf_quantizer, "quantization_config", None) is not None and \
             str(getattr(model.hf_quantizer.quantization_config, "quant_method", "")).lower().endswith("gguf"):
         model.hf_quantizer = None
+        model.is_quantized = False  # Trainer and TRL refuse to train a model marked quantized
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
 
