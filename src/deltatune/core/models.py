@@ -82,6 +82,10 @@ def load_model(name: str | os.PathLike, auto_class: str = "AutoModelForSequenceC
             transformers.utils.logging.enable_progress_bar()
     if source.gguf_file:
         _forget_gguf_origin(model)
+    if str(name) in _ALIASES or source.gguf_file:
+        # adapters record this as their base model: the alias (or the .gguf the user named)
+        # travels to other machines, the package folder it resolved to does not
+        model.config._name_or_path = str(name)
     return model
 
 
