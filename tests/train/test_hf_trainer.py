@@ -172,7 +172,8 @@ def test_sft_trainer_on_the_embedded_smollm2_gguf(tmp_path):
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = dt.load_tokenizer("smollm2")
-    base = dt.load_model("smollm2", "AutoModelForCausalLM", quiet=True)
+    base = dt.load_model("smollm2", quiet=True)  # a causal LM unless told otherwise
+    assert isinstance(base, transformers.LlamaForCausalLM)
     assert not base.is_quantized  # dequantized to fp32 on load: Trainer and TRL may train it
     model = dt.attach(base, dt.LoraConfig(r=4, targets=["q", "v"]))
     text = datasets.Dataset.from_list([{"text": r["sentence"]} for r in sentiment_rows(4, seed=5)])
