@@ -160,6 +160,32 @@ def test_sft_trainer_trains_a_causal_lm_adapter(toy_models, tmp_path):
         torch.testing.assert_close(from_peft.eval()(**batch).logits, expected, atol=1e-5, rtol=0)
 
 
+def test_dpo_trainer_trains_toward_the_chosen_answers(toy_models, tmp_path):
+    import copy
+    import math
+
+    from trl import DPOConfig, DPOTrainer
+
+    folder = toy_models["llama-chat"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    tokenizer.eos_token = "[SEP]"
+    base = dt.load_model(folder, "AutoModelForCausalLM", quiet=True)
+    reference = copy.deepcopy(base).eval()  # TRL would load it again from the base's name
+    model = dt.attach(base, dt.LoraConfig(r=4, alpha=8, targets=["q", "v"]))
+    pairs = datasets.Dataset.from_dict({"prompt": ["the film was"] * 8, "chosen": [" good"] * 8,
+                                        "rejected": [" bad"] * 8})
+    args = DPOConfig(str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
+                     use_cpu=True, bf16=False, max_length=16, save_steps=2, logging_steps=1, disable_tqdm=True,
+                     gradient_checkpointing=False)
+    trainer = adapter_trainer(DPOTrainer)(model=model, ref_model=reference, args=args, train_dataset=pairs,
+                                          processing_class=tokenizer)
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference: -log sigmoid(0)
+    assert logs[-1]["rewards/margins"] > 0
+    assert (tmp_path / "checkpoint-2" / "adapter_model.safetensors").is_file()
+
+
 def test_adapter_trainer_of_a_class_is_made_once():
     from trl import SFTTrainer
     assert adapter_trainer(SFTTrainer) is adapter_trainer(SFTTrainer)

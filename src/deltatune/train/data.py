@@ -117,7 +117,8 @@ def column(rows: Iterable[dict], name: str, where: str) -> list:
     rows = list(rows)
     if rows and name not in rows[0]:
         raise ConfigError(f"{where} has no field {name!r}; its fields are {', '.join(map(str, rows[0]))}. "
-                          f"Name the right ones: data.text / data.label in a recipe, --text / --label for deltatune eval")
+                          f"Name the right ones: data.text / data.label in a recipe, --text / --label for "
+                          f"deltatune eval")
     try:
         return [row[name] for row in rows]
     except KeyError:
