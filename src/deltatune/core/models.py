@@ -53,6 +53,9 @@ def resolve_model(name: str | os.PathLike) -> ModelSource:
         return ModelSource(str(path))
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(str(path.parent), path.name)
+    moved = next((alias for alias, (package, *_) in _ALIASES.items() if package in path.parts), None)
+    if moved is not None:  # an older adapter folder recorded the package's folder on another machine
+        return resolve_model(moved)
     raise ModelNotFoundError(f"{key!r} is neither a model alias ({', '.join(_ALIASES)}) nor a local model "
                              f"folder with a config.json (models cannot be downloaded here)")
 
