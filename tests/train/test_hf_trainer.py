@@ -109,6 +109,19 @@ def test_resume_from_checkpoint_continues_the_same_run(toy_models, sentiment, to
         torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0)
 
 
+def test_load_best_model_at_end_restores_the_best_checkpoint(toy_models, sentiment, tokenizer, tmp_path):
+    model = _lora_model(toy_models["bert-nodrop"])
+    args = _args(tmp_path, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                 metric_for_best_model="loss", greater_is_better=True)  # "best" = the higher loss: not the end
+    trainer = AdapterTrainer(model=model, args=args, train_dataset=sentiment, eval_dataset=sentiment,
+                             processing_class=tokenizer)
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint)
+    assert best.name == "checkpoint-2"
+    fresh = dt.load_model(toy_models["bert-nodrop"], num_labels=2, quiet=True)
+    torch.testing.assert_close(_logits(model, tokenizer), _logits(dt.load(fresh, best), tokenizer), atol=1e-6, rtol=0)
+
+
 class _StopAfter(transformers.TrainerCallback):
     """Ends training after ``steps`` steps, as an interruption would (same schedule, same data)."""
 
