@@ -88,16 +88,18 @@ def load_model(name: str | os.PathLike, auto_class: str | None = None, *, quiet:
     if "num_labels" in kwargs:
         kwargs.setdefault("ignore_mismatched_sizes", True)
     cls = getattr(transformers, auto_class)
-    if not verbose:
-        verbosity = transformers.logging.get_verbosity()
+    verbosity = transformers.logging.get_verbosity()
+    if verbose:  # the report is a warning: show it whatever the caller's setting
+        transformers.logging.set_verbosity(min(verbosity, transformers.logging.WARNING))
+    else:
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
     try:
         model, info = cls.from_pretrained(source.path, **source.pretrained_kwargs(), **kwargs,
                                           output_loading_info=True)
     finally:
+        transformers.logging.set_verbosity(verbosity)
         if not verbose:
-            transformers.logging.set_verbosity(verbosity)
             transformers.utils.logging.enable_progress_bar()
     if source.gguf_file:
         _forget_gguf_origin(model)
