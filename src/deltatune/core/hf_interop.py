@@ -47,3 +47,15 @@ class with_base_signature:
             obj.__dict__[_SIGNATURE_CACHE] = signature
         bound.__signature__ = signature
         return bound
+
+
+class HuggingFaceFacade:
+    """What ``AdaptedModel`` adds for Hugging Face tools besides the forward signature."""
+
+    #: tells transformers' Trainer that trainable adapters sit on a (possibly quantized) base
+    _hf_peft_config_loaded = True
+
+    def save_pretrained(self, save_directory: str, **_ignored) -> None:
+        """``save`` (the active adapter's folder) under the name Hugging Face tools call; options
+        such as ``state_dict`` or ``safe_serialization`` do not apply to an adapter folder."""
+        self.save(save_directory)

@@ -12,7 +12,7 @@ from torch import nn
 from deltatune.core import registry
 from deltatune.core.archspec import classification_head_names, task_type_of
 from deltatune.core.config import MethodConfig
-from deltatune.core.hf_interop import with_base_signature
+from deltatune.core.hf_interop import HuggingFaceFacade, with_base_signature
 from deltatune.core.layer import AdapterLayer, ModelAdapter, ModulesToSave, wrapped
 from deltatune.core.quantized import handler_for
 from deltatune.core.report import format_report
@@ -24,7 +24,7 @@ from deltatune.errors import AdapterError, ConfigError, TargetError
 BASE_ADAPTER = "__base__"  # reserved: "no adapter", e.g. in mixed batches and the server
 
 
-class AdaptedModel(nn.Module):
+class AdaptedModel(HuggingFaceFacade, nn.Module):
     """A frozen base model with one or more adapters.
 
     Calls (``model(**batch)``, ``model.generate(...)``) go to the base model, whose targeted
@@ -47,9 +47,6 @@ class AdaptedModel(nn.Module):
         self._adapters_disabled = False
         for p in base_model.parameters():
             p.requires_grad_(False)
-
-    #: tells transformers' Trainer that trainable adapters sit on a (possibly quantized) base
-    _hf_peft_config_loaded = True
 
     # --- calls ----------------------------------------------------------------------------
     @with_base_signature
@@ -451,11 +448,6 @@ class AdaptedModel(nn.Module):
         """Write ``adapter`` (default: the active one) as a PEFT-compatible adapter folder."""
         from deltatune.core.state import save_adapter
         save_adapter(self, directory, adapter or self.active_adapter)
-
-    def save_pretrained(self, save_directory: str, **_ignored) -> None:
-        """:meth:`save` under the name Hugging Face tools call (Trainer, TRL); options such as
-        ``state_dict`` or ``safe_serialization`` do not apply to an adapter folder."""
-        self.save(save_directory)
 
     def load(self, directory: str, name: str = "default", *, trainable: bool = False) -> "AdaptedModel":
         """Add an adapter from a deltatune or HF PEFT folder under ``name`` (not made active
