@@ -11,7 +11,7 @@ from __future__ import annotations
 from deltatune.api import attach, load
 from deltatune.core.config import MethodConfig
 from deltatune.core.model import BASE_ADAPTER, AdaptedModel
-from deltatune.core.models import ModelSource, load_model, load_tokenizer, resolve_model
+from deltatune.core.models import ModelSource, default_auto_class, load_model, load_tokenizer, resolve_model
 from deltatune.errors import (AdapterError, AdapterFileError, ConfigError, DeltatuneError, ModelNotFoundError,
                               TargetError)
 from deltatune.methods.adapters import AdapterConfig
@@ -31,7 +31,7 @@ __all__ = [
     "attach", "load", "AdaptedModel", "MethodConfig", "BASE_ADAPTER",
     "LoraConfig", "IA3Config", "AdapterConfig", "CompacterConfig", "PromptTuningConfig", "PTuningConfig",
     "PrefixTuningConfig", "BitFitConfig", "DiffPruningConfig", "FreezeConfig", "HeadOnlyConfig", "FullConfig",
-    "resolve_model", "load_model", "load_tokenizer", "ModelSource",
+    "resolve_model", "load_model", "default_auto_class", "load_tokenizer", "ModelSource",
     "quantize", "prepare_for_kbit_training", "quantization_report",
     "DeltatuneError", "ConfigError", "TargetError", "AdapterError", "AdapterFileError", "ModelNotFoundError",
 ]

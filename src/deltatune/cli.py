@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from typing import Callable
 
@@ -195,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _how_to_resume(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:
+    checkpoint = getattr(exc, "checkpoint", None)  # a TrainingInterrupted names the checkpoint it saved
+    if checkpoint is None or args.command != "train":
+        return ""
+    sets = "".join(f" --set {shlex.quote(o)}" for o in args.overrides)
+    return (f" at step {exc.step}; checkpoint saved in {checkpoint}\n"
+            f"continue with: deltatune train {shlex.quote(args.recipe)}{sets} --resume")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 a deltatune error, 130 interrupted)."""
     args = build_parser().parse_args(argv)
@@ -203,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     except DeltatuneError as exc:
         print(f"deltatune {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"deltatune {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"deltatune {args.command}: interrupted{_how_to_resume(args, exc)}", file=sys.stderr)
         return 130
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from deltatune.core import registry
 from deltatune.core.archspec import classification_head_names, task_type_of
 from deltatune.core.config import MethodConfig
+from deltatune.core.hf_interop import HuggingFaceFacade, with_base_signature
 from deltatune.core.layer import AdapterLayer, ModelAdapter, ModulesToSave, wrapped
 from deltatune.core.quantized import handler_for
 from deltatune.core.report import format_report
@@ -23,7 +24,7 @@ from deltatune.errors import AdapterError, ConfigError, TargetError
 BASE_ADAPTER = "__base__"  # reserved: "no adapter", e.g. in mixed batches and the server
 
 
-class AdaptedModel(nn.Module):
+class AdaptedModel(HuggingFaceFacade, nn.Module):
     """A frozen base model with one or more adapters.
 
     Calls (``model(**batch)``, ``model.generate(...)``) go to the base model, whose targeted
@@ -48,6 +49,7 @@ class AdaptedModel(nn.Module):
             p.requires_grad_(False)
 
     # --- calls ----------------------------------------------------------------------------
+    @with_base_signature
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """The base model's forward with the active adapters; ``adapter_names`` (one name per
         row, ``"__base__"`` for none) runs each row through its own adapter instead."""

@@ -299,20 +299,26 @@ def load_adapter(model: "AdaptedModel", directory: str | os.PathLike, name: str,
         with weights_from_file():
             model.add(config, name, trainable=trainable)
     try:
-        per_layer, extra_values, model_level = split_by_layer(model, name, tensors)
-        layers = dict(model.adapter_layers())
-        for path, layer_tensors in per_layer.items():
-            layers[path].load_adapter_state(name, layer_tensors, where=path)
-        if name in model.model_adapters:
-            model.model_adapters[name].load_file_state(model_level)
-        found = {canonical_name(n) for n in extra_values}
-        missing = sorted(n for n in model._shared.names(name) if canonical_name(n) not in found)
-        if missing:
-            raise AdapterFileError(f"the adapter file lacks the trained biases {missing[:3]}")
-        model._shared.set_values(name, extra_values)
+        copy_adapter_weights(model, name, tensors)
     except Exception:
         active = [n for n in model.active_adapters if n != name]
         model._drop(name)
         if model.adapter_names:
             model.use(active or model.adapter_names[:1])
         raise
+
+
+def copy_adapter_weights(model: "AdaptedModel", name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy a file's ``tensors`` into the existing adapter ``name`` in place (the parameters stay
+    the same objects, so an optimizer holding them keeps working)."""
+    per_layer, extra_values, model_level = split_by_layer(model, name, tensors)
+    layers = dict(model.adapter_layers())
+    for path, layer_tensors in per_layer.items():
+        layers[path].load_adapter_state(name, layer_tensors, where=path)
+    if name in model.model_adapters:
+        model.model_adapters[name].load_file_state(model_level)
+    found = {canonical_name(n) for n in extra_values}
+    missing = sorted(n for n in model._shared.names(name) if canonical_name(n) not in found)
+    if missing:
+        raise AdapterFileError(f"the adapter file lacks the trained biases {missing[:3]}")
+    model._shared.set_values(name, extra_values)

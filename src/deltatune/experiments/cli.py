@@ -94,7 +94,7 @@ def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
     q = sub.add_parser("intrinsic-dim", help="train in random d-dimensional subspaces (Fastfood); report d90",
                        description="Train the recipe's model in random d-dimensional subspaces of all its "
                                    "parameters (theta = theta0 + P z, P a Fastfood projection) and report d90, "
-                                   "the smallest d reaching 90%% of full fine-tuning's metric.")
+                                   "the smallest d reaching 90% of full fine-tuning's metric.")
     q.add_argument("recipe", help="recipe YAML file or built-in name (its method is ignored)")
     q.add_argument("--dims", type=_ints, required=True, help="comma-separated subspace sizes, e.g. 10,100,1000")
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE",

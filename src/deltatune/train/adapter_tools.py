@@ -63,6 +63,18 @@ def run_recipe(adapter: str | os.PathLike) -> dict | None:
     return {**data, "_path": str(path)} if isinstance(data, dict) else None
 
 
+def run_labels(adapter: str | os.PathLike) -> list[str] | None:
+    """The class names of the run whose output folder holds ``adapter`` (its summary.json)."""
+    summary = Path(adapter).resolve().parent / "summary.json"
+    if not summary.is_file():
+        return None
+    try:
+        labels = json.loads(summary.read_text()).get("labels")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return [str(v) for v in labels] if isinstance(labels, list) else None
+
+
 def inspect_adapter(adapter: str | os.PathLike) -> AdapterInfo:
     """Read an adapter folder's config and tensor shapes (weights are not loaded)."""
     folder = Path(adapter)
@@ -102,9 +114,11 @@ def load_adapted(adapter: str | os.PathLike, model: str | None = None, task: str
     """``(adapted model, tokenizer, task name)``: the adapter loaded onto its base model."""
     model, task = base_for(adapter, model, task)
     kwargs = {}
-    labels = saved_class_count(adapter)
-    if labels:
-        kwargs["num_labels"] = labels
+    count, names = saved_class_count(adapter), run_labels(adapter)
+    if count:
+        kwargs["num_labels"] = count
+        if names and len(names) == count:  # kept through merge_and_unload into config.json
+            kwargs.update(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     base = dt.load_model(model, TASKS[task].auto_class, quiet=True, **kwargs)
     return dt.load(base, str(adapter)), dt.load_tokenizer(model), task
 

@@ -181,7 +181,8 @@ def plot_losses(records: list[dict], target: Path, title: str = "") -> bool:
         right.set_ylabel(key)
         h2, l2 = right.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
-    if handles:
-        ax.legend(handles, labels, loc="best")
+    if handles:  # below the axes: inside, "best" only avoids the left axis' curves and covers the others
+        ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(handles),
+                  frameon=False)
     save_figure(fig, target)
     return True

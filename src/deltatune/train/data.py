@@ -43,7 +43,8 @@ def read_rows(source: Any, limit: int | None = None) -> list[dict] | str:
 def _read_file(path: Path, limit: int | None) -> list[dict] | str:
     if not path.is_file():
         hint = " (it is a folder: name the file inside it)" if path.is_dir() else ""
-        raise ConfigError(f"data file {path} does not exist{hint}; fix the path in the recipe's data section")
+        raise ConfigError(f"data file {path} does not exist{hint}; check the path (a recipe's data.train / "
+                          f"data.eval, or the --data argument of deltatune eval)")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise ConfigError(f"{path}: unknown data format {suffix or '(no suffix)'}; use one of {', '.join(SUFFIXES)}")
@@ -116,7 +117,8 @@ def column(rows: Iterable[dict], name: str, where: str) -> list:
     rows = list(rows)
     if rows and name not in rows[0]:
         raise ConfigError(f"{where} has no field {name!r}; its fields are {', '.join(map(str, rows[0]))}. "
-                          f"Set data.text / data.label in the recipe to the right names")
+                          f"Name the right ones: data.text / data.label in a recipe, --text / --label for "
+                          f"deltatune eval")
     try:
         return [row[name] for row in rows]
     except KeyError:

@@ -11,7 +11,7 @@ import torch
 import deltatune as dt
 from deltatune.errors import ConfigError
 from deltatune.train import precision as precision_mod
-from deltatune.train.adapter_tools import base_for, load_adapted, run_recipe
+from deltatune.train.adapter_tools import base_for, load_adapted, run_labels, run_recipe
 from deltatune.train.data import read_rows
 from deltatune.train.recipe import DataSpec
 from deltatune.train.tasks import TASKS
@@ -24,18 +24,6 @@ def _data_spec(run: dict | None, text: str | None, label: str | None, max_length
     spec.text, spec.label = text or spec.text, label or spec.label
     spec.max_length = max_length or spec.max_length
     return spec
-
-
-def _run_labels(adapter: str | os.PathLike | None) -> list[str] | None:
-    if adapter is None:
-        return None
-    summary = Path(adapter).resolve().parent / "summary.json"
-    if summary.is_file():
-        try:
-            return json.loads(summary.read_text()).get("labels")
-        except json.JSONDecodeError:
-            return None
-    return None
 
 
 def evaluate(data: str | os.PathLike, adapter: str | os.PathLike | None = None, model: str | None = None,
@@ -57,7 +45,7 @@ def evaluate(data: str | os.PathLike, adapter: str | os.PathLike | None = None, 
         net, tokenizer = dt.load_model(model_name, TASKS[task_name].auto_class, quiet=True), dt.load_tokenizer(model_name)
     job = TASKS[task_name](_data_spec(run, text, label, max_length), tokenizer)
     config_labels = getattr(net.config, "id2label", None)
-    labels = _run_labels(adapter)
+    labels = run_labels(adapter) if adapter is not None else None
     if labels is None and config_labels and adapter is None:
         labels = [str(config_labels[i]) for i in sorted(config_labels)]
     if labels is None and getattr(net.config, "num_labels", None):

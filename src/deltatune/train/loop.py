@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from deltatune.train import checkpoint, fsdp
 from deltatune.train.batching import epoch_batches, shard
 from deltatune.train.callbacks import MetricsLog, Progress
 from deltatune.train.distributed import Dist
+from deltatune.train.interrupt import TrainingInterrupted
 from deltatune.train.optim import build_optimizer, build_schedule
 from deltatune.train.recipe import TrainSpec
 from deltatune.train.tasks import Encoded, Task
@@ -77,6 +79,8 @@ class Trainer:
             self.total_steps = min(self.total_steps, spec.max_steps)
         self.scheduler = build_schedule(self.optimizer, spec, self.total_steps)
         self.metric = task.selection_metric(spec.best_metric)
+        #: set (by a Ctrl-C handler) to save a checkpoint after the current step and stop
+        self.stop_requested = threading.Event()
         self._window_start = time.perf_counter()
         self.state = {"step": 0, "epoch": 0, "micro": 0, "best": None, "bad_evals": 0, "elapsed": 0.0,
                       "tokens": 0, "window": [0.0, 0, 0], "last_loss": None, "last_eval": None,
@@ -109,9 +113,12 @@ class Trainer:
                 if self.eval_set is not None and self.spec.eval_every and step % self.spec.eval_every == 0:
                     stopped = self._evaluate(progress)
                 self.state["elapsed"] = time.perf_counter() - started
-                if step % every_ckpt == 0 and step < self.total_steps and not stopped:
+                asked_to_stop = self.stop_requested.is_set() and step < self.total_steps and not stopped
+                if (step % every_ckpt == 0 or asked_to_stop) and step < self.total_steps and not stopped:
                     checkpoint.save(self.ckpt_dir, self.module, self.optimizer, self.scheduler, self.state,
                                     self.dist, self.spec.keep_checkpoints)
+                if asked_to_stop:
+                    raise TrainingInterrupted(checkpoint.latest(self.ckpt_dir), step)
                 if stopped:
                     break
             if self.state["micro"] >= len(batches):
@@ -164,7 +171,7 @@ class Trainer:
         window[2] += tokens
         self.state["last_loss"] = loss
         lr = self.scheduler.get_last_lr()[0]
-        progress.step(step, loss, lr)
+        progress.step(step, window[0] / window[1], lr)  # the window's mean, as metrics.jsonl gets
         if step % self.spec.log_every == 0 or step == self.total_steps:
             all_tokens = int(self.dist.sum(window[2]))
             self.state["tokens"] += all_tokens

@@ -20,6 +20,7 @@ from deltatune.train import checkpoint, distributed, fsdp, precision as precisio
 from deltatune.train.callbacks import MetricsLog, Progress, TensorBoard, plot_losses, read_records
 from deltatune.train.data import read_rows
 from deltatune.train.files import write_json, write_text
+from deltatune.train.interrupt import deferred_interrupt
 from deltatune.train.loop import Trainer
 from deltatune.train.methods import TrainMethod, resolve as resolve_method
 from deltatune.train.recipe import Recipe, load as load_recipe
@@ -43,6 +44,21 @@ def fingerprint(recipe: Recipe) -> str:
         data[section].pop(key, None)
     data.pop("output_dir", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resume_changes(saved_recipe: Path, recipe: Recipe) -> list[str]:
+    """``"train.max_steps 100 -> 50"`` for each resumable key the run's saved recipe had otherwise."""
+    import yaml
+    try:
+        saved = yaml.safe_load(saved_recipe.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return []
+    now = recipe.to_dict()
+    if not isinstance(saved, dict):
+        return []
+    before = {(s, k): (saved.get(s) or {}).get(k) for s, k in RESUMABLE_CHANGES}
+    return [f"{s}.{k} {before[s, k]!r} -> {now[s].get(k)!r}" for s, k in sorted(RESUMABLE_CHANGES)
+            if before[s, k] != now[s].get(k)]
 
 
 def peak_memory_mb() -> float:
@@ -97,6 +113,8 @@ def load_data(recipe: Recipe, task: tasks.Task) -> tuple[tasks.Encoded, tasks.En
         eval_set = task.encode(read_rows(recipe.resolve_path(spec.eval), spec.max_eval), "eval")
     elif spec.eval_fraction:
         train_set, eval_set = train_set.split_off(spec.eval_fraction)
+        if spec.max_eval is not None:
+            eval_set = tasks.Encoded(eval_set.features[:spec.max_eval])
     if len(train_set) == 0:
         raise ConfigError("the training data holds no usable examples")
     notes = [n for n in (tasks.warn_truncation(train_set, "train", spec.max_length),
@@ -179,6 +197,12 @@ def _train(recipe: Recipe, dist, resume: bool, overwrite: bool, stream: TextIO, 
             raise ConfigError(f"{ckpt} belongs to a run with a different recipe (model, data, method or training "
                               f"settings changed); resume with the same recipe or use --overwrite")
         say(f"resuming from {ckpt}")
+        changed = resume_changes(out / "recipe.yaml", recipe)
+        if changed and dist.main:
+            steps = any(c.startswith(("train.max_steps ", "train.epochs ")) for c in changed)
+            warnings.warn(f"resuming with changed settings: {'; '.join(changed)}" + (
+                "; the learning-rate schedule now follows the new step count, so the run differs from an "
+                "uninterrupted one" if steps else ""), stacklevel=2)
     elif resume:
         say(f"no checkpoint in {out / 'checkpoints'}; starting from the beginning")
     log = MetricsLog(out / "metrics.jsonl", enabled=dist.main)
@@ -195,7 +219,9 @@ def _train(recipe: Recipe, dist, resume: bool, overwrite: bool, stream: TextIO, 
                       log, extra, print_)
     progress = Progress(trainer.total_steps, 0, spec.log_every, stream, enabled=dist.main and not quiet)
     try:
-        outcome = trainer.fit(ckpt, progress)
+        with deferred_interrupt(enabled=not dist.active) as asked:
+            trainer.stop_requested = asked
+            outcome = trainer.fit(ckpt, progress)
     finally:
         progress.close()
         log.close()
