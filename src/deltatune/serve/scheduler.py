@@ -190,5 +190,7 @@ class Scheduler:
                 still.append(gen)
         finished = [g for g in self.running if g.finished_at is not None]
         self.running = still
+        if not still:  # rows cancelled after this step would otherwise hold their KV cache until the next request
+            self.batch.clear()
         if self.on_step is not None:
             self.on_step(self, now - started, finished)

@@ -3,6 +3,7 @@ belongs to, and baking it into that model (``merge``)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, fields
