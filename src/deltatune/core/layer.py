@@ -223,7 +223,7 @@ class AdapterLayer(nn.Module):
             for name in names:
                 if name not in self.adapter_names:
                     continue
-                weight.data += self.delta_weight(name).to(weight.dtype)
+                self._merge_into(weight, name)
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -231,8 +231,16 @@ class AdapterLayer(nn.Module):
         weight = self._base_weight()
         with torch.no_grad():
             while self.merged_adapters:
-                name = self.merged_adapters.pop()
-                weight.data -= self.delta_weight(name).to(weight.dtype)
+                self._unmerge_from(weight, self.merged_adapters.pop())
+
+    def _merge_into(self, weight: torch.Tensor, name: str) -> None:
+        """Bake adapter ``name`` into ``weight``; a method whose merge is not additive overrides
+        this pair (DoRA rescales the weight)."""
+        weight.data += self.delta_weight(name).to(weight.dtype)
+
+    def _unmerge_from(self, weight: torch.Tensor, name: str) -> None:
+        """Undo :meth:`_merge_into` for ``name``, the last adapter merged."""
+        weight.data -= self.delta_weight(name).to(weight.dtype)
 
     def unwrapped(self) -> nn.Module:
         """The module to put back when the adapters are unloaded."""

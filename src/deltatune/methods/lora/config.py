@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from deltatune.core.config import (MethodConfig, fraction, layer_selection, module_names, one_of, positive_int,
-                                   positive_number)
+                                   positive_number, require)
 
 _BIAS = ("none", "all", "lora_only")
 _INIT = ("kaiming", "gaussian", "random")
@@ -33,6 +33,9 @@ class LoraConfig(MethodConfig):
         init: ``"kaiming"`` (A Kaiming-uniform, B zero: starts as the base model),
             ``"gaussian"`` (A ~ N(0, 1/r), B zero), or ``"random"`` (both random; for tests).
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023).
+        dora: weight-decomposed LoRA (DoRA, Liu et al. 2024): a learned magnitude per output
+            feature times the direction of ``W + scale * B A`` (PEFT's ``use_dora``). Linear,
+            GPT-2 Conv1D and Embedding layers only.
         rank_pattern: per-module rank, ``{regex: r}``; the regex matches a path's tail.
         alpha_pattern: per-module alpha, ``{regex: alpha}``.
     """
@@ -40,9 +43,9 @@ class LoraConfig(MethodConfig):
     method = "lora"
     peft_type = "LORA"
     peft_names = {"alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules",
-                  "layers": "layers_to_transform", "exclude": "exclude_modules", "init": "init_lora_weights"}
+                  "layers": "layers_to_transform", "exclude": "exclude_modules", "init": "init_lora_weights", "dora": "use_dora"}
     peft_unsupported = frozenset({
-        "use_dora", "lora_bias", "layer_replication", "target_parameters", "trainable_token_indices",
+        "lora_bias", "layer_replication", "target_parameters", "trainable_token_indices",
         "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config", "eva_config", "corda_config",
     })
 
@@ -55,6 +58,7 @@ class LoraConfig(MethodConfig):
     bias: str = "none"
     init: str | bool = "kaiming"
     use_rslora: bool = False
+    dora: bool = False
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
 
@@ -70,6 +74,7 @@ class LoraConfig(MethodConfig):
         module_names("exclude", self.exclude, empty=True)
         one_of("bias", self.bias, _BIAS)
         one_of("init", self.init, _INIT)
+        require(isinstance(self.dora, bool), "dora", self.dora, "true or false")
         for key, value in self.rank_pattern.items():
             positive_int(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():

@@ -15,6 +15,7 @@ from torch import nn
 
 from deltatune.core.layer import AdapterLayer, adapter_dtype, linear_kinds, linear_layout, needs_initial_values
 from deltatune.errors import TargetError
+from deltatune.methods.lora import dora
 from deltatune.methods.lora.fused import LoraLinearFunction
 
 
@@ -73,6 +74,8 @@ class LoraLayer(AdapterLayer):
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self.dropout_p: dict[str, float] = {}
+        #: per merged DoRA adapter, the column scale its merge multiplied the weight by
+        self._dora_merge_scale: dict[str, torch.Tensor] = {}
 
     def _set_hparams(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
         self.r[name] = r
@@ -80,8 +83,38 @@ class LoraLayer(AdapterLayer):
         self.dropout_p[name] = float(dropout)
 
     def _forget(self, name: str) -> None:
-        for d in (self.r, self.scaling, self.dropout_p):
+        for d in (self.r, self.scaling, self.dropout_p, self._dora_merge_scale):
             d.pop(name, None)
+
+    # --- DoRA (see dora.py); only LoraLinear and LoraEmbedding hold magnitudes ----------------
+    #: whether the base weight is stored ``[in, out]`` (GPT-2 Conv1D, embedding tables)
+    stored_transposed: bool = False
+
+    def is_dora(self, name: str) -> bool:
+        return name in self._modules.get("lora_magnitude_vector", ())
+
+    def lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of adapter ``name`` as matrices, ``[r, in]`` and ``[out, r]``."""
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def _add_magnitude(self, name: str, use_dora: bool) -> None:
+        if not use_dora:
+            return
+        a, b = self.lora_factors(name)
+        magnitude = dora.initial_magnitude(self, name) if needs_initial_values() else a.new_empty(b.shape[0])
+        self.lora_magnitude_vector[name] = nn.Parameter(magnitude)
+
+    def _merge_into(self, weight: torch.Tensor, name: str) -> None:
+        if not self.is_dora(name):
+            return super()._merge_into(weight, name)
+        merged, self._dora_merge_scale[name] = dora.merged_weight(self, name)
+        weight.data.copy_(merged.to(weight.dtype))
+
+    def _unmerge_from(self, weight: torch.Tensor, name: str) -> None:
+        if name not in self._dora_merge_scale:
+            return super()._unmerge_from(weight, name)
+        scale = self._dora_merge_scale.pop(name)
+        weight.data.copy_(dora.unmerged_weight(self, name, weight.data, scale).to(weight.dtype))
 
     def _dropped(self, x: torch.Tensor, name: str) -> torch.Tensor:
         p = self.dropout_p[name]
@@ -91,16 +124,18 @@ class LoraLayer(AdapterLayer):
 class LoraLinear(LoraLayer):
     """LoRA on ``nn.Linear`` or GPT-2 ``Conv1D`` (whose weight is stored ``[in, out]``)."""
 
-    adapter_attrs = ("lora_A", "lora_B")
+    adapter_attrs = ("lora_A", "lora_B", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out, self.in_features, self.out_features = linear_layout(base_layer)
+        self.stored_transposed = self.fan_in_fan_out
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
-                    init: str = "kaiming", use_rslora: bool = False) -> None:
+                    init: str = "kaiming", use_rslora: bool = False, use_dora: bool = False) -> None:
         weight = self.base_layer.weight
         kw = {"device": weight.device, "dtype": adapter_dtype(weight)}
         a = _Factor(self.in_features, r, **kw)
@@ -108,13 +143,15 @@ class LoraLinear(LoraLayer):
         _init_factors(a.weight, b.weight, r, init)
         self.lora_A[name], self.lora_B[name] = a, b
         self._set_hparams(name, r, alpha, dropout, use_rslora)
+        self._add_magnitude(name, use_dora)
 
     #: take the fused single-node path where it applies (see fused.py); tests compare both paths.
     use_fused: bool = True
 
     def _fusable(self, names: list[str]) -> bool:
         base = self.base_layer
-        return self.use_fused and len(names) == 1 and type(base) in linear_kinds() and not base.weight.requires_grad
+        return (self.use_fused and len(names) == 1 and type(base) in linear_kinds() and not base.weight.requires_grad
+                and not self.is_dora(names[0]))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.routing is not None:
@@ -127,7 +164,14 @@ class LoraLinear(LoraLayer):
                                             self.lora_A[name].weight, self.lora_B[name].weight,
                                             self.scaling[name], self.fan_in_fan_out)
         result = self.base_layer(x, *args, **kwargs)
+        base_out = None  # the bias-free base output, for DoRA adapters
         for name in names:
+            if self.is_dora(name):
+                if base_out is None:
+                    bias = self.base_layer.bias
+                    base_out = result if bias is None else result - bias
+                result = result + self._dora_delta(x, name, base_out).to(result.dtype)
+                continue
             a = self.lora_A[name].weight
             b = self.lora_B[name].weight
             xa = F.linear(self._dropped(x, name).to(a.dtype), a)
@@ -137,8 +181,18 @@ class LoraLinear(LoraLayer):
             result = flat.view(result.shape)
         return result
 
+    def _dora_delta(self, x: torch.Tensor, name: str, base_out: torch.Tensor | None) -> torch.Tensor:
+        """DoRA's update for ``x``; ``base_out`` (bias-free) is reused unless dropout changes the input."""
+        dropped = self._dropped(x, name)
+        if dropped is not x or base_out is None:
+            base_out = dora.linear_base_out(self, dropped)
+        a, b = self.lora_factors(name)
+        return dora.dora_delta(self, name, base_out, F.linear(F.linear(dropped.to(a.dtype), a), b))
+
     def adapter_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """The update adapter ``name`` adds to the base output for input ``x``."""
+        if self.is_dora(name):
+            return self._dora_delta(x, name, None)
         a = self.lora_A[name].weight
         return F.linear(F.linear(self._dropped(x, name).to(a.dtype), a), self.lora_B[name].weight) * self.scaling[name]
 
@@ -147,7 +201,7 @@ class LoraLinear(LoraLayer):
         scale applied to the small ``x A`` (no full-size temporary); False when ``out`` is not a
         contiguous tensor of the adapter's dtype, for the caller to add the update itself."""
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        if out.dtype != a.dtype or not out.is_contiguous():
+        if out.dtype != a.dtype or not out.is_contiguous() or self.is_dora(name):
             return False
         xa = F.linear(self._dropped(x, name).to(a.dtype), a) * self.scaling[name]
         out.view(-1, out.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), b.t())
@@ -156,6 +210,14 @@ class LoraLinear(LoraLayer):
     def adapter_delta_gathered(self, x: torch.Tensor, names: tuple[str, ...], row_index: torch.Tensor) -> torch.Tensor:
         """Per-row updates in two batched matmuls: row i uses ``names[row_index[i]]`` (no adapter
         when the index is ``len(names)``). Smaller ranks are zero-padded, which is exact."""
+        if any(self.is_dora(n) for n in names):  # DoRA rescales the base output: row groups one by one
+            out = None
+            for i, name in enumerate(names):
+                rows = (row_index == i).nonzero().flatten()
+                part = self.adapter_delta(x.index_select(0, rows), name)
+                out = part.new_zeros(x.shape[0], *part.shape[1:]) if out is None else out
+                out.index_copy_(0, rows, part)
+            return out
         rank = max(self.r[n] for n in names)
         ref = self.lora_A[names[0]].weight
         a = ref.new_zeros(len(names) + 1, rank, self.in_features)
@@ -169,6 +231,8 @@ class LoraLinear(LoraLayer):
         return torch.bmm(xa, b[row_index].transpose(1, 2)).view(*x.shape[:-1], self.out_features)
 
     def delta_weight(self, name: str) -> torch.Tensor:
+        if self.is_dora(name):
+            return _dora_delta_weight(self, name)
         delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
         return delta.t() if self.fan_in_fan_out else delta
 
@@ -176,15 +240,20 @@ class LoraLinear(LoraLayer):
 class LoraEmbedding(LoraLayer):
     """LoRA on ``nn.Embedding``: a rank-r lookup table A and a projection B."""
 
-    adapter_attrs = ("lora_embedding_A", "lora_embedding_B")
+    adapter_attrs = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    stored_transposed = True  # the table is [num, dim]; DoRA's magnitude runs along dim
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+
+    def lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
-                    init: str = "kaiming", use_rslora: bool = False) -> None:
+                    init: str = "kaiming", use_rslora: bool = False, use_dora: bool = False) -> None:
         weight = self.base_layer.weight
         kw = {"device": weight.device, "dtype": adapter_dtype(weight)}
         num, dim = weight.shape
@@ -193,23 +262,34 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_A[name] = nn.Parameter(a)
         self.lora_embedding_B[name] = nn.Parameter(b)
         self._set_hparams(name, r, alpha, dropout, use_rslora)
+        self._add_magnitude(name, use_dora)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.routing is not None:
             return self.routing(self, x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
+        result = base_out = self.base_layer(x, *args, **kwargs)
         for name in self.unmerged_active():
-            result = result + self.adapter_delta(x, name).to(result.dtype)
+            result = result + self._delta(x, name, base_out).to(result.dtype)
         return result
 
-    def adapter_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """The update adapter ``name`` adds to the embeddings of token ids ``x``."""
+    def _delta(self, x: torch.Tensor, name: str, base_out: torch.Tensor | None) -> torch.Tensor:
         base = self.base_layer
         looked_up = F.embedding(x, self.lora_embedding_A[name].t(), base.padding_idx, base.max_norm,
                                 base.norm_type, base.scale_grad_by_freq, base.sparse)
-        return (looked_up @ self.lora_embedding_B[name].t()) * self.scaling[name]
+        lora_out = looked_up @ self.lora_embedding_B[name].t()
+        if not self.is_dora(name):
+            return lora_out * self.scaling[name]
+        if base_out is None:
+            base_out = base(x)
+        return dora.dora_delta(self, name, base_out, lora_out)
+
+    def adapter_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The update adapter ``name`` adds to the embeddings of token ids ``x``."""
+        return self._delta(x, name, None)
 
     def delta_weight(self, name: str) -> torch.Tensor:
+        if self.is_dora(name):
+            return _dora_delta_weight(self, name)
         return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).t() * self.scaling[name]
 
 
@@ -226,7 +306,7 @@ class LoraConv2d(LoraLayer):
         self.lora_B = nn.ModuleDict()
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
-                    init: str = "kaiming", use_rslora: bool = False) -> None:
+                    init: str = "kaiming", use_rslora: bool = False, use_dora: bool = False) -> None:
         base = self.base_layer
         kw = {"device": base.weight.device, "dtype": adapter_dtype(base.weight), "bias": False}
         a = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, **kw)
@@ -234,6 +314,7 @@ class LoraConv2d(LoraLayer):
         _init_factors(a.weight, b.weight, r, init)
         self.lora_A[name], self.lora_B[name] = a, b
         self._set_hparams(name, r, alpha, dropout, use_rslora)
+        self._add_magnitude(name, use_dora)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.routing is not None:
@@ -251,6 +332,12 @@ class LoraConv2d(LoraLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         b = self.lora_B[name].weight[:, :, 0, 0]
         return torch.einsum("or,rihw->oihw", b, self.lora_A[name].weight) * self.scaling[name]
+
+
+def _dora_delta_weight(layer: LoraLayer, name: str) -> torch.Tensor:
+    """DoRA's change to the (current) base weight, ``c (W + s B A) - W``, in the stored layout."""
+    merged, _ = dora.merged_weight(layer, name)
+    return merged - dora.dense_base_weight(layer.base_layer).to(merged.dtype)
 
 
 def lora_kinds() -> tuple[type, ...]:

@@ -9,8 +9,9 @@ from torch import nn
 
 from deltatune.core.layer import wrapped
 from deltatune.core.targets import resolve_targets
+from deltatune.errors import TargetError
 from deltatune.methods.lora.config import LoraConfig
-from deltatune.methods.lora.layer import LoraLayer, LoraLinear, lora_kinds, wrap_with_lora
+from deltatune.methods.lora.layer import LoraLayer, LoraLinear, linear_kinds, lora_kinds, wrap_with_lora
 
 
 def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
@@ -21,17 +22,30 @@ def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
     return default
 
 
+def _check_dora_targets(model: nn.Module, paths: list[str]) -> None:
+    """DoRA is defined here for Linear, Conv1D and Embedding layers; refuse others before wrapping any."""
+    for path in paths:
+        module = model.get_submodule(path)
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if not isinstance(base, (*linear_kinds(), nn.Embedding)):
+            raise TargetError(f"{path} is a {type(base).__name__}; DoRA works on Linear, Conv1D and Embedding "
+                              f"layers: exclude it (exclude=[...]) or set dora=False")
+
+
 class LoraMethod:
     """Injector registered for ``"lora"``."""
 
     def inject(self, model: nn.Module, config: LoraConfig, name: str) -> list[str]:
         paths = resolve_targets(model, config.targets, kinds=lora_kinds(), layers=config.layers,
                                 exclude=config.exclude)
+        if config.dora:
+            _check_dora_targets(model, paths)
         for path in paths:
             module = wrapped(model, path, LoraLayer, "LoRA", make=lambda m, p=path: wrap_with_lora(m, p))
             module.add_adapter(name, r=pattern_value(config.rank_pattern, path, config.r),
                                alpha=pattern_value(config.alpha_pattern, path, config.alpha),
-                               dropout=config.dropout, init=config.init, use_rslora=config.use_rslora)
+                               dropout=config.dropout, init=config.init, use_rslora=config.use_rslora,
+                               use_dora=config.dora)
         return paths
 
     def extra_trainable(self, model: nn.Module, config: LoraConfig, paths: list[str]) -> list[str]:
