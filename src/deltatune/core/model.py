@@ -416,10 +416,12 @@ class AdaptedModel(nn.Module):
         return self.base_model
 
     # --- many adapters (implemented in deltatune.compose, which builds on this class) -------
-    def combine(self, weights: dict[str, float], name: str, how: str = "cat", rank: int | None = None):
-        """Add adapter ``name``, the weighted combination of LoRA adapters (see compose.combine)."""
+    def combine(self, weights: dict[str, float], name: str, how: str = "cat", rank: int | None = None,
+                **options):
+        """Add adapter ``name``, the weighted combination of LoRA adapters (see compose.combine;
+        ``options``: ``density``, ``seed``, ``majority_sign`` for the TIES/DARE merges)."""
         from deltatune.compose.combine import combine
-        return combine(self, weights, name, how=how, rank=rank)
+        return combine(self, weights, name, how=how, rank=rank, **options)
 
     def hot_swap(self, name: str, directory: str) -> None:
         """Replace adapter ``name``'s weights in place from a file (see compose.swap)."""

@@ -94,7 +94,8 @@ class LoraLayer(AdapterLayer):
         return name in self._modules.get("lora_magnitude_vector", ())
 
     def lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` of adapter ``name`` as matrices, ``[r, in]`` and ``[out, r]``."""
+        """``(A, B)`` of adapter ``name``: ``[r, in]`` and ``[out, r]`` (a conv's kernels: ``[r, in, kh, kw]``
+        and ``[out, r, 1, 1]``)."""
         return self.lora_A[name].weight, self.lora_B[name].weight
 
     def _add_magnitude(self, name: str, use_dora: bool) -> None:
