@@ -78,7 +78,7 @@ def _factors(layer: LoraLayer, weights: dict[str, float], opts: _MergeOptions):
         b = torch.cat([factors[n][1] for n, _ in present], dim=1)
         return a, b, 1.0
     if opts.how != "svd":
-        ranks = {layer.r[n] for n, _ in present}
+        ranks = {factors[n][0].shape[0] for n, _ in present}
         if len(ranks) > 1:
             raise AdapterError(f"how={opts.how!r} needs equal ranks, got {sorted(ranks)}; use 'cat' or 'svd'")
         # the sign goes to A; sqrt of |weight x scale| to each factor
@@ -92,7 +92,7 @@ def _factors(layer: LoraLayer, weights: dict[str, float], opts: _MergeOptions):
     a0, b0 = factors[present[0][0]]
     delta = sum(w * layer.scaling[n] * (_as_matrix(factors[n][1]) @ _as_matrix(factors[n][0])) for n, w in present)
     u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
-    k = min(opts.rank, sum(layer.r[n] for n, _ in present))  # beyond that the singular values are zero
+    k = min(opts.rank, sum(factors[n][0].shape[0] for n, _ in present))  # beyond that the singular values are zero
     energy = float((s[:k] ** 2).sum() / (s ** 2).sum().clamp_min(1e-30))
     root = s[:k].sqrt()
     a = (root[:, None] * vh[:k]).to(delta.dtype).reshape(k, *a0.shape[1:])

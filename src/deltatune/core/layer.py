@@ -156,6 +156,11 @@ class AdapterLayer(nn.Module):
                 out.update({f"{attr}.{k}": v for k, v in entry.state_dict().items()})
         return out
 
+    def file_state(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors a file stores for adapter ``name``: :meth:`adapter_state`, unless a method
+        saves its adapter in another (portable) form."""
+        return self.adapter_state(name)
+
     def load_adapter_state(self, name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
         """Copy ``tensors`` into adapter ``name``, checking every key and shape first."""
         tensors = self._without_base_copies(tensors, where)

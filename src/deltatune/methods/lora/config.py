@@ -7,11 +7,12 @@ from typing import Sequence
 
 from deltatune.core.config import (MethodConfig, fraction, layer_selection, module_names, one_of, positive_int,
                                    positive_number, require)
+from deltatune.methods.lora.init import is_data_init
 
 _BIAS = ("none", "all", "lora_only")
-_INIT = ("kaiming", "gaussian", "random")
-# our spelling -> PEFT's init_lora_weights value
-_INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "random": False}
+_INIT = ("kaiming", "gaussian", "random", "pissa", "olora", "pissa_niter_<K>")
+# our spelling -> PEFT's init_lora_weights value (the others are spelled the same)
+_INIT_TO_PEFT = {"kaiming": True, "random": False}
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,11 @@ class LoraConfig(MethodConfig):
         exclude: names (suffixes) or a regex of modules to leave alone.
         bias: which base biases train too: ``"none"``, ``"all"`` or ``"lora_only"``.
         init: ``"kaiming"`` (A Kaiming-uniform, B zero: starts as the base model),
-            ``"gaussian"`` (A ~ N(0, 1/r), B zero), or ``"random"`` (both random; for tests).
+            ``"gaussian"`` (A ~ N(0, 1/r), B zero), ``"random"`` (both random; for tests),
+            ``"pissa"`` (the top-r singular vectors of W; ``"pissa_niter_K"``: a randomized SVD
+            with K iterations, fast on large layers) or ``"olora"`` (QR of W). PiSSA and OLoRA
+            train the principal part of W with the rest frozen, and are saved converted to a
+            plain LoRA of rank 2r on the original weights (Linear and Conv1D layers only).
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023).
         dora: weight-decomposed LoRA (DoRA, Liu et al. 2024): a learned magnitude per output
             feature times the direction of ``W + scale * B A`` (PEFT's ``use_dora``). Linear,
@@ -73,7 +78,8 @@ class LoraConfig(MethodConfig):
         module_names("targets", self.targets, words=("all-linear",))
         module_names("exclude", self.exclude, empty=True)
         one_of("bias", self.bias, _BIAS)
-        one_of("init", self.init, _INIT)
+        require(isinstance(self.init, str) and (self.init in _INIT or is_data_init(self.init)), "init", self.init,
+                f"one of {_INIT}")
         require(isinstance(self.dora, bool), "dora", self.dora, "true or false")
         for key, value in self.rank_pattern.items():
             positive_int(f"rank_pattern[{key!r}]", value)
@@ -82,5 +88,5 @@ class LoraConfig(MethodConfig):
 
     def to_dict(self) -> dict:
         out = super().to_dict()
-        out["init_lora_weights"] = _INIT_TO_PEFT[self.init]
+        out["init_lora_weights"] = _INIT_TO_PEFT.get(self.init, self.init)
         return out

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.core.layer import AdapterLayer, adapter_dtype, linear_kinds, linear_layout, needs_initial_values
-from deltatune.errors import TargetError
+from deltatune.errors import AdapterFileError, TargetError
 from deltatune.methods.lora import dora
+from deltatune.methods.lora.init import InitialFactors, initial_factors, is_data_init, is_reproducible
 from deltatune.methods.lora.fused import LoraLinearFunction
 
 
@@ -134,6 +135,8 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()
+        #: frozen initial factors of PiSSA/OLoRA adapters (see init.py); not in files
+        self.lora_initial = nn.ModuleDict()
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
                     init: str = "kaiming", use_rslora: bool = False, use_dora: bool = False) -> None:
@@ -141,10 +144,48 @@ class LoraLinear(LoraLayer):
         kw = {"device": weight.device, "dtype": adapter_dtype(weight)}
         a = _Factor(self.in_features, r, **kw)
         b = _Factor(r, self.out_features, **kw)
-        _init_factors(a.weight, b.weight, r, init)
+        if is_data_init(init):
+            self._start_from_base_weight(a.weight, b.weight, name, r, lora_scaling(r, alpha, use_rslora), init)
+        else:
+            _init_factors(a.weight, b.weight, r, init)
         self.lora_A[name], self.lora_B[name] = a, b
         self._set_hparams(name, r, alpha, dropout, use_rslora)
         self._add_magnitude(name, use_dora)
+
+    def _start_from_base_weight(self, a: torch.Tensor, b: torch.Tensor, name: str, r: int, scale: float,
+                                init: str) -> None:
+        """PiSSA/OLoRA: A, B and the frozen A0, B0 start on a rank-r part of the base weight."""
+        if not needs_initial_values() and not is_reproducible(init):
+            raise AdapterFileError(
+                f"this adapter was saved with init_lora_weights={init!r} (a randomized SVD) and without converting "
+                f"it to a plain LoRA, so its starting point cannot be rebuilt; save it again from peft with "
+                f"path_initial_model_for_weight_conversion, or from deltatune, which converts")
+        weight = dora.dense_base_weight(self.base_layer)
+        a0, b0 = initial_factors(weight.t() if self.stored_transposed else weight, r, scale, init)
+        with torch.no_grad():
+            a.copy_(a0)
+            b.copy_(b0)
+        self.lora_initial[name] = InitialFactors(a0.to(a.dtype), b0.to(b.dtype))
+
+    def lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)``; for PiSSA/OLoRA the rank-2r pair ``[A; A0]``, ``[B, -B0]`` that applies
+        ``s (B A - B0 A0)`` to the original weights."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if name not in self.lora_initial:
+            return a, b
+        start = self.lora_initial[name]
+        return torch.cat([a, start.a]), torch.cat([b, -start.b], dim=1)
+
+    def file_state(self, name: str) -> dict[str, torch.Tensor]:
+        state = self.adapter_state(name)
+        if name in self.lora_initial:
+            state["lora_A.weight"], state["lora_B.weight"] = self.lora_factors(name)
+        return state
+
+    def _forget(self, name: str) -> None:
+        super()._forget(name)
+        if name in self.lora_initial:
+            del self.lora_initial[name]
 
     #: take the fused single-node path where it applies (see fused.py); tests compare both paths.
     use_fused: bool = True
@@ -162,8 +203,7 @@ class LoraLinear(LoraLayer):
             base, name = self.base_layer, names[0]
             dropped = self._dropped(x, name)
             return LoraLinearFunction.apply(x, None if dropped is x else dropped, base.weight, base.bias,
-                                            self.lora_A[name].weight, self.lora_B[name].weight,
-                                            self.scaling[name], self.fan_in_fan_out)
+                                            *self.lora_factors(name), self.scaling[name], self.fan_in_fan_out)
         result = self.base_layer(x, *args, **kwargs)
         base_out = None  # the bias-free base output, for DoRA adapters
         for name in names:
@@ -173,8 +213,7 @@ class LoraLinear(LoraLayer):
                     base_out = result if bias is None else result - bias
                 result = result + self._dora_delta(x, name, base_out).to(result.dtype)
                 continue
-            a = self.lora_A[name].weight
-            b = self.lora_B[name].weight
+            a, b = self.lora_factors(name)
             xa = F.linear(self._dropped(x, name).to(a.dtype), a)
             # addmm folds the scale and the residual add into the second matmul
             flat = torch.addmm(result.reshape(-1, result.shape[-1]), xa.reshape(-1, xa.shape[-1]).to(result.dtype),
@@ -194,14 +233,14 @@ class LoraLinear(LoraLayer):
         """The update adapter ``name`` adds to the base output for input ``x``."""
         if self.is_dora(name):
             return self._dora_delta(x, name, None)
-        a = self.lora_A[name].weight
-        return F.linear(F.linear(self._dropped(x, name).to(a.dtype), a), self.lora_B[name].weight) * self.scaling[name]
+        a, b = self.lora_factors(name)
+        return F.linear(F.linear(self._dropped(x, name).to(a.dtype), a), b) * self.scaling[name]
 
     def add_adapter_delta_(self, out: torch.Tensor, x: torch.Tensor, name: str) -> bool:
         """Add adapter ``name``'s update for ``x`` to ``out`` in place, in one ``addmm`` with the
         scale applied to the small ``x A`` (no full-size temporary); False when ``out`` is not a
         contiguous tensor of the adapter's dtype, for the caller to add the update itself."""
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        a, b = self.lora_factors(name)
         if out.dtype != a.dtype or not out.is_contiguous() or self.is_dora(name):
             return False
         xa = F.linear(self._dropped(x, name).to(a.dtype), a) * self.scaling[name]
@@ -219,14 +258,15 @@ class LoraLinear(LoraLayer):
                 out = part.new_zeros(x.shape[0], *part.shape[1:]) if out is None else out
                 out.index_copy_(0, rows, part)
             return out
-        rank = max(self.r[n] for n in names)
-        ref = self.lora_A[names[0]].weight
+        factors = [self.lora_factors(n) for n in names]
+        rank = max(fa.shape[0] for fa, _ in factors)
+        ref = factors[0][0]
         a = ref.new_zeros(len(names) + 1, rank, self.in_features)
         b = ref.new_zeros(len(names) + 1, self.out_features, rank)
-        for i, name in enumerate(names):
-            r = self.r[name]
-            a[i, :r] = self.lora_A[name].weight * self.scaling[name]
-            b[i, :, :r] = self.lora_B[name].weight
+        for i, (name, (fa, fb)) in enumerate(zip(names, factors)):
+            r = fa.shape[0]
+            a[i, :r] = fa * self.scaling[name]
+            b[i, :, :r] = fb
         rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(ref.dtype)
         xa = torch.bmm(rows, a[row_index].transpose(1, 2))
         return torch.bmm(xa, b[row_index].transpose(1, 2)).view(*x.shape[:-1], self.out_features)
@@ -234,7 +274,8 @@ class LoraLinear(LoraLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         if self.is_dora(name):
             return _dora_delta_weight(self, name)
-        delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+        a, b = self.lora_factors(name)
+        delta = (b @ a) * self.scaling[name]
         return delta.t() if self.fan_in_fan_out else delta
 
 

@@ -11,6 +11,7 @@ from deltatune.core.layer import wrapped
 from deltatune.core.targets import resolve_targets
 from deltatune.errors import TargetError
 from deltatune.methods.lora.config import LoraConfig
+from deltatune.methods.lora.init import converted_file_fields, is_data_init
 from deltatune.methods.lora.layer import LoraLayer, LoraLinear, linear_kinds, lora_kinds, wrap_with_lora
 
 
@@ -22,14 +23,21 @@ def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
     return default
 
 
-def _check_dora_targets(model: nn.Module, paths: list[str]) -> None:
-    """DoRA is defined here for Linear, Conv1D and Embedding layers; refuse others before wrapping any."""
+def _check_variant_targets(model: nn.Module, paths: list[str], config: LoraConfig) -> None:
+    """DoRA is defined here for Linear, Conv1D and Embedding layers, PiSSA/OLoRA for Linear and
+    Conv1D; refuse other targets before wrapping any."""
+    rules = []
+    if config.dora:
+        rules.append(("DoRA", "Linear, Conv1D and Embedding", (*linear_kinds(), nn.Embedding), "set dora=False"))
+    if is_data_init(config.init):
+        rules.append((f"init={config.init!r}", "Linear and Conv1D", linear_kinds(), "use init='kaiming'"))
     for path in paths:
         module = model.get_submodule(path)
         base = module.base_layer if isinstance(module, LoraLayer) else module
-        if not isinstance(base, (*linear_kinds(), nn.Embedding)):
-            raise TargetError(f"{path} is a {type(base).__name__}; DoRA works on Linear, Conv1D and Embedding "
-                              f"layers: exclude it (exclude=[...]) or set dora=False")
+        for what, names, kinds, fix in rules:
+            if not isinstance(base, kinds):
+                raise TargetError(f"{path} is a {type(base).__name__}; {what} works on {names} layers: "
+                                  f"exclude it (exclude=[...]) or {fix}")
 
 
 class LoraMethod:
@@ -38,8 +46,7 @@ class LoraMethod:
     def inject(self, model: nn.Module, config: LoraConfig, name: str) -> list[str]:
         paths = resolve_targets(model, config.targets, kinds=lora_kinds(), layers=config.layers,
                                 exclude=config.exclude)
-        if config.dora:
-            _check_dora_targets(model, paths)
+        _check_variant_targets(model, paths, config)
         for path in paths:
             module = wrapped(model, path, LoraLayer, "LoRA", make=lambda m, p=path: wrap_with_lora(m, p))
             module.add_adapter(name, r=pattern_value(config.rank_pattern, path, config.r),
@@ -59,7 +66,9 @@ class LoraMethod:
         return []
 
     def file_extras(self, model, name: str) -> dict[str, Any]:
-        """PEFT wants ``fan_in_fan_out`` set when the adapted layers are GPT-2 Conv1D."""
+        """PEFT wants ``fan_in_fan_out`` set when the adapted layers are GPT-2 Conv1D; PiSSA/OLoRA
+        adapters are saved as the plain rank-2r LoRA they equal (see init.py)."""
         conv1d = any(isinstance(layer, LoraLinear) and layer.fan_in_fan_out and name in layer.adapter_names
                      for _, layer in model.adapter_layers())
-        return {"fan_in_fan_out": conv1d}
+        config = model.configs[name]
+        return {"fan_in_fan_out": conv1d, **(converted_file_fields(config) if is_data_init(config.init) else {})}
