@@ -1,4 +1,4 @@
-"""DoRA (weight-decomposed LoRA): the method contract on the toy zoo, peft files both ways with
+"""DoRA (weight-decomposed LoRA; its method contract is in tests/test_lora_init.py): peft files both ways with
 equal outputs, the same gradients as peft's DoRA, exact merge/unmerge, mixed batches, a 4-bit base."""
 
 from __future__ import annotations
@@ -34,16 +34,6 @@ def peft_dora(case: str):
                       **peft_kwargs)
     randomize(model, only=_magnitude, scale=0.1, seed=3)
     return randomize(model, only=lambda n: ".modules_to_save." in n).eval()
-
-
-@pytest.mark.parametrize("toy", contract.TOYS.values(), ids=contract.TOYS.keys())
-def test_dora_contract(toy, tmp_path):
-    config = dt.LoraConfig(r=4, alpha=8, targets=["q", "v"], dora=True)
-    contract.check_only_adapter_parameters_train(toy, config)
-    contract.check_changes_and_disables(toy, config)
-    contract.check_save_load(toy, config, tmp_path)
-    contract.check_merge(toy, config)
-    contract.check_remove_restores_base(toy, config)
 
 
 @pytest.mark.parametrize("case", CASES)

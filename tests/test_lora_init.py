@@ -1,4 +1,4 @@
-"""PiSSA and OLoRA initialisations: the method contract on the toy zoo, the same starting factors
+"""PiSSA and OLoRA initialisations (and DoRA's method contract): the contract on the toy zoo, the same starting factors
 as peft, the principal part by Eckart-Young, files converted to a plain rank-2r LoRA that load in
 peft (and peft's PiSSA/OLoRA files that load here) with equal outputs."""
 
@@ -25,10 +25,12 @@ CASES = {  # (toy, deltatune targets, peft's arguments)
 PARITY = [("pissa", "llama"), ("pissa", "gpt2-conv1d"), ("olora", "llama")]
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("variant", [{"dora": True}, {"init": "pissa"}, {"init": "olora"}],
+                         ids=["dora", "pissa", "olora"])
 @pytest.mark.parametrize("toy", contract.TOYS.values(), ids=contract.TOYS.keys())
-def test_data_init_contract(toy, init, tmp_path):
-    config = dt.LoraConfig(r=4, alpha=8, targets=["q", "v"], init=init)
+def test_lora_variant_contract(toy, variant, tmp_path):
+    """DoRA and the data-driven initialisations through the shared method contract."""
+    config = dt.LoraConfig(r=4, alpha=8, targets=["q", "v"], **variant)
     contract.check_only_adapter_parameters_train(toy, config)
     contract.check_changes_and_disables(toy, config)
     contract.check_save_load(toy, config, tmp_path)
@@ -110,3 +112,14 @@ def test_data_inits_refuse_what_they_cannot_do(tmp_path):
         tmp_path)
     with pytest.raises(dt.AdapterFileError, match="randomized SVD"):
         dt.load(toy.base(), tmp_path)
+
+
+@pytest.mark.parametrize("variant", [{"dora": True}, {"init": "pissa"}], ids=["dora", "pissa"])
+def test_hot_swap_refuses_a_dora_or_pissa_target_and_changes_nothing(variant, tmp_path):
+    toy = contract.TOYS["llama"]
+    dt.attach(toy.model(), dt.LoraConfig(r=4, targets=["q", "v"], init="random")).save(tmp_path)
+    model = dt.attach(toy.model(), dt.LoraConfig(r=4, targets=["q", "v"], **variant))
+    before = logits(model, toy.inputs())
+    with pytest.raises(dt.AdapterError, match="hot swap replaces plain LoRA factors"):
+        model.hot_swap("default", tmp_path)
+    assert_same(logits(model, toy.inputs()), before, atol=0)

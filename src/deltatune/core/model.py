@@ -416,10 +416,8 @@ class AdaptedModel(nn.Module):
         return self.base_model
 
     # --- many adapters (implemented in deltatune.compose, which builds on this class) -------
-    def combine(self, weights: dict[str, float], name: str, how: str = "cat", rank: int | None = None,
-                **options):
-        """Add adapter ``name``, the weighted combination of LoRA adapters (see compose.combine;
-        ``options``: ``density``, ``seed``, ``majority_sign`` for the TIES/DARE merges)."""
+    def combine(self, weights: dict[str, float], name: str, how: str = "cat", rank: int | None = None, **options):
+        """Add adapter ``name``, a weighted combination of LoRA adapters (how, options: compose.combine)."""
         from deltatune.compose.combine import combine
         return combine(self, weights, name, how=how, rank=rank, **options)
 

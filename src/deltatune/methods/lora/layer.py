@@ -208,6 +208,9 @@ class LoraLinear(LoraLayer):
         base_out = None  # the bias-free base output, for DoRA adapters
         for name in names:
             if self.is_dora(name):
+                if len(names) == 1 and not (self.training and self.dropout_p[name] > 0):
+                    a, b = self.lora_factors(name)
+                    return dora.sole_adapter_output(self, name, result, F.linear(x.to(a.dtype), a), b)
                 if base_out is None:
                     bias = self.base_layer.bias
                     base_out = result if bias is None else result - bias

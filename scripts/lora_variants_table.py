@@ -1,0 +1,54 @@
+"""Print the LoRA variants table of docs/methods.md: plain LoRA, DoRA, PiSSA, OLoRA and LoRA+ on
+the same short SST-2 budget as scripts/method_table.py (MiniLM, 60 steps of 16 sentences, seed 0),
+through `deltatune train`. The step time is each run's training time (no evaluation) over plain
+LoRA's; one CPU thread per run.
+
+    python scripts/lora_variants_table.py [--steps 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from method_table import DATA, train_once  # noqa: E402
+
+LORA = {"type": "lora", "r": 8, "alpha": 16, "targets": ["q", "v"]}
+#: (row label, method section, extra train keys)
+VARIANTS = [
+    ("LoRA (kaiming init)", LORA, {}),
+    ("DoRA", {**LORA, "dora": True}, {}),
+    ("PiSSA init", {**LORA, "init": "pissa"}, {}),
+    ("OLoRA init", {**LORA, "init": "olora"}, {}),
+    ("LoRA+ (ratio 16)", LORA, {"lora_plus_ratio": 16}),
+]
+LR = 3e-3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=60)
+    args = p.parse_args()
+    if not (DATA / "train.tsv").is_file():
+        sys.exit(f"SST-2 not found at {DATA}: the shared data folder is needed for this table")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (label, method, extra) in enumerate(VARIANTS):
+            summary, evals = train_once(method, LR, args.steps, f"{tmp}/{i}", extra)
+            rows.append({"variant": label, "before": evals[0]["accuracy"], "after": evals[-1]["accuracy"],
+                         "trainable": summary["trainable_params"], "train_s": summary["train_time_s"]})
+            print(json.dumps(rows[-1]), flush=True)
+    lora_s = rows[0]["train_s"]
+    print("| variant | dev acc. before | dev acc. after | trainable parameters | step time vs LoRA |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['before']:.3f} | {r['after']:.3f} | {r['trainable']:,} | "
+              f"{r['train_s'] / lora_s:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
