@@ -103,8 +103,10 @@ def test_mixed_batch_with_a_pissa_adapter_equals_each_row_alone():
 def test_data_inits_refuse_what_they_cannot_do(tmp_path):
     with pytest.raises(dt.TargetError, match="init='olora' works on Linear and Conv1D"):
         dt.attach(layer_zoo(), dt.LoraConfig(r=2, targets=["lin", "emb"], init="olora"))
-    with pytest.raises(dt.ConfigError, match="r <= min"):
-        dt.attach(layer_zoo(), dt.LoraConfig(r=11, targets=["lin"], init="pissa"))
+    base = layer_zoo()
+    with pytest.raises(dt.ConfigError, match="r <= min"):  # conv1d passes with r=10, lin fails with 11
+        dt.attach(base, dt.LoraConfig(r=10, targets=["conv1d", "lin"], init="pissa", rank_pattern={"lin": 11}))
+    assert not any(isinstance(m, dt.core.layer.AdapterLayer) for m in base.modules())  # nothing wrapped
     with pytest.raises(dt.ConfigError, match="init must be one of"):
         dt.LoraConfig(init="pissa_niter_")
     toy = TOYS["llama"]

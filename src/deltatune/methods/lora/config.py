@@ -48,7 +48,8 @@ class LoraConfig(MethodConfig):
     method = "lora"
     peft_type = "LORA"
     peft_names = {"alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules",
-                  "layers": "layers_to_transform", "exclude": "exclude_modules", "init": "init_lora_weights", "dora": "use_dora"}
+                  "layers": "layers_to_transform", "exclude": "exclude_modules", "init": "init_lora_weights",
+                  "dora": "use_dora"}
     peft_unsupported = frozenset({
         "lora_bias", "layer_replication", "target_parameters", "trainable_token_indices",
         "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config", "eva_config", "corda_config",

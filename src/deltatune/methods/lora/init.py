@@ -22,8 +22,6 @@ import re
 import torch
 from torch import nn
 
-from deltatune.errors import ConfigError
-
 DATA_INITS = ("pissa", "olora")
 _NITER = re.compile(r"pissa_niter_(\d+)")
 
@@ -39,10 +37,8 @@ def is_reproducible(init: str) -> bool:
 
 
 def initial_factors(weight_oi: torch.Tensor, r: int, scale: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A0, B0)`` of shapes ``[r, in]``, ``[out, r]`` for ``init`` on the ``[out, in]`` weight."""
-    if r > min(weight_oi.shape):
-        raise ConfigError(f"init={init!r} needs r <= min(out, in) = {min(weight_oi.shape)} for a layer of shape "
-                          f"{tuple(weight_oi.shape)}, got r={r}; lower r (rank_pattern) or exclude the layer")
+    """``(A0, B0)`` of shapes ``[r, in]``, ``[out, r]`` for ``init`` on the ``[out, in]`` weight
+    (``r <= min(out, in)``, which the LoRA injector checks before wrapping anything)."""
     w = weight_oi.detach().float()
     if init == "olora":
         q, rr = torch.linalg.qr(w)

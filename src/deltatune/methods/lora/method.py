@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import nn
 
-from deltatune.core.layer import wrapped
+from deltatune.core.layer import linear_layout, wrapped
 from deltatune.core.targets import resolve_targets
-from deltatune.errors import TargetError
+from deltatune.errors import ConfigError, TargetError
 from deltatune.methods.lora.config import LoraConfig
 from deltatune.methods.lora.init import converted_file_fields, is_data_init
 from deltatune.methods.lora.layer import LoraLayer, LoraLinear, linear_kinds, lora_kinds, wrap_with_lora
@@ -38,6 +38,10 @@ def _check_variant_targets(model: nn.Module, paths: list[str], config: LoraConfi
             if not isinstance(base, kinds):
                 raise TargetError(f"{path} is a {type(base).__name__}; {what} works on {names} layers: "
                                   f"exclude it (exclude=[...]) or {fix}")
+        r = pattern_value(config.rank_pattern, path, config.r)
+        if is_data_init(config.init) and r > min(linear_layout(base)[1:]):
+            raise ConfigError(f"init={config.init!r} needs r <= min(in, out) = {min(linear_layout(base)[1:])} at "
+                              f"{path}, got r={r}; lower r (rank_pattern) or exclude the layer")
 
 
 class LoraMethod:
