@@ -1,10 +1,11 @@
-"""One DoRA training step against plain LoRA, deltatune and HF peft side by side.
+"""One DoRA (and PiSSA) training step against plain LoRA, deltatune and HF peft side by side.
 
 The same workload as lora_step.py (the embedded MiniLM, batch 32 x 128, r=8 on q and v, AdamW;
 ``--model smollm2`` for the CUDA column), four variants timed interleaved in one process, each
-variant's fastest round (common.fastest says why): deltatune's LoRA and DoRA, peft's LoRA and
-DoRA. Prints one JSON line with DoRA's extra cost over LoRA in each library, and deltatune's DoRA
-step against peft's (below 1: faster).
+variant's fastest round (common.fastest says why): deltatune's LoRA, DoRA and PiSSA-initialised
+LoRA, peft's LoRA and DoRA. Prints one JSON line with DoRA's extra cost over LoRA in each
+library, deltatune's DoRA step against peft's (below 1: faster), and PiSSA's step over LoRA's
+(deltatune keeps the frozen start as a second rank-r term; OLoRA costs the same, LoRA+ nothing).
 
     python benchmarks/dora_step.py [--model minilm|smollm2] [--rounds 5] [--device cpu|cuda]
 """
@@ -24,13 +25,14 @@ from lora_step import ALPHA, RANK, WORKLOADS, Workload, base_model, batch, make_
 
 import deltatune as dt  # noqa: E402
 
-VARIANTS = ("deltatune-lora", "deltatune-dora", "peft-lora", "peft-dora")
+VARIANTS = ("deltatune-lora", "deltatune-dora", "deltatune-pissa", "peft-lora", "peft-dora")
 
 
 def adapt(base: torch.nn.Module, variant: str, workload: Workload) -> torch.nn.Module:
     dora = variant.endswith("dora")
     if variant.startswith("deltatune"):
-        return dt.attach(base, dt.LoraConfig(r=RANK, alpha=ALPHA, targets=["q", "v"], dora=dora))
+        init = "pissa" if variant.endswith("pissa") else "kaiming"
+        return dt.attach(base, dt.LoraConfig(r=RANK, alpha=ALPHA, targets=["q", "v"], dora=dora, init=init))
     import peft
     return peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, task_type=workload.task_type,
                                                      target_modules=list(workload.peft_lora_targets), use_dora=dora))
@@ -48,6 +50,7 @@ def time_steps(device: str, precision: str, rounds: int, workload: Workload) -> 
         "dora_over_lora_deltatune": round(best["deltatune-dora"] / best["deltatune-lora"], 3),
         "dora_over_lora_peft": round(best["peft-dora"] / best["peft-lora"], 3),
         "deltatune_dora_over_peft_dora": round(best["deltatune-dora"] / best["peft-dora"], 3),
+        "pissa_over_lora_deltatune": round(best["deltatune-pissa"] / best["deltatune-lora"], 3),
     }
 
 

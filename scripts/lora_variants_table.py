@@ -1,8 +1,8 @@
 """Print the LoRA variants table of docs/methods.md: plain LoRA, DoRA, PiSSA, OLoRA and LoRA+ on
 the same short SST-2 budget as scripts/method_table.py (MiniLM, 60 steps of 16 sentences, seed 0),
-through `deltatune train`. The step time is each run's CPU time (one torch thread; the two
-evaluations included, the same for every row) over plain LoRA's, so neighbours on a shared
-machine do not count.
+through `deltatune train`: dev accuracy before/after and trainable parameters. Step times come
+from benchmarks/dora_step.py, which times the variants interleaved in one process (a run's own
+time here would also count the first run's warm-up and, on a shared machine, the neighbours).
 
     python scripts/lora_variants_table.py [--steps 60]
 """
@@ -13,7 +13,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,17 +39,14 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, method, extra) in enumerate(VARIANTS):
-            began = time.process_time()
             summary, evals = train_once(method, LR, args.steps, f"{tmp}/{i}", extra)
             rows.append({"variant": label, "before": evals[0]["accuracy"], "after": evals[-1]["accuracy"],
-                         "trainable": summary["trainable_params"], "cpu_s": time.process_time() - began})
+                         "trainable": summary["trainable_params"]})
             print(json.dumps(rows[-1]), flush=True)
-    lora_s = rows[0]["cpu_s"]
-    print("| variant | dev acc. before | dev acc. after | trainable parameters | step time vs LoRA |")
-    print("|---|---|---|---|---|")
+    print("| variant | dev acc. before | dev acc. after | trainable parameters |")
+    print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['before']:.3f} | {r['after']:.3f} | {r['trainable']:,} | "
-              f"{r['cpu_s'] / lora_s:.2f} |")
+        print(f"| {r['variant']} | {r['before']:.3f} | {r['after']:.3f} | {r['trainable']:,} |")
 
 
 if __name__ == "__main__":
