@@ -19,15 +19,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from method_table import DATA, train_once  # noqa: E402
 
 LORA = {"type": "lora", "r": 8, "alpha": 16, "targets": ["q", "v"]}
-#: (row label, method section, extra train keys)
-VARIANTS = [
-    ("LoRA (kaiming init)", LORA, {}),
-    ("DoRA", {**LORA, "dora": True}, {}),
-    ("PiSSA init", {**LORA, "init": "pissa"}, {}),
-    ("OLoRA init", {**LORA, "init": "olora"}, {}),
-    ("LoRA+ (ratio 16)", LORA, {"lora_plus_ratio": 16}),
-]
 LR = 3e-3
+#: (row label, method section, extra train keys, learning rate)
+VARIANTS = [
+    ("LoRA (kaiming init)", LORA, {}, LR),
+    ("DoRA", {**LORA, "dora": True}, {}, LR),
+    ("PiSSA init", {**LORA, "init": "pissa"}, {}, LR),
+    ("OLoRA init", {**LORA, "init": "olora"}, {}, LR),
+    ("LoRA+ (ratio 16)", LORA, {"lora_plus_ratio": 16}, LR),
+    ("LoRA+ (ratio 16)", LORA, {"lora_plus_ratio": 16}, LR / 10),
+]
 
 
 def main() -> None:
@@ -38,15 +39,15 @@ def main() -> None:
         sys.exit(f"SST-2 not found at {DATA}: the shared data folder is needed for this table")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (label, method, extra) in enumerate(VARIANTS):
-            summary, evals = train_once(method, LR, args.steps, f"{tmp}/{i}", extra)
-            rows.append({"variant": label, "before": evals[0]["accuracy"], "after": evals[-1]["accuracy"],
+        for i, (label, method, extra, lr) in enumerate(VARIANTS):
+            summary, evals = train_once(method, lr, args.steps, f"{tmp}/{i}", extra)
+            rows.append({"variant": label, "lr": lr, "before": evals[0]["accuracy"], "after": evals[-1]["accuracy"],
                          "trainable": summary["trainable_params"]})
             print(json.dumps(rows[-1]), flush=True)
-    print("| variant | dev acc. before | dev acc. after | trainable parameters |")
-    print("|---|---|---|---|")
+    print("| variant | lr | dev acc. before | dev acc. after | trainable parameters |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['before']:.3f} | {r['after']:.3f} | {r['trainable']:,} |")
+        print(f"| {r['variant']} | {r['lr']:g} | {r['before']:.3f} | {r['after']:.3f} | {r['trainable']:,} |")
 
 
 if __name__ == "__main__":
