@@ -11,12 +11,12 @@ SLACK = 0.01
 BUDGET = {"steps": 60, "lr": 3e-3}
 
 
-@pytest.mark.slow
 # measured 2026-12-03 (this loop, seed 0): LoRA 0.795, DoRA within SLACK of it (passes), PiSSA 0.755. PiSSA's
 # issue criterion does not hold on this budget (it ties LoRA at 0.770 in `deltatune train`, docs/methods.md)
 PISSA_TRAILS = pytest.mark.xfail(strict=True, reason="PiSSA trails plain LoRA by 0.04 on this 60-step budget")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [{"dora": True}, pytest.param({"init": "pissa"}, marks=PISSA_TRAILS)],
                          ids=["dora", "pissa"])
 def test_variant_reaches_plain_lora_accuracy_on_the_short_sst2_budget(variant):
