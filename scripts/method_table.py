@@ -48,6 +48,17 @@ def recipe(method: dict, lr: float, steps: int, out: str) -> dict:
     }
 
 
+def train_once(method: dict, lr: float, steps: int, out: str, train_keys: dict | None = None) -> tuple[dict, list]:
+    """Train one recipe into ``out``: ``(summary, eval records)``."""
+    from deltatune.train.callbacks import read_records
+    from deltatune.train.run import train
+
+    data = recipe(method, lr, steps, out)
+    data["train"].update(train_keys or {})
+    summary = train(data, quiet=True)
+    return summary, [r for r in read_records(Path(out) / "metrics.jsonl") if r.get("kind") == "eval"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=60)
@@ -55,15 +66,10 @@ def main() -> None:
     args = p.parse_args()
     if not (DATA / "train.tsv").is_file():
         sys.exit(f"SST-2 not found at {DATA}: the shared data folder is needed for this table")
-    from deltatune.train.callbacks import read_records
-    from deltatune.train.run import train
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, method, lr) in enumerate(METHODS):
-            out = f"{tmp}/{i}"
-            summary = train(recipe(method, lr, args.steps, out), quiet=True)
-            evals = [r for r in read_records(Path(out) / "metrics.jsonl") if r.get("kind") == "eval"]
+            summary, evals = train_once(method, lr, args.steps, f"{tmp}/{i}")
             row = {"method": label, "type": method["type"], "lr": lr, "before": evals[0]["accuracy"],
                    "after": evals[-1]["accuracy"], "trainable": summary["trainable_params"],
                    "seconds": summary["wall_time_s"]}

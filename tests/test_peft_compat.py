@@ -191,10 +191,10 @@ def test_saved_files_use_peft_key_and_field_names(tmp_path):
     assert (read.r, read.lora_alpha, read.lora_dropout, set(read.target_modules)) == (R, ALPHA, 0.1, {"query", "value"})
 
 
-def test_peft_dora_adapter_is_refused_with_config_error(tmp_path):
+def test_peft_adapter_with_an_unimplemented_feature_is_refused_with_config_error(tmp_path):
     toy = TOYS["llama"]
-    peft_lora(toy, toy.base(), r=R, lora_alpha=ALPHA, target_modules=["q_proj"], use_dora=True).save_pretrained(tmp_path)
+    peft_lora(toy, toy.base(), r=R, lora_alpha=ALPHA, target_modules=["q_proj"], lora_bias=True).save_pretrained(tmp_path)
     base = toy.base()
-    with pytest.raises(dt.ConfigError, match="use_dora"):
+    with pytest.raises(dt.ConfigError, match="lora_bias"):
         dt.load(base, tmp_path)
     assert module_types(base) == module_types(toy.base())

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.errors import AdapterError
 from tests.diffusion.tiny import denoise, tiny_unet, unet_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,9 +65,19 @@ def test_linear_combination_follows_its_formula(files):
         torch.testing.assert_close(layer.delta_weight("blend"), expected, msg=path)
 
 
-def test_svd_combination_refuses_convolutions(files):
-    with pytest.raises(AdapterError, match="svd.*LoraLinear"):
-        _ours(files).combine({"toy": 0.7, "dog": 0.5}, "blend", how="svd", rank=4)
+def test_svd_combination_at_full_rank_equals_the_weighted_sum_on_convolutions(files):
+    """how="svd" factors each layer's weighted delta (a conv's as out x (in*kh*kw)); at rank 8 = 4 + 4
+    nothing is cut, so the blend's delta is the weighted sum of the two updates on every layer."""
+    model = _ours(files)
+    weights = {"toy": 0.7, "dog": 0.5}
+    report = model.combine(weights, "blend", how="svd", rank=8)
+    assert report.min_energy_kept == pytest.approx(1.0, abs=1e-6)
+    convs = 0
+    for path, layer in model.adapter_layers():
+        expected = sum(w * layer.delta_weight(n) for n, w in weights.items())
+        torch.testing.assert_close(layer.delta_weight("blend"), expected, atol=1e-5, rtol=1e-4, msg=path)
+        convs += expected.dim() == 4
+    assert convs > 0
 
 
 def test_mixed_batch_runs_each_image_through_its_adapter(files):

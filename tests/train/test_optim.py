@@ -82,7 +82,7 @@ def test_layer_decay_works_for_adapter_parameters_too():
 
 def test_loraplus_gives_b_a_higher_learning_rate():
     model = dt.attach(build_bert(), dt.LoraConfig(r=2, targets=["q", "v"]))
-    opt = build_optimizer(model, TrainSpec(lr=1e-4, loraplus_ratio=16))
+    opt = build_optimizer(model, TrainSpec(lr=1e-4, lora_plus_ratio=16))
     lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     for name, p in model.named_parameters():
         if ".lora_B." in name:
@@ -90,7 +90,7 @@ def test_loraplus_gives_b_a_higher_learning_rate():
         elif ".lora_A." in name:
             assert lr_of[id(p)] == pytest.approx(1e-4)
     with pytest.raises(ConfigError, match="LoRA's B matrices"):
-        build_optimizer(_head_only_model(), TrainSpec(loraplus_ratio=4))
+        build_optimizer(_head_only_model(), TrainSpec(lora_plus_ratio=4))
 
 
 def _head_only_model():

@@ -96,8 +96,11 @@ def test_loss_plot_legend_stays_off_the_axes(tmp_path, monkeypatch):
     fig.tight_layout()
     fig.canvas.draw()
     axes, legend = fig.axes[0], fig.axes[0].get_legend()
-    assert len(legend.get_texts()) == 3
-    assert not legend.get_window_extent().overlaps(axes.get_window_extent())
+    try:
+        assert len(legend.get_texts()) == 3
+        assert not legend.get_window_extent().overlaps(axes.get_window_extent())
+    finally:
+        callbacks.pyplot().close(fig)  # save_figure, which closes it, was replaced above
 
 
 def test_intrinsic_dim_help_shows_a_plain_percent(capsys):

@@ -3,7 +3,10 @@
 ``cat`` is exact: the new factors stack the weighted old ones, rank = sum of ranks.
 ``svd`` is the exact weighted sum of the updates truncated to ``rank`` by SVD (reports the
 energy kept). ``linear`` adds weighted factors of equal rank, as image-LoRA blending tools do:
-cheap and the same rank, but not the sum of the updates (cross terms appear).
+cheap and the same rank, but not the sum of the updates (cross terms appear). ``ties``,
+``dare_linear``, ``dare_ties`` and ``magnitude_prune`` are peft's task-vector merges applied to
+the factors like ``linear`` (see :mod:`deltatune.compose.task_merging`), with ``density`` the
+fraction of entries kept and ``seed`` fixing DARE's random drop.
 
 Trained head copies (``modules_to_save``) are not blended: the combined adapter uses the base
 model's head, so combine adapters that share a head (or generation models).
@@ -16,12 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
+from deltatune.compose.task_merging import SIGN_RULES, TASK_MERGES, merge_tensors
 from deltatune.core.layer import ModulesToSave
 from deltatune.core.model import AdaptedModel
 from deltatune.errors import AdapterError, ConfigError
-from deltatune.methods.lora import LoraConfig, LoraConv2d, LoraLinear
+from deltatune.methods.lora import LoraConfig, LoraLayer
+from deltatune.methods.lora.experts import LoraExperts
 
-_HOW = ("linear", "cat", "svd")
+_HOW = ("linear", "cat", "svd", *TASK_MERGES)
 
 
 @dataclass(frozen=True)
@@ -38,59 +43,102 @@ class CombineReport:
         return min(self.energy_kept.values(), default=1.0)
 
 
-def _sources(model: AdaptedModel, weights: dict[str, float], how: str) -> list[tuple[str, LoraLinear]]:
+@dataclass(frozen=True)
+class _MergeOptions:
+    how: str
+    rank: int | None
+    density: float
+    sign_rule: str
+    generator: torch.Generator
+
+
+def _sources(model: AdaptedModel, weights: dict[str, float], how: str) -> list[tuple[str, LoraLayer]]:
     for name in weights:
         model._check(name)
-        if not isinstance(model.configs[name], LoraConfig):
-            raise AdapterError(f"combine works on LoRA adapters; {name!r} is a {type(model.configs[name]).__name__}")
+        config = model.configs[name]
+        if not isinstance(config, LoraConfig):
+            raise AdapterError(f"combine works on LoRA adapters; {name!r} is a {type(config).__name__}")
+        if config.dora:
+            raise AdapterError(f"{name!r} is a DoRA adapter, whose magnitudes have no weighted combination; "
+                               f"merge it into the weights instead (merge_and_unload)")
     layers = [(p, layer) for p, layer in model.adapter_layers()
               if set(weights) & set(layer.adapter_names) and not isinstance(layer, ModulesToSave)]
-    # a conv's factors stack and add like a linear's (A: r x in x kh x kw, B: out x r x 1 x 1); SVD needs matrices
-    kinds = (LoraLinear,) if how == "svd" else (LoraLinear, LoraConv2d)
-    others = [p for p, layer in layers if not isinstance(layer, kinds)]
+    others = [p for p, layer in layers if not isinstance(layer, LoraLayer) or isinstance(layer, LoraExperts)]
     if others:
-        raise AdapterError(f"combine how={how!r} supports LoRA on {' and '.join(k.__name__ for k in kinds)} "
-                           f"layers; {others[0]} is not one")
+        raise AdapterError(f"combine how={how!r} supports LoRA on Linear, Conv1D, Embedding and Conv2d layers; "
+                           f"{others[0]} is not one (fused expert weights are not combined)")
     return layers
 
 
-def _factors(layer: LoraLinear, weights: dict[str, float], how: str, rank: int | None):
+def _as_matrix(factor: torch.Tensor) -> torch.Tensor:
+    """A factor as a matrix: rank on one side (conv factors are 4-D, ``[r, in, kh, kw]``/``[out, r, 1, 1]``)."""
+    return factor.reshape(factor.shape[0], -1)
+
+
+def _factors(layer: LoraLayer, weights: dict[str, float], opts: _MergeOptions):
     """New (A, B, energy) for one layer; the new adapter's scale is 1."""
     present = [(n, w) for n, w in weights.items() if n in layer.adapter_names]
-    if how == "cat":
-        a = torch.cat([w * layer.scaling[n] * layer.lora_A[n].weight for n, w in present])
-        b = torch.cat([layer.lora_B[n].weight for n, _ in present], dim=1)
+    factors = {n: layer.lora_factors(n) for n, _ in present}
+    if opts.how == "cat":
+        a = torch.cat([w * layer.scaling[n] * factors[n][0] for n, w in present])
+        b = torch.cat([factors[n][1] for n, _ in present], dim=1)
         return a, b, 1.0
-    if how == "linear":
-        ranks = {layer.r[n] for n, _ in present}
+    if opts.how != "svd":
+        ranks = {factors[n][0].shape[0] for n, _ in present}
         if len(ranks) > 1:
-            raise AdapterError(f"how='linear' needs equal ranks, got {sorted(ranks)}; use 'cat' or 'svd'")
+            raise AdapterError(f"how={opts.how!r} needs equal ranks, got {sorted(ranks)}; use 'cat' or 'svd'")
         # the sign goes to A; sqrt of |weight x scale| to each factor
-        a = sum(math.copysign(math.sqrt(abs(w * layer.scaling[n])), w) * layer.lora_A[n].weight for n, w in present)
-        b = sum(math.sqrt(abs(w * layer.scaling[n])) * layer.lora_B[n].weight for n, w in present)
-        return a, b, 1.0
-    delta = sum(w * layer.scaling[n] * (layer.lora_B[n].weight @ layer.lora_A[n].weight) for n, w in present)
+        roots = [math.sqrt(abs(w * layer.scaling[n])) for n, w in present]
+        signed = [math.copysign(root, w) for root, (_, w) in zip(roots, present)]
+        a_list, b_list = [factors[n][0] for n, _ in present], [factors[n][1] for n, _ in present]
+        if opts.how == "linear":
+            return sum(s * a for s, a in zip(signed, a_list)), sum(r * b for r, b in zip(roots, b_list)), 1.0
+        return (merge_tensors(a_list, signed, opts.how, opts.density, opts.generator, opts.sign_rule),
+                merge_tensors(b_list, roots, opts.how, opts.density, opts.generator, opts.sign_rule), 1.0)
+    a0, b0 = factors[present[0][0]]
+    delta = sum(w * layer.scaling[n] * (_as_matrix(factors[n][1]) @ _as_matrix(factors[n][0])) for n, w in present)
     u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
-    k = min(rank, sum(layer.r[n] for n, _ in present))  # beyond that the singular values are zero
+    k = min(opts.rank, sum(factors[n][0].shape[0] for n, _ in present))  # beyond that the singular values are zero
     energy = float((s[:k] ** 2).sum() / (s ** 2).sum().clamp_min(1e-30))
     root = s[:k].sqrt()
-    return (root[:, None] * vh[:k]).to(delta.dtype), (u[:, :k] * root).to(delta.dtype), energy
+    a = (root[:, None] * vh[:k]).to(delta.dtype).reshape(k, *a0.shape[1:])
+    b = (u[:, :k] * root).to(delta.dtype).reshape(b0.shape[0], k, *b0.shape[2:])
+    return a, b, energy
 
 
-def combine(model: AdaptedModel, weights: dict[str, float], name: str, how: str = "cat",
-            rank: int | None = None) -> CombineReport:
-    """Add adapter ``name`` = the weighted combination of existing LoRA adapters."""
+def _check_options(how: str, weights: dict, rank: int | None, density: float | None, sign_rule: str) -> None:
     if how not in _HOW:
         raise ConfigError(f"how must be one of {_HOW}, got {how!r}")
     if not weights:
         raise ConfigError("weights is empty: name at least one adapter, e.g. {'toy': 0.7}")
     if how == "svd" and (rank is None or rank < 1):
         raise ConfigError("how='svd' needs a target rank, e.g. rank=8")
+    if how in TASK_MERGES:
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+            raise ConfigError(f"how={how!r} needs density, the fraction of entries kept, in (0, 1], "
+                              f"e.g. density=0.5; got {density!r}")
+    elif density is not None:
+        raise ConfigError(f"density applies to {TASK_MERGES}, not to how={how!r}")
+    if sign_rule not in SIGN_RULES:
+        raise ConfigError(f"majority_sign must be one of {SIGN_RULES}, got {sign_rule!r}")
+
+
+def combine(model: AdaptedModel, weights: dict[str, float], name: str, how: str = "cat",
+            rank: int | None = None, *, density: float | None = None, seed: int = 0,
+            majority_sign: str = "total") -> CombineReport:
+    """Add adapter ``name`` = the weighted combination of existing LoRA adapters.
+
+    ``density`` (the fraction of entries kept) is required by the task-vector merges ``ties``,
+    ``dare_linear``, ``dare_ties`` and ``magnitude_prune``; ``seed`` fixes DARE's random drop;
+    ``majority_sign`` is TIES's sign election, ``"total"`` or ``"frequency"`` (as in peft).
+    """
+    _check_options(how, weights, rank, density, majority_sign)
     if name in model.configs:
         raise AdapterError(f"an adapter named {name!r} exists already")
     layers = _sources(model, weights, how)
+    opts = _MergeOptions(how, rank, float(density or 1.0), majority_sign, torch.Generator().manual_seed(seed))
     with torch.no_grad():  # the combination is a fixed adapter: no graph through its sources
-        built = {path: _factors(layer, weights, how, rank) for path, layer in layers}
+        built = {path: _factors(layer, weights, opts) for path, layer in layers}
     ranks = {path: a.shape[0] for path, (a, _, _) in built.items()}
     common = max(set(ranks.values()), key=list(ranks.values()).count)
     first = model.configs[next(iter(weights))]
@@ -102,6 +150,7 @@ def combine(model: AdaptedModel, weights: dict[str, float], name: str, how: str 
     with torch.no_grad():
         for path, layer in layers:
             a, b, _ = built[path]
-            layer.lora_A[name].weight.copy_(a)
-            layer.lora_B[name].weight.copy_(b)
+            new_a, new_b = layer.lora_factors(name)
+            new_a.copy_(a)
+            new_b.copy_(b)
     return CombineReport(name, how, ranks, {p: e for p, (_, _, e) in built.items()})

@@ -9,9 +9,10 @@ import torch
 
 from deltatune.core.model import AdaptedModel
 from deltatune.core.state import read_adapter, split_by_layer
-from deltatune.errors import AdapterFileError
+from deltatune.errors import AdapterError, AdapterFileError
 from deltatune.methods.lora import LoraConfig, LoraLinear
 from deltatune.methods.lora.layer import lora_scaling
+from deltatune.methods.lora.init import is_data_init
 from deltatune.methods.lora.method import pattern_value
 
 
@@ -23,6 +24,10 @@ def hot_swap(model: AdaptedModel, name: str, directory: str | os.PathLike) -> No
     too. LoRA factors are all checked before the first tensor is written.
     """
     model._check(name)
+    target = model.configs[name]
+    if isinstance(target, LoraConfig) and (target.dora or is_data_init(target.init)):
+        raise AdapterError(f"hot swap replaces plain LoRA factors, and {name!r} is a DoRA/PiSSA/OLoRA adapter; "
+                           f"load the new file under another name and remove this one")
     data, tensors = read_adapter(directory)
     if data.get("peft_type") != "LORA":
         raise AdapterFileError(f"{directory} is not a LoRA adapter; hot swap replaces LoRA weights only")

@@ -159,6 +159,11 @@ class AdapterLayer(nn.Module):
                 out.update({f"{attr}.{k}": v for k, v in entry.state_dict().items()})
         return out
 
+    def file_state(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors a file stores for adapter ``name``: :meth:`adapter_state`, unless a method
+        saves its adapter in another (portable) form."""
+        return self.adapter_state(name)
+
     def load_adapter_state(self, name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
         """Copy ``tensors`` into adapter ``name``, checking every key and shape first."""
         tensors = self._without_base_copies(tensors, where)
@@ -226,7 +231,7 @@ class AdapterLayer(nn.Module):
             for name in names:
                 if name not in self.adapter_names:
                     continue
-                weight.data += self.delta_weight(name).to(weight.dtype)
+                self._merge_into(weight, name)
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -234,8 +239,16 @@ class AdapterLayer(nn.Module):
         weight = self._base_weight()
         with torch.no_grad():
             while self.merged_adapters:
-                name = self.merged_adapters.pop()
-                weight.data -= self.delta_weight(name).to(weight.dtype)
+                self._unmerge_from(weight, self.merged_adapters.pop())
+
+    def _merge_into(self, weight: torch.Tensor, name: str) -> None:
+        """Bake adapter ``name`` into ``weight``; a method whose merge is not additive overrides
+        this pair (DoRA rescales the weight)."""
+        weight.data += self.delta_weight(name).to(weight.dtype)
+
+    def _unmerge_from(self, weight: torch.Tensor, name: str) -> None:
+        """Undo :meth:`_merge_into` for ``name``, the last adapter merged."""
+        weight.data -= self.delta_weight(name).to(weight.dtype)
 
     def unwrapped(self) -> nn.Module:
         """The module to put back when the adapters are unloaded."""

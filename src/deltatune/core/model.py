@@ -420,10 +420,10 @@ class AdaptedModel(HuggingFaceFacade, nn.Module):
         return self.base_model
 
     # --- many adapters (implemented in deltatune.compose, which builds on this class) -------
-    def combine(self, weights: dict[str, float], name: str, how: str = "cat", rank: int | None = None):
-        """Add adapter ``name``, the weighted combination of LoRA adapters (see compose.combine)."""
+    def combine(self, weights: dict[str, float], name: str, how: str = "cat", rank: int | None = None, **options):
+        """Add adapter ``name``, a weighted combination of LoRA adapters (how, options: compose.combine)."""
         from deltatune.compose.combine import combine
-        return combine(self, weights, name, how=how, rank=rank)
+        return combine(self, weights, name, how=how, rank=rank, **options)
 
     def hot_swap(self, name: str, directory: str) -> None:
         """Replace adapter ``name``'s weights in place from a file (see compose.swap)."""

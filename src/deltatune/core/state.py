@@ -39,7 +39,7 @@ def adapter_tensors(model: "AdaptedModel", name: str) -> dict[str, torch.Tensor]
     out: dict[str, torch.Tensor] = {}
     for path, layer in model.adapter_layers():
         if name in layer.adapter_names:
-            out.update({f"{KEY_PREFIX}{path}.{k}": v for k, v in layer.adapter_state(name).items()})
+            out.update({f"{KEY_PREFIX}{path}.{k}": v for k, v in layer.file_state(name).items()})
     if name in model.model_adapters:
         out.update(model.model_adapters[name].file_state())
     out.update({KEY_PREFIX + pname: value for pname, value in model._shared.values(name).items()})

@@ -6,7 +6,8 @@
 See :mod:`deltatune.train.recipe` for the recipe keys and :mod:`deltatune.train.loop` for the loop.
 """
 
+from deltatune.train.optim import lora_plus_groups
 from deltatune.train.recipe import Recipe, builtin_names, load as load_recipe
 from deltatune.train.run import train
 
-__all__ = ["train", "Recipe", "load_recipe", "builtin_names"]
+__all__ = ["train", "Recipe", "load_recipe", "builtin_names", "lora_plus_groups"]

@@ -64,7 +64,7 @@ def parameter_groups(model: nn.Module, spec: TrainSpec) -> list[Group]:
     """The trainable parameters, grouped by LR multiplier and weight decay.
 
     ``layer_decay`` d scales block ``i``'s LR by ``d ** (top - id)`` (the head keeps the full LR);
-    ``loraplus_ratio`` multiplies the LR of LoRA's B matrices (LoRA+, Hayou et al. 2024).
+    ``lora_plus_ratio`` multiplies the LR of LoRA's B matrices (LoRA+, Hayou et al. 2024).
     """
     base = _base_model(model)
     named = [(n, p) for n, p in base.named_parameters() if p.requires_grad]
@@ -74,15 +74,15 @@ def parameter_groups(model: nn.Module, spec: TrainSpec) -> list[Group]:
     if not named:
         raise DeltatuneError("the model has no trainable parameters: the method froze everything")
     ids, n_ids = layer_ids(model) if spec.layer_decay is not None else ({}, 0)
-    if spec.loraplus_ratio is not None and not any(any(k in f".{n}" for k in _LORA_B) for n, _ in named):
-        raise ConfigError("train.loraplus_ratio sets the LR of LoRA's B matrices, but this method has none")
+    if spec.lora_plus_ratio is not None and not any(any(k in f".{n}" for k in _LORA_B) for n, _ in named):
+        raise ConfigError("train.lora_plus_ratio sets the LR of LoRA's B matrices, but this method has none")
     groups: dict[tuple[float, float], Group] = {}
     for name, param in named:
         scale = 1.0
         if spec.layer_decay is not None:
             scale *= spec.layer_decay ** (n_ids - 1 - ids.get(name, n_ids - 1))
-        if spec.loraplus_ratio is not None and any(k in f".{name}" for k in _LORA_B):
-            scale *= spec.loraplus_ratio
+        if spec.lora_plus_ratio is not None and any(k in f".{name}" for k in _LORA_B):
+            scale *= spec.lora_plus_ratio
         decay = 0.0 if (param.ndim < 2 or any(k in name for k in _NO_DECAY)) else spec.weight_decay
         group = groups.setdefault((scale, decay), Group([], [], scale, decay))
         group.names.append(name)
@@ -90,10 +90,22 @@ def parameter_groups(model: nn.Module, spec: TrainSpec) -> list[Group]:
     return list(groups.values())
 
 
+def _optimizer_groups(model: nn.Module, spec: TrainSpec) -> list[dict]:
+    return [{"params": g.params, "lr": spec.lr * g.lr_scale, "weight_decay": g.weight_decay}
+            for g in parameter_groups(model, spec)]
+
+
+def lora_plus_groups(model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0) -> list[dict]:
+    """LoRA+ (Hayou et al. 2024) parameter groups for any torch optimizer: LoRA's B matrices
+    train at ``ratio * lr``, every other trainable parameter at ``lr``; biases and norms get no
+    weight decay. ``torch.optim.AdamW(lora_plus_groups(model, 2e-4), lr=2e-4)``, or pass the
+    optimizer to a transformers ``Trainer(optimizers=(opt, None))``."""
+    return _optimizer_groups(model, TrainSpec(lr=lr, lora_plus_ratio=ratio, weight_decay=weight_decay))
+
+
 def build_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
     """AdamW (or bitsandbytes' 8-bit AdamW) over the trainable parameters, grouped."""
-    groups = [{"params": g.params, "lr": spec.lr * g.lr_scale, "weight_decay": g.weight_decay}
-              for g in parameter_groups(model, spec)]
+    groups = _optimizer_groups(model, spec)
     if spec.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb

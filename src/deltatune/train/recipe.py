@@ -83,7 +83,8 @@ class TrainSpec:
     ``batch_size`` is per process and micro-batch: one optimizer step sees
     ``batch_size * grad_accum * world_size`` examples. ``epochs`` and ``max_steps`` both bound
     the run; whichever is reached first ends it. ``warmup`` below 1 is a fraction of the
-    steps, from 1 up a number of steps.
+    steps, from 1 up a number of steps. ``lora_plus_ratio`` (LoRA+) multiplies the LR of
+    LoRA's B matrices (16 is the paper's usual value).
     """
 
     epochs: int = 1
@@ -101,7 +102,7 @@ class TrainSpec:
     gradient_checkpointing: bool = False
     compile: bool = False
     layer_decay: float | None = None
-    loraplus_ratio: float | None = None
+    lora_plus_ratio: float | None = None
     seed: int = 0
     eval_every: int | None = None
     log_every: int = 10
@@ -153,8 +154,8 @@ class Recipe:
             raise ConfigError("train.lr must be positive and train.warmup / train.weight_decay not negative")
         if t.layer_decay is not None and not 0 < t.layer_decay <= 1:
             raise ConfigError(f"train.layer_decay must be in (0, 1], got {t.layer_decay}")
-        if t.loraplus_ratio is not None and t.loraplus_ratio <= 0:
-            raise ConfigError(f"train.loraplus_ratio must be positive, got {t.loraplus_ratio}")
+        if t.lora_plus_ratio is not None and t.lora_plus_ratio <= 0:
+            raise ConfigError(f"train.lora_plus_ratio must be positive, got {t.lora_plus_ratio}")
         if t.patience is not None and t.eval_every is None and self.data.eval is None and not self.data.eval_fraction:
             raise ConfigError("train.patience (early stopping) needs evaluation data: set data.eval or data.eval_fraction")
         if self.data.train is None:

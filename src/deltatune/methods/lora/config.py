@@ -6,13 +6,14 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from deltatune.core.config import (MethodConfig, fraction, layer_selection, module_names, one_of, positive_int,
-                                   positive_number)
+                                   positive_number, require)
 from deltatune.core.patterns import compile_pattern, tail_pattern
+from deltatune.methods.lora.init import is_data_init
 
 _BIAS = ("none", "all", "lora_only")
-_INIT = ("kaiming", "gaussian", "random")
-# our spelling -> PEFT's init_lora_weights value
-_INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "random": False}
+_INIT = ("kaiming", "gaussian", "random", "pissa", "olora", "pissa_niter_<K>")
+# our spelling -> PEFT's init_lora_weights value (the others are spelled the same)
+_INIT_TO_PEFT = {"kaiming": True, "random": False}
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,15 @@ class LoraConfig(MethodConfig):
         exclude: names (suffixes) or a regex of modules to leave alone.
         bias: which base biases train too: ``"none"``, ``"all"`` or ``"lora_only"``.
         init: ``"kaiming"`` (A Kaiming-uniform, B zero: starts as the base model),
-            ``"gaussian"`` (A ~ N(0, 1/r), B zero), or ``"random"`` (both random; for tests).
+            ``"gaussian"`` (A ~ N(0, 1/r), B zero), ``"random"`` (both random; for tests),
+            ``"pissa"`` (the top-r singular vectors of W; ``"pissa_niter_K"``: a randomized SVD
+            with K iterations, fast on large layers) or ``"olora"`` (QR of W). PiSSA and OLoRA
+            train the principal part of W with the rest frozen, and are saved converted to a
+            plain LoRA of rank 2r on the original weights (Linear and Conv1D layers only).
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023).
+        dora: weight-decomposed LoRA (DoRA, Liu et al. 2024): a learned magnitude per output
+            feature times the direction of ``W + scale * B A`` (PEFT's ``use_dora``). Linear,
+            GPT-2 Conv1D and Embedding layers only.
         rank_pattern: per-module rank, ``{regex: r}``; the regex matches a path's tail.
         alpha_pattern: per-module alpha, ``{regex: alpha}``.
     """
@@ -45,9 +53,10 @@ class LoraConfig(MethodConfig):
     method = "lora"
     peft_type = "LORA"
     peft_names = {"alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules",
-                  "layers": "layers_to_transform", "exclude": "exclude_modules", "init": "init_lora_weights"}
+                  "layers": "layers_to_transform", "exclude": "exclude_modules", "init": "init_lora_weights",
+                  "dora": "use_dora"}
     peft_unsupported = frozenset({
-        "use_dora", "lora_bias", "layer_replication", "trainable_token_indices",
+        "lora_bias", "layer_replication", "trainable_token_indices",
         "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config", "eva_config", "corda_config",
     })
 
@@ -60,6 +69,7 @@ class LoraConfig(MethodConfig):
     bias: str = "none"
     init: str | bool = "kaiming"
     use_rslora: bool = False
+    dora: bool = False
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
     target_parameters: Sequence[str] | None = None
@@ -78,7 +88,9 @@ class LoraConfig(MethodConfig):
         module_names("targets", self.targets, words=("all-linear",), empty=bool(self.target_parameters))
         module_names("exclude", self.exclude, empty=True)
         one_of("bias", self.bias, _BIAS)
-        one_of("init", self.init, _INIT)
+        require(isinstance(self.init, str) and (self.init in _INIT or is_data_init(self.init)), "init", self.init,
+                f"one of {_INIT}")
+        require(isinstance(self.dora, bool), "dora", self.dora, "true or false")
         for key, value in self.rank_pattern.items():
             compile_pattern(f"rank_pattern key {key!r}", tail_pattern(key) if isinstance(key, str) else key)
             positive_int(f"rank_pattern[{key!r}]", value)
@@ -88,5 +100,5 @@ class LoraConfig(MethodConfig):
 
     def to_dict(self) -> dict:
         out = super().to_dict()
-        out["init_lora_weights"] = _INIT_TO_PEFT[self.init]
+        out["init_lora_weights"] = _INIT_TO_PEFT.get(self.init, self.init)
         return out

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.core.layer import AdapterLayer, adapter_dtype, linear_kinds, linear_layout, needs_initial_values
-from deltatune.errors import TargetError
+from deltatune.errors import AdapterFileError, TargetError
+from deltatune.methods.lora import dora
+from deltatune.methods.lora.init import InitialFactors, initial_factors, is_data_init, is_reproducible
 from deltatune.methods.lora.fused import LoraLinearFunction
 
 
@@ -73,6 +75,8 @@ class LoraLayer(AdapterLayer):
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self.dropout_p: dict[str, float] = {}
+        #: per merged DoRA adapter, the column scale its merge multiplied the weight by
+        self._dora_merge_scale: dict[str, torch.Tensor] = {}
 
     def _set_hparams(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
         self.r[name] = r
@@ -80,8 +84,39 @@ class LoraLayer(AdapterLayer):
         self.dropout_p[name] = float(dropout)
 
     def _forget(self, name: str) -> None:
-        for d in (self.r, self.scaling, self.dropout_p):
+        for d in (self.r, self.scaling, self.dropout_p, self._dora_merge_scale):
             d.pop(name, None)
+
+    # --- DoRA (see dora.py); only LoraLinear and LoraEmbedding hold magnitudes ----------------
+    #: whether the base weight is stored ``[in, out]`` (GPT-2 Conv1D, embedding tables)
+    stored_transposed: bool = False
+
+    def is_dora(self, name: str) -> bool:
+        return name in self._modules.get("lora_magnitude_vector", ())
+
+    def lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of adapter ``name``: ``[r, in]`` and ``[out, r]`` (a conv's kernels: ``[r, in, kh, kw]``
+        and ``[out, r, 1, 1]``)."""
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def _add_magnitude(self, name: str, use_dora: bool) -> None:
+        if not use_dora:
+            return
+        a, b = self.lora_factors(name)
+        magnitude = dora.initial_magnitude(self, name) if needs_initial_values() else a.new_empty(b.shape[0])
+        self.lora_magnitude_vector[name] = nn.Parameter(magnitude)
+
+    def _merge_into(self, weight: torch.Tensor, name: str) -> None:
+        if not self.is_dora(name):
+            return super()._merge_into(weight, name)
+        merged, self._dora_merge_scale[name] = dora.merged_weight(self, name)
+        weight.data.copy_(merged.to(weight.dtype))
+
+    def _unmerge_from(self, weight: torch.Tensor, name: str) -> None:
+        if name not in self._dora_merge_scale:
+            return super()._unmerge_from(weight, name)
+        scale = self._dora_merge_scale.pop(name)
+        weight.data.copy_(dora.unmerged_weight(self, name, weight.data, scale).to(weight.dtype))
 
     def _dropped(self, x: torch.Tensor, name: str) -> torch.Tensor:
         p = self.dropout_p[name]
@@ -91,30 +126,74 @@ class LoraLayer(AdapterLayer):
 class LoraLinear(LoraLayer):
     """LoRA on ``nn.Linear`` or GPT-2 ``Conv1D`` (whose weight is stored ``[in, out]``)."""
 
-    adapter_attrs = ("lora_A", "lora_B")
+    adapter_attrs = ("lora_A", "lora_B", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out, self.in_features, self.out_features = linear_layout(base_layer)
+        self.stored_transposed = self.fan_in_fan_out
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        #: frozen initial factors of PiSSA/OLoRA adapters (see init.py); not in files
+        self.lora_initial = nn.ModuleDict()
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
-                    init: str = "kaiming", use_rslora: bool = False) -> None:
+                    init: str = "kaiming", use_rslora: bool = False, use_dora: bool = False) -> None:
         weight = self.base_layer.weight
         kw = {"device": weight.device, "dtype": adapter_dtype(weight)}
         a = _Factor(self.in_features, r, **kw)
         b = _Factor(r, self.out_features, **kw)
-        _init_factors(a.weight, b.weight, r, init)
+        if is_data_init(init):
+            self._start_from_base_weight(a.weight, b.weight, name, r, lora_scaling(r, alpha, use_rslora), init)
+        else:
+            _init_factors(a.weight, b.weight, r, init)
         self.lora_A[name], self.lora_B[name] = a, b
         self._set_hparams(name, r, alpha, dropout, use_rslora)
+        self._add_magnitude(name, use_dora)
+
+    def _start_from_base_weight(self, a: torch.Tensor, b: torch.Tensor, name: str, r: int, scale: float,
+                                init: str) -> None:
+        """PiSSA/OLoRA: A, B and the frozen A0, B0 start on a rank-r part of the base weight."""
+        if not needs_initial_values() and not is_reproducible(init):
+            raise AdapterFileError(
+                f"this adapter was saved with init_lora_weights={init!r} (a randomized SVD) and without converting "
+                f"it to a plain LoRA, so its starting point cannot be rebuilt; save it again from peft with "
+                f"path_initial_model_for_weight_conversion, or from deltatune, which converts")
+        weight = dora.dense_base_weight(self.base_layer)
+        a0, b0 = initial_factors(weight.t() if self.stored_transposed else weight, r, scale, init)
+        with torch.no_grad():
+            a.copy_(a0)
+            b.copy_(b0)
+        self.lora_initial[name] = InitialFactors(a0.to(a.dtype), b0.to(b.dtype))
+
+    def lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)``; for PiSSA/OLoRA the rank-2r pair ``[A; A0]``, ``[B, -B0]`` that applies
+        ``s (B A - B0 A0)`` to the original weights."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if name not in self.lora_initial:
+            return a, b
+        start = self.lora_initial[name]
+        return torch.cat([a, start.a]), torch.cat([b, -start.b], dim=1)
+
+    def file_state(self, name: str) -> dict[str, torch.Tensor]:
+        state = self.adapter_state(name)
+        if name in self.lora_initial:
+            state["lora_A.weight"], state["lora_B.weight"] = self.lora_factors(name)
+        return state
+
+    def _forget(self, name: str) -> None:
+        super()._forget(name)
+        if name in self.lora_initial:
+            del self.lora_initial[name]
 
     #: take the fused single-node path where it applies (see fused.py); tests compare both paths.
     use_fused: bool = True
 
     def _fusable(self, names: list[str]) -> bool:
         base = self.base_layer
-        return self.use_fused and len(names) == 1 and type(base) in linear_kinds() and not base.weight.requires_grad
+        return (self.use_fused and len(names) == 1 and type(base) in linear_kinds() and not base.weight.requires_grad
+                and not self.is_dora(names[0]))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.routing is not None:
@@ -124,12 +203,20 @@ class LoraLinear(LoraLayer):
             base, name = self.base_layer, names[0]
             dropped = self._dropped(x, name)
             return LoraLinearFunction.apply(x, None if dropped is x else dropped, base.weight, base.bias,
-                                            self.lora_A[name].weight, self.lora_B[name].weight,
-                                            self.scaling[name], self.fan_in_fan_out)
+                                            *self.lora_factors(name), self.scaling[name], self.fan_in_fan_out)
         result = self.base_layer(x, *args, **kwargs)
+        base_out = None  # the bias-free base output, for DoRA adapters
         for name in names:
-            a = self.lora_A[name].weight
-            b = self.lora_B[name].weight
+            if self.is_dora(name):
+                if len(names) == 1 and not (self.training and self.dropout_p[name] > 0):
+                    a, b = self.lora_factors(name)
+                    return dora.sole_adapter_output(self, name, result, F.linear(x.to(a.dtype), a), b)
+                if base_out is None:
+                    bias = self.base_layer.bias
+                    base_out = result if bias is None else result - bias
+                result = result + self._dora_delta(x, name, base_out).to(result.dtype)
+                continue
+            a, b = self.lora_factors(name)
             xa = F.linear(self._dropped(x, name).to(a.dtype), a)
             # addmm folds the scale and the residual add into the second matmul
             flat = torch.addmm(result.reshape(-1, result.shape[-1]), xa.reshape(-1, xa.shape[-1]).to(result.dtype),
@@ -137,17 +224,27 @@ class LoraLinear(LoraLayer):
             result = flat.view(result.shape)
         return result
 
+    def _dora_delta(self, x: torch.Tensor, name: str, base_out: torch.Tensor | None) -> torch.Tensor:
+        """DoRA's update for ``x``; ``base_out`` (bias-free) is reused unless dropout changes the input."""
+        dropped = self._dropped(x, name)
+        if dropped is not x or base_out is None:
+            base_out = dora.linear_base_out(self, dropped)
+        a, b = self.lora_factors(name)
+        return dora.dora_delta(self, name, base_out, F.linear(F.linear(dropped.to(a.dtype), a), b))
+
     def adapter_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """The update adapter ``name`` adds to the base output for input ``x``."""
-        a = self.lora_A[name].weight
-        return F.linear(F.linear(self._dropped(x, name).to(a.dtype), a), self.lora_B[name].weight) * self.scaling[name]
+        if self.is_dora(name):
+            return self._dora_delta(x, name, None)
+        a, b = self.lora_factors(name)
+        return F.linear(F.linear(self._dropped(x, name).to(a.dtype), a), b) * self.scaling[name]
 
     def add_adapter_delta_(self, out: torch.Tensor, x: torch.Tensor, name: str) -> bool:
         """Add adapter ``name``'s update for ``x`` to ``out`` in place, in one ``addmm`` with the
         scale applied to the small ``x A`` (no full-size temporary); False when ``out`` is not a
         contiguous tensor of the adapter's dtype, for the caller to add the update itself."""
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        if out.dtype != a.dtype or not out.is_contiguous():
+        a, b = self.lora_factors(name)
+        if out.dtype != a.dtype or not out.is_contiguous() or self.is_dora(name):
             return False
         xa = F.linear(self._dropped(x, name).to(a.dtype), a) * self.scaling[name]
         out.view(-1, out.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), b.t())
@@ -156,35 +253,52 @@ class LoraLinear(LoraLayer):
     def adapter_delta_gathered(self, x: torch.Tensor, names: tuple[str, ...], row_index: torch.Tensor) -> torch.Tensor:
         """Per-row updates in two batched matmuls: row i uses ``names[row_index[i]]`` (no adapter
         when the index is ``len(names)``). Smaller ranks are zero-padded, which is exact."""
-        rank = max(self.r[n] for n in names)
-        ref = self.lora_A[names[0]].weight
+        if any(self.is_dora(n) for n in names):  # DoRA rescales the base output: row groups one by one
+            out = None
+            for i, name in enumerate(names):
+                rows = (row_index == i).nonzero().flatten()
+                part = self.adapter_delta(x.index_select(0, rows), name)
+                out = part.new_zeros(x.shape[0], *part.shape[1:]) if out is None else out
+                out.index_copy_(0, rows, part)
+            return out
+        factors = [self.lora_factors(n) for n in names]
+        rank = max(fa.shape[0] for fa, _ in factors)
+        ref = factors[0][0]
         a = ref.new_zeros(len(names) + 1, rank, self.in_features)
         b = ref.new_zeros(len(names) + 1, self.out_features, rank)
-        for i, name in enumerate(names):
-            r = self.r[name]
-            a[i, :r] = self.lora_A[name].weight * self.scaling[name]
-            b[i, :, :r] = self.lora_B[name].weight
+        for i, (name, (fa, fb)) in enumerate(zip(names, factors)):
+            r = fa.shape[0]
+            a[i, :r] = fa * self.scaling[name]
+            b[i, :, :r] = fb
         rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(ref.dtype)
         xa = torch.bmm(rows, a[row_index].transpose(1, 2))
         return torch.bmm(xa, b[row_index].transpose(1, 2)).view(*x.shape[:-1], self.out_features)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+        if self.is_dora(name):
+            return _dora_delta_weight(self, name)
+        a, b = self.lora_factors(name)
+        delta = (b @ a) * self.scaling[name]
         return delta.t() if self.fan_in_fan_out else delta
 
 
 class LoraEmbedding(LoraLayer):
     """LoRA on ``nn.Embedding``: a rank-r lookup table A and a projection B."""
 
-    adapter_attrs = ("lora_embedding_A", "lora_embedding_B")
+    adapter_attrs = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    stored_transposed = True  # the table is [num, dim]; DoRA's magnitude runs along dim
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+
+    def lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
-                    init: str = "kaiming", use_rslora: bool = False) -> None:
+                    init: str = "kaiming", use_rslora: bool = False, use_dora: bool = False) -> None:
         weight = self.base_layer.weight
         kw = {"device": weight.device, "dtype": adapter_dtype(weight)}
         num, dim = weight.shape
@@ -193,23 +307,34 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_A[name] = nn.Parameter(a)
         self.lora_embedding_B[name] = nn.Parameter(b)
         self._set_hparams(name, r, alpha, dropout, use_rslora)
+        self._add_magnitude(name, use_dora)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.routing is not None:
             return self.routing(self, x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
+        result = base_out = self.base_layer(x, *args, **kwargs)
         for name in self.unmerged_active():
-            result = result + self.adapter_delta(x, name).to(result.dtype)
+            result = result + self._delta(x, name, base_out).to(result.dtype)
         return result
 
-    def adapter_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """The update adapter ``name`` adds to the embeddings of token ids ``x``."""
+    def _delta(self, x: torch.Tensor, name: str, base_out: torch.Tensor | None) -> torch.Tensor:
         base = self.base_layer
         looked_up = F.embedding(x, self.lora_embedding_A[name].t(), base.padding_idx, base.max_norm,
                                 base.norm_type, base.scale_grad_by_freq, base.sparse)
-        return (looked_up @ self.lora_embedding_B[name].t()) * self.scaling[name]
+        lora_out = looked_up @ self.lora_embedding_B[name].t()
+        if not self.is_dora(name):
+            return lora_out * self.scaling[name]
+        if base_out is None:
+            base_out = base(x)
+        return dora.dora_delta(self, name, base_out, lora_out)
+
+    def adapter_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The update adapter ``name`` adds to the embeddings of token ids ``x``."""
+        return self._delta(x, name, None)
 
     def delta_weight(self, name: str) -> torch.Tensor:
+        if self.is_dora(name):
+            return _dora_delta_weight(self, name)
         return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).t() * self.scaling[name]
 
 
@@ -226,7 +351,7 @@ class LoraConv2d(LoraLayer):
         self.lora_B = nn.ModuleDict()
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
-                    init: str = "kaiming", use_rslora: bool = False) -> None:
+                    init: str = "kaiming", use_rslora: bool = False, use_dora: bool = False) -> None:
         base = self.base_layer
         kw = {"device": base.weight.device, "dtype": adapter_dtype(base.weight), "bias": False}
         a = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, **kw)
@@ -234,6 +359,7 @@ class LoraConv2d(LoraLayer):
         _init_factors(a.weight, b.weight, r, init)
         self.lora_A[name], self.lora_B[name] = a, b
         self._set_hparams(name, r, alpha, dropout, use_rslora)
+        self._add_magnitude(name, use_dora)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.routing is not None:
@@ -251,6 +377,12 @@ class LoraConv2d(LoraLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         b = self.lora_B[name].weight[:, :, 0, 0]
         return torch.einsum("or,rihw->oihw", b, self.lora_A[name].weight) * self.scaling[name]
+
+
+def _dora_delta_weight(layer: LoraLayer, name: str) -> torch.Tensor:
+    """DoRA's change to the (current) base weight, ``c (W + s B A) - W``, in the stored layout."""
+    merged, _ = dora.merged_weight(layer, name)
+    return merged - dora.dense_base_weight(layer.base_layer).to(merged.dtype)
 
 
 def lora_kinds() -> tuple[type, ...]:
