@@ -175,6 +175,9 @@ class AdapterLayer(nn.Module):
                 f"adapter file does not fit layer {where}: missing {missing or 'nothing'}, "
                 f"unexpected {extra or 'nothing'}")
         for key, value in sorted(tensors.items()):
+            if value.dtype.is_floating_point != current[key].dtype.is_floating_point:
+                raise AdapterFileError(f"adapter file does not fit layer {where}: {key} has dtype {value.dtype} in the "
+                                       f"file but {current[key].dtype} in the model; the file is damaged")
             if tuple(value.shape) != tuple(current[key].shape):
                 raise AdapterFileError(
                     f"adapter file does not fit layer {where}: {key} has shape {tuple(value.shape)} in the "
