@@ -333,3 +333,18 @@ def test_metrics_count_methods_outside_http_as_other_so_clients_cannot_grow_the_
         assert client.request(f"X{i}", "/healthz").status_code == 405
     client.put("/healthz")
     assert client.get("/metrics").json()["requests"] == {"other /healthz": {"405": 3}, "PUT /healthz": {"405": 1}}
+
+
+def test_classify_answers_the_models_label_names_and_null_for_placeholders(adapter_root, tokenizer, reference):
+    """A trained or merged model keeps its class names in id2label (deltatune merge writes them):
+    the answer names the chosen class; transformers' LABEL_i placeholders give null."""
+    names = ["negative", "neutral", "positive"]
+    model = served_model(adapter_root, ["a0"])
+    model.base_model.config.id2label = dict(enumerate(names))
+    with TestClient(create_app(model, tokenizer), raise_server_exceptions=False) as c:
+        body = c.post("/v1/classify", json={"adapter": "a0", "inputs": TEXTS[:4]}).json()
+    reference.check("a0", TEXTS[:4], body)
+    assert [out["label_name"] for out in body["outputs"]] == [names[out["label"]] for out in body["outputs"]]
+    with TestClient(create_app(served_model(adapter_root, ["a0"]), tokenizer)) as c:
+        body = c.post("/v1/classify", json={"adapter": "a0", "inputs": TEXTS[:2]}).json()
+    assert [out["label_name"] for out in body["outputs"]] == [None, None]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from deltatune.compose import AdapterCache
 from deltatune.core.archspec import task_type_of
@@ -52,6 +53,7 @@ class Engine:
         self.loaded: frozenset[str] = frozenset()
         self.pinned: frozenset[str] = frozenset()
         self.evicted: frozenset[str] = frozenset()  # the cache's recent evictions, for clearer 404s
+        self.label_names = label_names(model.base_model)  #: class names from id2label, or None
         self._refresh()
         if kind == GENERATE and tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise ConfigError("the tokenizer has neither a pad nor an eos token")
@@ -116,8 +118,13 @@ class Engine:
         start = 0
         for i in which:
             end = start + len(requests[i][1])
-            results[i] = [{"label": labels[r], "probabilities": probs[r]} for r in range(start, end)]
+            results[i] = [{"label": labels[r], "label_name": self._name_of(labels[r]), "probabilities": probs[r]}
+                          for r in range(start, end)]
             start = end
+
+    def _name_of(self, label: int) -> str | None:
+        names = self.label_names
+        return names[label] if names is not None and label < len(names) else None
 
     # --- generation (model thread) -------------------------------------------------------
     def generate(self, name: str, prompt: str, max_new_tokens: int) -> dict:
@@ -161,3 +168,16 @@ class Engine:
         self.loaded = frozenset(self.cache.names())
         self.pinned = frozenset(self.cache.pinned)
         self.evicted = frozenset(self.cache.evicted())
+
+
+def label_names(model: nn.Module) -> list[str] | None:
+    """The class names in ``model.config.id2label`` (kept there by training and ``deltatune
+    merge``), or None when it holds only transformers' placeholders (``LABEL_0`` ...)."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    try:
+        names = [str(id2label[i]) for i in range(len(id2label))]
+    except KeyError:  # not the classes 0..n-1: not something to answer with
+        return None
+    if not names or names == [f"LABEL_{i}" for i in range(len(names))]:
+        return None
+    return names

@@ -39,6 +39,8 @@ class ClassifyRequest(_Strict):
 
 class Classification(BaseModel):
     label: int = Field(description="the most probable class index")
+    label_name: str | None = Field(None, description="its name from the model's id2label (a trained or merged "
+                                                     "model's labels); null when the model has only LABEL_i")
     probabilities: list[float] = Field(description="softmax over the classes")
 
 
