@@ -16,7 +16,7 @@ from deltatune.core.hf_interop import HuggingFaceFacade, with_base_signature
 from deltatune.core.layer import AdapterLayer, ModelAdapter, ModulesToSave, wrapped
 from deltatune.core.quantized import handler_for
 from deltatune.core.report import format_report
-from deltatune.core.routing import RowRouting, grouping_order, inverse_order, take_rows
+from deltatune.core.routing import call_mixed
 from deltatune.core.shared_params import SharedParameterValues
 from deltatune.core.targets import compact_targets, visible_modules
 from deltatune.errors import AdapterError, ConfigError, TargetError
@@ -81,17 +81,13 @@ class AdaptedModel(HuggingFaceFacade, nn.Module):
         return self.base_model.generate(*args, **kwargs)
 
     def _mixed(self, call, adapter_names: Sequence[str], args: tuple, kwargs: dict):
-        """``call`` with each row through its own adapter; rows are grouped by adapter first
-        (and put back in the caller's order after) unless a cache already fixes their order."""
-        names = list(adapter_names)
-        order = None if kwargs.get("past_key_values") is not None else grouping_order(names)
-        if order is not None:
-            batch = len(names)
-            args, kwargs = take_rows(args, order, batch), take_rows(kwargs, order, batch)
-            names = [names[i] for i in order.tolist()]
-        with self._routed(names, args, kwargs):
-            out = call(*args, **kwargs)
-        return out if order is None else take_rows(out, inverse_order(order), len(names))
+        """``call`` with each row through its own adapter (see :func:`core.routing.call_mixed`)."""
+        self.check_mixable(adapter_names)
+        if self.merged:
+            raise AdapterError("an adapter is merged into the weights: unmerge() before mixed-adapter calls")
+        if self._shared.owner is not None:
+            raise AdapterError("adapters that train base biases (the bias option) cannot share a mixed batch")
+        return call_mixed(call, adapter_names, args, kwargs, [layer for _, layer in self.adapter_layers()])
 
     def check_mixable(self, names: Sequence[str]) -> None:
         """Raise :class:`AdapterError` unless every adapter in ``names`` can take part in a
@@ -103,25 +99,6 @@ class AdaptedModel(HuggingFaceFacade, nn.Module):
                 raise AdapterError(f"adapter {n!r} acts on the inputs and cannot share a mixed batch")
             if self._shared.owner_among([n]) is not None:
                 raise AdapterError("adapters that train base biases (the bias option) cannot share a mixed batch")
-
-    @contextlib.contextmanager
-    def _routed(self, adapter_names: Sequence[str], args: tuple, kwargs: dict) -> Iterator[None]:
-        names = list(adapter_names)
-        self.check_mixable(names)
-        if self.merged:
-            raise AdapterError("an adapter is merged into the weights: unmerge() before mixed-adapter calls")
-        if self._shared.owner is not None:
-            raise AdapterError("adapters that train base biases (the bias option) cannot share a mixed batch")
-        first = args[0] if args else next((v for v in kwargs.values() if hasattr(v, "device")), None)
-        routing = RowRouting(names, device=first.device if first is not None else "cpu")
-        layers = [layer for _, layer in self.adapter_layers()]
-        for layer in layers:
-            layer.routing = routing
-        try:
-            yield
-        finally:
-            for layer in layers:
-                layer.routing = None
 
     def _live_model_adapters(self) -> list[ModelAdapter]:
         if self._adapters_disabled:

@@ -9,7 +9,8 @@ layers with ``adapter_delta_gathered`` use one batched matmul over per-row gathe
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -120,3 +121,30 @@ def take_rows(value, order: torch.Tensor, batch: int):
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
         return type(value)(take_rows(v, order, batch) for v in value)
     return value
+
+
+def call_mixed(call: Callable, adapter_names: Sequence[str], args: tuple, kwargs: dict, layers: Sequence[nn.Module]):
+    """``call(*args, **kwargs)`` with row ``i`` through adapter ``adapter_names[i]`` in every one of
+    ``layers``. Rows are grouped by adapter first and put back in the caller's order after, unless
+    a cache (``past_key_values``) already fixes their order."""
+    names = list(adapter_names)
+    order = None if kwargs.get("past_key_values") is not None else grouping_order(names)
+    if order is not None:
+        batch = len(names)
+        args, kwargs = take_rows(args, order, batch), take_rows(kwargs, order, batch)
+        names = [names[i] for i in order.tolist()]
+    first = args[0] if args else next((v for v in kwargs.values() if hasattr(v, "device")), None)
+    with _routed(layers, RowRouting(names, device=first.device if first is not None else "cpu")):
+        out = call(*args, **kwargs)
+    return out if order is None else take_rows(out, inverse_order(order), len(names))
+
+
+@contextlib.contextmanager
+def _routed(layers: Sequence[nn.Module], routing: RowRouting) -> Iterator[None]:
+    for layer in layers:
+        layer.routing = routing
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.routing = None
