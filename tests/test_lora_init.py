@@ -75,6 +75,27 @@ def test_starting_factors_equal_peft_and_files_move_both_ways(init, case, tmp_pa
     assert_same(logits(loaded, batch), logits(reference, batch), atol=1e-5)
 
 
+@pytest.mark.parametrize(("init", "case"), PARITY)
+def test_first_gradients_equal_peft_with_its_residual_base(init, case):
+    """Keeping W and subtracting the frozen s B0 A0 trains like peft's residual base W - s B0 A0 plus s B A:
+    the same loss and the same gradients on A and B (so the scale s enters both alike)."""
+    toy_name, targets, peft_kwargs = CASES[case]
+    toy = TOYS[toy_name]
+    batch = toy.loss_batch()
+    reference = peft_lora(toy, toy.base(), r=4, lora_alpha=8, init_lora_weights=init, **peft_kwargs)
+    ours = dt.attach(toy.base(), dt.LoraConfig(r=4, alpha=8, targets=targets, init=init)).eval()
+    loss, expected_loss = ours(**batch).loss, reference(**batch).loss
+    assert loss.item() == pytest.approx(expected_loss.item(), abs=1e-5)
+    loss.backward()
+    expected_loss.backward()
+    theirs = {n.removeprefix("base_model.model."): p for n, p in reference.named_parameters() if "lora_" in n}
+    mine = {n.removeprefix("base_model."): p for n, p in ours.named_parameters() if p.requires_grad}
+    assert mine.keys() <= theirs.keys()  # peft's "c_proj" also takes GPT-2's MLP projection
+    for name, p in mine.items():
+        assert theirs[name].grad.abs().max() > 1e-6, name  # a gradient that is there to compare
+        assert_same(p.grad, theirs[name].grad, atol=1e-5 * float(theirs[name].grad.abs().max()))
+
+
 def test_pissa_takes_the_best_rank_r_part_and_the_fast_svd_comes_close():
     base = TOYS["llama"].base()
     weight = base.model.layers[0].mlp.down_proj.weight.detach()
