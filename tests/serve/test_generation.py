@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 import torch
@@ -144,6 +145,31 @@ def test_scheduler_bounds_running_sequences_and_frees_cancelled_slots(llama, cha
                 await asyncio.sleep(0.01)
             assert not scheduler.running and not scheduler.batch.rows
             assert len(long.seq.tokens) < 900
+        finally:
+            await scheduler.stop()
+            await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_a_request_that_cannot_join_before_the_deadline_gets_503_while_the_running_one_finishes(llama, chat_tokenizer):
+    async def main():
+        batcher = Batcher(lambda requests: [], max_batch=1)
+        await batcher.start()
+        scheduler = Scheduler(running_batch(llama), batcher, max_running=1, max_queue_ms=30)
+        await scheduler.start()
+        try:
+            running = scheduler.submit(sequence(chat_tokenizer, "l0", PROMPTS[1], max_tokens=400))
+            pieces = running.pieces()
+            await pieces.__anext__()  # it holds the only slot now
+            late = scheduler.submit(sequence(chat_tokenizer, "l1", PROMPTS[0], max_tokens=4))
+            with pytest.raises(RequestError) as refused:
+                await late.text()
+            assert refused.value.status == 503 and refused.value.retry_after >= 1
+            assert "--max-queue-ms" in refused.value.detail and not late.seq.tokens
+            assert time.perf_counter() - late.arrived >= 0.03
+            rest = "".join([piece async for piece in pieces])
+            assert running.seq.error is None and running.seq.finish_reason == "length" and rest
         finally:
             await scheduler.stop()
             await batcher.stop()

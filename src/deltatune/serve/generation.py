@@ -50,6 +50,7 @@ class GenerationService:
         self.scheduler = Scheduler(self.batch, batcher, max_running=settings.max_running,
                                    max_prefill_tokens=settings.max_prefill_tokens,
                                    max_kv_tokens=settings.max_kv_tokens, queue_size=settings.queue_size,
+                                   max_queue_ms=settings.max_queue_ms,
                                    on_step=self.metrics.observe_step, before_step=self._touch)
         config = engine.model.base_model.config
         self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

@@ -20,7 +20,7 @@ from typing import AsyncIterator, Callable
 
 from deltatune.errors import ConfigError
 from deltatune.serve.batcher import Batcher, cancel_and_wait
-from deltatune.serve.errors import QueueFull, RequestError
+from deltatune.serve.errors import QueueFull, QueueTimeout, RequestError
 from deltatune.serve.running_batch import RunningBatch, Sequence
 from deltatune.serve.settings import DEFAULTS
 
@@ -72,17 +72,19 @@ class Scheduler:
 
     def __init__(self, batch: RunningBatch, batcher: Batcher, *, max_running: int = DEFAULTS.max_running,
                  max_prefill_tokens: int = DEFAULTS.max_prefill_tokens, max_kv_tokens: int = DEFAULTS.max_kv_tokens,
-                 queue_size: int = DEFAULTS.queue_size, on_step: Callable[["Scheduler", float, list], None] | None = None,
+                 queue_size: int = DEFAULTS.queue_size, max_queue_ms: float = DEFAULTS.max_queue_ms, on_step: Callable[["Scheduler", float, list], None] | None = None,
                  before_step: Callable[[list[str]], None] | None = None) -> None:
-        if min(max_running, max_prefill_tokens, max_kv_tokens, queue_size) < 1:
+        if min(max_running, max_prefill_tokens, max_kv_tokens, queue_size) < 1 or max_queue_ms < 0:
             raise ConfigError(f"max_running ({max_running}), max_prefill_tokens ({max_prefill_tokens}), "
-                              f"max_kv_tokens ({max_kv_tokens}) and queue_size ({queue_size}) must be at least 1")
+                              f"max_kv_tokens ({max_kv_tokens}) and queue_size ({queue_size}) must be at least 1, "
+                              f"max_queue_ms ({max_queue_ms}) at least 0")
         self.batch = batch
         self.batcher = batcher
         self.max_running = max_running
         self.max_prefill_tokens = max_prefill_tokens
         self.max_kv_tokens = max_kv_tokens
         self.queue_size = queue_size
+        self.max_queue = max_queue_ms / 1000  #: seconds a request may wait to join; 0: no deadline
         self.on_step = on_step  #: after each step: (scheduler, its seconds, the finished requests)
         self.before_step = before_step  #: called on the model thread with the running adapters
         self.waiting: deque[Generation] = deque()
@@ -123,8 +125,20 @@ class Scheduler:
         return gen
 
     # --- the worker -----------------------------------------------------------------------
+    def _shed_expired(self) -> None:
+        """Answer 503 to the requests that waited longer than ``max_queue_ms`` to join; they are
+        the oldest, so they sit at the head of the queue."""
+        if not self.max_queue:
+            return
+        now = time.perf_counter()
+        while self.waiting and now - self.waiting[0].arrived > self.max_queue:
+            gen = self.waiting.popleft()
+            gen.seq.finish_reason, gen.seq.error = "error", QueueTimeout((now - gen.arrived) * 1000)
+            gen._updates.put_nowait(("", True))
+
     def _admit(self) -> list[Generation]:
         """Waiting requests that join at this step, first come first served, within the bounds."""
+        self._shed_expired()
         while self.waiting and self.waiting[0].seq.cancelled:
             self.waiting.popleft()
         joining: list[Generation] = []
