@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from deltatune.core.archspec_diffusers import diffusers_family
+from deltatune.core.json_input import parse_object
 from deltatune.core.state import KEY_PREFIX, adapter_tensors, atomic_write, check_tensors, read_adapter, save_adapter
 from deltatune.errors import AdapterError, AdapterFileError, ConfigError
 
@@ -150,12 +151,7 @@ def _config_from_metadata(path: Path, header: dict, prefix: str) -> dict | None:
     text = header.get(METADATA_KEY)
     if not text:
         return None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise AdapterFileError(f"{path}: its {METADATA_KEY} header is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise AdapterFileError(f"{path}: its {METADATA_KEY} header does not hold a JSON object")
+    data = parse_object(text, f"{path}: its {METADATA_KEY} header", AdapterFileError)
     if prefix and any(k.startswith(prefix + ".") for k in data):
         data = _under(prefix, data)
     return {"peft_type": "LORA", **data}

@@ -21,6 +21,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save_file
 
 from deltatune.core import registry
+from deltatune.core.json_input import parse_object
 from deltatune.core.layer import weights_from_file
 from deltatune.core.publish import publish_folder
 from deltatune.core.shared_params import canonical_name
@@ -155,8 +156,6 @@ def _unreadable(weights: Path, exc: Exception) -> AdapterFileError:
 
 #: adapter_config.json is a few kB; a bigger one is not an adapter config
 _MAX_CONFIG_BYTES = 4 * 2**20
-#: PEFT's configs nest three levels at most
-_MAX_CONFIG_DEPTH = 16
 
 
 def read_config(path: Path) -> dict:
@@ -165,31 +164,7 @@ def read_config(path: Path) -> dict:
     if path.stat().st_size > _MAX_CONFIG_BYTES:
         raise AdapterFileError(f"{path} has {path.stat().st_size} bytes, more than an adapter config "
                                f"({_MAX_CONFIG_BYTES} at most): it is not an adapter_config.json")
-    too_deep = False
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFileError(f"{path} is not valid JSON ({exc}); the file is damaged") from None
-    except RecursionError:  # nested deeper than the parser's stack
-        data, too_deep = None, True
-    if too_deep or _depth(data) > _MAX_CONFIG_DEPTH:
-        raise AdapterFileError(f"{path} nests lists or objects deeper than {_MAX_CONFIG_DEPTH} levels; "
-                               f"it is not an adapter config")
-    if not isinstance(data, dict):
-        raise AdapterFileError(f"{path} does not hold a JSON object")
-    return data
-
-
-def _depth(value) -> int:
-    """How deeply lists and dicts nest in ``value``, counted without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        deepest = max(deepest, level)
-        if level <= _MAX_CONFIG_DEPTH:
-            stack.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
-    return deepest
+    return parse_object(path.read_bytes(), str(path), AdapterFileError)
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], where: Path, *, allow_nonfinite: bool = False) -> None:

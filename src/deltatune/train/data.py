@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
+from deltatune.core.json_input import parse_object
 from deltatune.errors import ConfigError
 
 SUFFIXES = (".tsv", ".csv", ".jsonl", ".json", ".txt")
@@ -86,13 +87,7 @@ def _read_jsonl(path: Path, limit: int | None) -> list[dict]:
                 break
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ConfigError(f"{path}, line {number}: each line must be a JSON object")
-            rows.append(row)
+            rows.append(parse_object(line, f"{path}, line {number}", ConfigError))
     return rows
 
 
