@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from deltatune.errors import ConfigError
 from deltatune.core import precision as precision_mod
 from deltatune.core.loading import load_model, load_tokenizer
+from deltatune.errors import ConfigError
 from deltatune.train.adapter_info import base_for, load_adapted, run_labels, run_recipe
 from deltatune.train.data import read_rows
 from deltatune.train.recipe import DataSpec
