@@ -44,7 +44,7 @@ def machine() -> dict:
 def bf16_is_native(device: str) -> bool:
     """bf16 autocast pays off on CUDA and on CPUs with AVX512-BF16/AMX, and is slow elsewhere
     (the same rule as the trainer's ``precision: auto``)."""
-    from deltatune.train.precision import cpu_has_native_bf16
+    from deltatune.core.precision import cpu_has_native_bf16
     return device == "cuda" or cpu_has_native_bf16()
 
 

@@ -31,7 +31,7 @@ from common import (allocator_note, fastest, interleaved_times, medians, peak_rs
 import transformers  # noqa: E402
 
 import deltatune as dt  # noqa: E402
-from deltatune.train.precision import autocast  # noqa: E402
+from deltatune.core.precision import autocast  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 VARIANTS = ("deltatune", "deltatune-other", "peft", "frozen")

@@ -20,7 +20,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import lora_step  # noqa: E402
 
-from deltatune.core.models import resolve_model  # noqa: E402
+from deltatune.core.loading import resolve_model  # noqa: E402
 
 SHAPE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
          "num_key_value_heads", "head_dim", "hidden_act", "tie_word_embeddings", "attention_bias", "mlp_bias")

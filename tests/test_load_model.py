@@ -7,7 +7,7 @@ import pytest
 import transformers
 
 import deltatune as dt
-from deltatune.core import models
+from deltatune.core import loading
 
 
 def test_default_auto_class_per_embedded_model():
@@ -17,7 +17,7 @@ def test_default_auto_class_per_embedded_model():
 
 
 def test_a_new_head_is_mentioned_once_in_one_line(capfd, monkeypatch):
-    monkeypatch.setattr(models, "_told_about_new_heads", set())
+    monkeypatch.setattr(loading, "_told_about_new_heads", set())
     reference, info = transformers.AutoModelForSequenceClassification.from_pretrained(
         dt.resolve_model("minilm").path, num_labels=2, output_loading_info=True)
     capfd.readouterr()
@@ -47,6 +47,6 @@ def test_verbose_shows_transformers_report_and_only_then(caplog, capfd):
 
 @pytest.mark.parametrize("quiet", [True, False])
 def test_a_complete_checkpoint_says_nothing(capfd, monkeypatch, quiet):
-    monkeypatch.setattr(models, "_told_about_new_heads", set())
+    monkeypatch.setattr(loading, "_told_about_new_heads", set())
     dt.load_model("minilm", "AutoModel", quiet=quiet)
     assert capfd.readouterr().err.strip() == ""

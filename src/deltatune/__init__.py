@@ -8,10 +8,11 @@
 
 from __future__ import annotations
 
+import deltatune.compose  # noqa: F401  (gives AdaptedModel its combine and hot_swap)
 from deltatune.api import attach, load
 from deltatune.core.config import MethodConfig
 from deltatune.core.model import BASE_ADAPTER, AdaptedModel
-from deltatune.core.models import ModelSource, default_auto_class, load_model, load_tokenizer, resolve_model
+from deltatune.core.loading import ModelSource, default_auto_class, load_model, load_tokenizer, resolve_model
 from deltatune.errors import (AdapterError, AdapterFileError, ConfigError, DeltatuneError, ModelNotFoundError,
                               TargetError)
 from deltatune.methods.adapters import AdapterConfig
@@ -24,8 +25,7 @@ from deltatune.methods.lora import LoraConfig
 from deltatune.methods.prefix import PrefixTuningConfig
 from deltatune.methods.prompt import PromptTuningConfig, PTuningConfig
 from deltatune.quant import prepare_for_kbit_training, quantization_report, quantize
-
-__version__ = "0.1.0"
+from deltatune.version import __version__
 
 __all__ = [
     "attach", "load", "AdaptedModel", "MethodConfig", "BASE_ADAPTER",

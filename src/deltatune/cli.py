@@ -41,6 +41,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 @command("train", "fine-tune a model from a recipe", _train_args)
 def _train(args: argparse.Namespace) -> None:
+    import deltatune.experiments  # noqa: F401  (registers the recipe method "intrinsic")
     from deltatune.train import train
 
     train(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
@@ -79,7 +80,7 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
 
 @command("merge", "bake an adapter into its base model and save the plain model", _merge_args)
 def _merge(args: argparse.Namespace) -> None:
-    from deltatune.train.adapter_tools import merge_adapter
+    from deltatune.train.merge import merge_adapter
 
     print(f"merged model written to {merge_adapter(args.adapter, args.out, args.model)}")
 
@@ -93,7 +94,7 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 def _inspect(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
-    from deltatune.train.adapter_tools import inspect_adapter
+    from deltatune.train.adapter_info import inspect_adapter
 
     info = inspect_adapter(args.adapter)
     print(json.dumps(asdict(info), default=str) if args.json else "\n".join(info.lines()))
@@ -183,7 +184,7 @@ def _analyze(args: argparse.Namespace) -> None:
 # --- entry point -----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from deltatune import __version__
+    from deltatune.version import __version__
 
     parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning "
                                      "for Hugging Face transformers models.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -203,6 +204,23 @@ def test_a_recipe_trains_in_a_subspace_with_the_usual_trainer(recipe, tmp_path):
         train(recipe(method={"type": "intrinsic", "d": 4, "rank": 2}, output_dir=str(tmp_path / "bad")), quiet=True)
     with pytest.raises(ConfigError, match="no d"):
         train(recipe(method={"type": "intrinsic"}, output_dir=str(tmp_path / "bad2")), quiet=True)
+
+
+def test_deltatune_train_in_a_fresh_process_knows_the_intrinsic_method(recipe, tmp_path):
+    """train never imports experiments; the command line does, so that experiments can register
+    the recipe method. An option only intrinsic refuses shows that the recipe reached it."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe(method={"type": "intrinsic", "d": 4, "rank": 2},
+                                          output_dir=str(tmp_path / "bad"))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "deltatune", "train", str(path), "--quiet"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "intrinsic method: unknown option rank" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("fields, named", [

@@ -12,7 +12,7 @@ import pytest
 
 from deltatune.cli import main
 from deltatune.errors import ConfigError
-from deltatune.experiments import results, sweep as sweep_mod
+from deltatune.experiments import report, results, sweep as sweep_mod
 from deltatune.experiments.grid import Sweep, load_sweep, setting_label
 from deltatune.train import recipe as rc
 
@@ -237,7 +237,7 @@ def test_sweep_runs_records_failures_and_resumes(recipe, tmp_path):
     failed = next(o for o in outcomes if o.status == "failed")
     assert "no_such_module" in failed.error and (failed.run.folder / "error.txt").is_file()
 
-    written = results.write_report(sweep)
+    written = report.write_report(sweep)
     rows = read_rows(written["csv"])
     assert len(rows) == 5
     assert list(rows[0])[:4] == ["method.targets", "method.r", "seed", "kind"]

@@ -11,7 +11,7 @@ import torch
 from fastapi.testclient import TestClient
 
 import deltatune as dt
-import deltatune.train.precision as precision_module
+import deltatune.core.precision as precision_module
 from deltatune.errors import ConfigError
 from deltatune.serve import create_app
 from tests.serve.conftest import NAMES, TEXTS, served_model, tiny_gpt2

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import deltatune as dt
+from deltatune.core import precision
 from deltatune.errors import ConfigError
-from deltatune.train import precision
 from deltatune.train.optim import build_optimizer, build_schedule, parameter_groups, warmup_steps
 from deltatune.train.recipe import TrainSpec
 from tests.toy_models import build_bert

@@ -10,7 +10,8 @@ import pytest
 
 import deltatune as dt
 from deltatune.train import train
-from deltatune.train.adapter_tools import inspect_adapter, load_adapted, merge_adapter
+from deltatune.train.adapter_info import inspect_adapter, load_adapted
+from deltatune.train.merge import merge_adapter
 from deltatune.train.evaluate import evaluate
 from tests.train.conftest import sentiment_rows, write_tsv
 

@@ -5,5 +5,10 @@ Mixed-adapter batches are routed by :mod:`deltatune.core.routing`, since every f
 from deltatune.compose.cache import AdapterCache
 from deltatune.compose.combine import combine
 from deltatune.compose.swap import hot_swap
+from deltatune.core.model import provide
+
+# AdaptedModel.combine(...) and .hot_swap(...) call these; the core cannot import compose
+provide("combine", combine)
+provide("hot_swap", hot_swap)
 
 __all__ = ["combine", "hot_swap", "AdapterCache"]

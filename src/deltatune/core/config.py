@@ -7,7 +7,6 @@ names HF PEFT uses (``target_modules``, ``lora_alpha`` ...), so adapter folders 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import types
 import typing
@@ -239,9 +238,6 @@ class MethodConfig:
             key = "base_model_name_or_path" if f.name == "base_model" else self.peft_names.get(f.name, f.name)
             out[key] = _thaw(getattr(self, f.name))
         return out
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":

@@ -86,7 +86,7 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.adapters_disabled = False
         #: set during a mixed-adapter call: a callable ``routing(layer, x, *args, **kwargs)`` that
-        #: sends each row through its own adapter (see deltatune.compose.routing)
+        #: sends each row through its own adapter (see :mod:`deltatune.core.routing`)
         self.routing = None
 
     # Models read their layers' weights directly (T5 checks ``wo.weight.dtype``; tying code
@@ -253,15 +253,15 @@ class AdapterLayer(nn.Module):
         """Undo :meth:`_merge_into` for ``name``, the last adapter merged."""
         weight.data -= self.delta_weight(name).to(weight.dtype)
 
-    def unwrapped(self) -> nn.Module:
-        """The module to put back when the adapters are unloaded."""
-        return self.base_layer
-
 
 class ModulesToSave(AdapterLayer):
     """A trainable full copy of a module (e.g. the classifier head) per adapter."""
 
     adapter_attrs = ("modules_to_save",)
+    #: whether the frozen original counts in ``AdaptedModel.parameter_counts`` beside its copies:
+    #: yes for a head saved next to an adapter (as peft counts it), no where the copies are the
+    #: model being trained (the freeze methods, full fine-tuning)
+    original_counted: ClassVar[bool] = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -305,7 +305,7 @@ class ModelAdapter(nn.Module):
     prefixes). While it is active, :class:`AdaptedModel` passes every call's keyword arguments
     through :meth:`transform_inputs` and the result through :meth:`transform_outputs`.
 
-    Methods subclass it and return one from their injector's ``build_model_adapter``.
+    Methods subclass it and return one from ``Method.build_model_adapter`` (:mod:`deltatune.core.registry`).
     """
 
     mergeable: ClassVar[bool] = False

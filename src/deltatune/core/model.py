@@ -3,25 +3,40 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from deltatune.core import registry
+from deltatune.core import merging, registry
 from deltatune.core.archspec import classification_head_names, task_type_of
 from deltatune.core.config import MethodConfig
 from deltatune.core.hf_interop import HuggingFaceFacade, with_base_signature
 from deltatune.core.layer import AdapterLayer, ModelAdapter, ModulesToSave, wrapped
 from deltatune.core.quantized import handler_for
 from deltatune.core.report import format_report
-from deltatune.core.routing import call_mixed
+from deltatune.core.routing import BASE_ADAPTER  # noqa: F401  (re-exported: the facade and serve import it from here)
+from deltatune.core.routing import call_model_mixed, check_mixable
 from deltatune.core.shared_params import SharedParameterValues
 from deltatune.core.targets import compact_targets, visible_modules
 from deltatune.errors import AdapterError, ConfigError, TargetError
 
-BASE_ADAPTER = "__base__"  # reserved: "no adapter", e.g. in mixed batches and the server
+#: operations a package above the core implements for every AdaptedModel (compose: combine,
+#: hot_swap); the core calls them without importing that package
+_PROVIDED: dict[str, Callable] = {}
+
+
+def provide(operation: str, function: Callable) -> None:
+    """Let ``AdaptedModel.<operation>(...)`` call ``function(model, ...)``."""
+    _PROVIDED[operation] = function
+
+
+def _provided(operation: str) -> Callable:
+    try:
+        return _PROVIDED[operation]
+    except KeyError:
+        raise AdapterError(f"{operation} is implemented in deltatune.compose; import deltatune.compose "
+                           f"(import deltatune does)") from None
 
 
 class AdaptedModel(HuggingFaceFacade, nn.Module):
@@ -54,7 +69,7 @@ class AdaptedModel(HuggingFaceFacade, nn.Module):
         """The base model's forward with the active adapters; ``adapter_names`` (one name per
         row, ``"__base__"`` for none) runs each row through its own adapter instead."""
         if adapter_names is not None:
-            return self._mixed(self.base_model, adapter_names, args, kwargs)
+            return call_model_mixed(self, self.base_model, adapter_names, args, kwargs)
         live = self._live_model_adapters()
         if not live:
             return self.base_model(*args, **kwargs)
@@ -71,7 +86,7 @@ class AdaptedModel(HuggingFaceFacade, nn.Module):
         if adapter_names is not None:
             if kwargs.get("num_beams", 1) > 1:
                 raise AdapterError("mixed-adapter generation supports greedy and sampling, not beam search")
-            return self._mixed(self.base_model.generate, adapter_names, args, kwargs)
+            return call_model_mixed(self, self.base_model.generate, adapter_names, args, kwargs)
         live = self._live_model_adapters()
         if live:
             kwargs = self._as_keywords(args, kwargs)
@@ -80,25 +95,10 @@ class AdaptedModel(HuggingFaceFacade, nn.Module):
                 kwargs = adapter.transform_generate_inputs(self.base_model, kwargs)
         return self.base_model.generate(*args, **kwargs)
 
-    def _mixed(self, call, adapter_names: Sequence[str], args: tuple, kwargs: dict):
-        """``call`` with each row through its own adapter (see :func:`core.routing.call_mixed`)."""
-        self.check_mixable(adapter_names)
-        if self.merged:
-            raise AdapterError("an adapter is merged into the weights: unmerge() before mixed-adapter calls")
-        if self._shared.owner is not None:
-            raise AdapterError("adapters that train base biases (the bias option) cannot share a mixed batch")
-        return call_mixed(call, adapter_names, args, kwargs, [layer for _, layer in self.adapter_layers()])
-
     def check_mixable(self, names: Sequence[str]) -> None:
         """Raise :class:`AdapterError` unless every adapter in ``names`` can take part in a
-        mixed-adapter batch (``adapter_names=``): it must act on weights, not on the inputs, and
-        must not train base parameters that other adapters share (the bias option)."""
-        for n in sorted(set(names) - {BASE_ADAPTER}):
-            self._check(n)
-            if n in self.model_adapters:
-                raise AdapterError(f"adapter {n!r} acts on the inputs and cannot share a mixed batch")
-            if self._shared.owner_among([n]) is not None:
-                raise AdapterError("adapters that train base biases (the bias option) cannot share a mixed batch")
+        mixed-adapter batch (``adapter_names=``); see :func:`core.routing.check_mixable`."""
+        check_mixable(self, names)
 
     def _live_model_adapters(self) -> list[ModelAdapter]:
         if self._adapters_disabled:
@@ -144,7 +144,7 @@ class AdaptedModel(HuggingFaceFacade, nn.Module):
         self._layer_index = {path: module for path, module in modules if isinstance(module, AdapterLayer)}
 
     def _index_new_wrappers(self, paths: Sequence[str]) -> None:
-        # Injectors return the paths they wrapped (registry contract); a path that holds no
+        # Methods return the paths they wrapped (Method.inject); a path that holds no
         # wrapper, or one the model did not have before, means the structure changed in ways
         # the index cannot follow, so walk the model instead.
         found = {p: self.base_model.get_submodule(p) for p in paths}
@@ -166,18 +166,16 @@ class AdaptedModel(HuggingFaceFacade, nn.Module):
         config = self._complete(config)
         try:
             saved = self._wrap_modules_to_save(config, name)
-            paths = spec.injector.inject(self.base_model, config, name)
+            paths = spec.method.inject(self.base_model, config, name)
         except Exception:
             self._reindex()
             self._drop(name)
             raise
         self._index_new_wrappers([*saved, *paths])
-        build = getattr(spec.injector, "build_model_adapter", None)
-        model_adapter = build(self.base_model, config, name) if build else None
+        model_adapter = spec.method.build_model_adapter(self.base_model, config, name)
         if model_adapter is not None:
             self.model_adapters[name] = model_adapter
-        extra = getattr(spec.injector, "extra_trainable", None)
-        extras = extra(self.base_model, config, paths) if extra else []
+        extras = spec.method.extra_trainable(self.base_model, config, paths)
         self._shared.add(name, [n for n in extras if not any(n.startswith(s + ".") for s in saved)])
         layer_paths = [p for p in paths if not getattr(self._layer_index.get(p), "adapts_parameters", False)]
         if layer_paths:
@@ -290,44 +288,17 @@ class AdaptedModel(HuggingFaceFacade, nn.Module):
     def merge(self, names: str | Sequence[str] | None = None) -> None:
         """Bake the active (or the named) adapters into the base weights."""
         names = self.active_adapters if names is None else ([names] if isinstance(names, str) else list(names))
-        for n in names:
-            self._check(n)
-            if n in self.model_adapters:
-                raise AdapterError(f"adapter {n!r} ({type(self.configs[n]).__name__}) acts on the inputs, "
-                                   f"not on weights, and cannot be merged")
-        layers = [(p, layer) for p, layer in self.adapter_layers() if set(names) & set(layer.adapter_names)]
-        tied = self._tied_parameter_names()
-        for path, layer in layers:
-            if not layer.mergeable and not isinstance(layer, ModulesToSave):
-                raise AdapterError(f"{path}: a {type(layer).__name__} cannot be merged into the weights")
-            weight = getattr(layer.base_layer, "weight", None)
-            others = [n for n in tied.get(id(weight), []) if not n.startswith(path + ".")]
-            if weight is not None and others and not isinstance(layer, ModulesToSave):
-                raise AdapterError(f"{path}.weight is tied to {others[0]}: merging would change that module "
-                                   f"too; keep the adapter unmerged, or untie the weights first")
-            twice = set(names) & set(layer.merged_adapters)
-            if twice:
-                raise AdapterError(f"adapter {sorted(twice)[0]!r} is already merged; call unmerge() first")
-        for _, layer in layers:
-            layer.merge([n for n in names if n in layer.adapter_names])
+        merging.merge(self, names)
 
     def training_penalty(self) -> torch.Tensor | None:
         """The regularisation term the active adapters' methods add to the training loss (e.g.
         diff pruning's L0 penalty), or None when no active method has one."""
         terms = []
         for method in {type(self.configs[n]).method for n in self.active_adapters}:
-            hook = getattr(registry.get(method).injector, "training_penalty", None)
-            term = hook(self) if hook is not None else None
+            term = registry.get(method).method.training_penalty(self)
             if term is not None:
                 terms.append(term)
         return torch.stack(terms).sum() if terms else None
-
-    def _tied_parameter_names(self) -> dict[int, list[str]]:
-        """Parameters reachable under more than one name (tied weights), by id."""
-        names: dict[int, list[str]] = {}
-        for n, p in self.base_model.named_parameters(remove_duplicate=False):
-            names.setdefault(id(p), []).append(n)
-        return {key: ns for key, ns in names.items() if len(ns) > 1}
 
     def unmerge(self) -> None:
         """Take every merged adapter out of the base weights again."""
@@ -345,75 +316,45 @@ class AdaptedModel(HuggingFaceFacade, nn.Module):
         ``requantize=True`` quantizes the merged layers again, which loses accuracy: the
         quantization error now also hits the learned update.
         """
-        dequantized = self._dequantize_adapted_layers()
-        if requantize and dequantized:
-            warnings.warn("re-quantizing merged weights adds quantization error to the learned update; "
-                          "compare its outputs before relying on it", stacklevel=2)
-        if not self.merged:
-            self.merge()
-        model = self._unwrap(keep_trained_heads=True)
-        for path, original in dequantized.items():
-            if requantize:
-                model.set_submodule(path, handler_for(original).requantize(model.get_submodule(path), original))
-        if not requantize:
-            for path, module in list(model.named_modules()):
-                handler = handler_for(module)
-                if handler is not None:
-                    model.set_submodule(path, handler.dequantize(module))
-        return model
-
-    def _dequantize_adapted_layers(self) -> dict[str, nn.Module]:
-        """Swap each adapted quantized base layer for its full-precision twin; returns the originals."""
-        originals: dict[str, nn.Module] = {}
-        for path, layer in self.adapter_layers():
-            handler = handler_for(layer.base_layer)
-            if handler is None or not layer.mergeable:
-                continue
-            if layer.merged_adapters:
-                raise AdapterError(f"{path} is quantized and merged in place; unmerge() first")
-            originals[path] = layer.base_layer
-            layer.base_layer = handler.dequantize(layer.base_layer)
-        return originals
+        return merging.merge_and_unload(self, requantize)
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the original base model."""
         self.unmerge()
         self._shared.activate(None)
-        return self._unwrap(keep_trained_heads=False)
+        return merging.unwrap(self, keep_trained_heads=False)
 
-    def _unwrap(self, keep_trained_heads: bool) -> nn.Module:
-        for path, layer in list(self.adapter_layers()):
-            replacement = layer.base_layer
-            if keep_trained_heads and isinstance(layer, ModulesToSave):
-                for n in layer.active_adapters:
-                    replacement = layer.modules_to_save[n]
-                    break
-            self.base_model.set_submodule(path, replacement)
+    def _forget_adapters(self) -> None:
+        """Clear the bookkeeping after the wrappers are gone (``merging.unwrap``)."""
         self._reindex()
         self.model_adapters = nn.ModuleDict()
         self.configs.clear()
         self._shared = SharedParameterValues(self.base_model)
         self.active_adapters = []
-        return self.base_model
 
-    # --- many adapters (implemented in deltatune.compose, which builds on this class) -------
+    # --- many adapters (implemented in deltatune.compose, which provides them) --------------
     def combine(self, weights: dict[str, float], name: str, how: str = "cat", rank: int | None = None, **options):
         """Add adapter ``name``, a weighted combination of LoRA adapters (how, options: compose.combine)."""
-        from deltatune.compose.combine import combine
-        return combine(self, weights, name, how=how, rank=rank, **options)
+        return _provided("combine")(self, weights, name, how=how, rank=rank, **options)
 
     def hot_swap(self, name: str, directory: str) -> None:
         """Replace adapter ``name``'s weights in place from a file (see compose.swap)."""
-        from deltatune.compose.swap import hot_swap
-        hot_swap(self, name, directory)
+        _provided("hot_swap")(self, name, directory)
 
     # --- reporting and files --------------------------------------------------------------
     def parameter_counts(self) -> tuple[int, int]:
-        """``(trainable, total)`` parameter counts, adapters included in the total."""
+        """``(trainable, total)`` parameter counts. The total holds the base model and what the
+        adapters add (a saved head's trained copy too, as peft counts it); the frozen originals
+        that the freeze methods (``full``, ``freeze``) replace with trained copies count once."""
         # a quantized weight packs several parameters per element: count the layer's real size
         packed = {id(m.weight): m.in_features * m.out_features for m in self.modules() if handler_for(m) is not None}
+        replaced = {id(p) for _, layer in self.adapter_layers()
+                    if isinstance(layer, ModulesToSave) and not layer.original_counted
+                    for p in layer.base_layer.parameters()}
         total = trainable = 0
         for p in self.parameters():
+            if id(p) in replaced:
+                continue
             n = packed.get(id(p), p.numel())
             total += n
             trainable += n if p.requires_grad else 0

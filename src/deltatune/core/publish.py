@@ -24,9 +24,25 @@ LITTER_SUFFIX = ".publish"
 _RENAME_EXCHANGE = 2  # linux/fs.h
 
 
-def _default_folder_mode() -> int:
-    from deltatune.core.state import default_mode  # the umask reader lives with the file writer
-    return default_mode(folder=True)
+def process_umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (changing it, the
+    only portable way, would briefly affect files other threads create)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(folder: bool = False) -> int:
+    """The permissions ``open()`` / ``mkdir()`` would give a new file or folder; temp files and
+    folders start owner-only, so what is renamed into place gets these first."""
+    return (0o777 if folder else 0o666) & ~process_umask()
 
 
 def fsync_path(path: Path) -> None:
@@ -98,7 +114,7 @@ def publish_folder(target: str | os.PathLike, fill: Callable[[Path], None], *,
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=LITTER_SUFFIX))
     try:
         existed = target.is_dir()
-        os.chmod(tmp, os.stat(target).st_mode & 0o7777 if existed else _default_folder_mode())
+        os.chmod(tmp, os.stat(target).st_mode & 0o7777 if existed else default_mode(folder=True))
         if existed and replace is not None:
             keep = set(replace)
             for entry in os.scandir(target):

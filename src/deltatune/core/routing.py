@@ -148,3 +148,31 @@ def _routed(layers: Sequence[nn.Module], routing: RowRouting) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.routing = None
+
+
+# --- the adapted model's side: which adapters may mix, and the checked call -------------------
+
+BASE_ADAPTER = "__base__"  # reserved: "no adapter", e.g. in mixed batches and the server
+
+
+def check_mixable(model, names: Sequence[str]) -> None:
+    """Raise :class:`AdapterError` unless every adapter of ``model`` (an AdaptedModel) in ``names``
+    can share a mixed batch: it must act on weights, not on the inputs, and must not train base
+    parameters that other adapters share (the bias option)."""
+    for n in sorted(set(names) - {BASE_ADAPTER}):
+        model._check(n)
+        if n in model.model_adapters:
+            raise AdapterError(f"adapter {n!r} acts on the inputs and cannot share a mixed batch")
+        if model._shared.owner_among([n]) is not None:
+            raise AdapterError("adapters that train base biases (the bias option) cannot share a mixed batch")
+
+
+def call_model_mixed(model, call: Callable, adapter_names: Sequence[str], args: tuple, kwargs: dict):
+    """``call`` (the base model or its ``generate``) with each row through its own adapter of
+    ``model``, after the checks that make that well defined."""
+    check_mixable(model, adapter_names)
+    if model.merged:
+        raise AdapterError("an adapter is merged into the weights: unmerge() before mixed-adapter calls")
+    if model._shared.owner is not None:
+        raise AdapterError("adapters that train base biases (the bias option) cannot share a mixed batch")
+    return call_mixed(call, adapter_names, args, kwargs, [layer for _, layer in model.adapter_layers()])

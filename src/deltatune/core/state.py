@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from deltatune.core import registry
 from deltatune.core.json_input import parse_object
 from deltatune.core.layer import weights_from_file
-from deltatune.core.publish import publish_folder
+from deltatune.core.publish import default_mode, publish_folder
 from deltatune.core.shared_params import canonical_name
 from deltatune.errors import AdapterFileError, ConfigError, DeltatuneError
 
@@ -45,27 +45,6 @@ def adapter_tensors(model: "AdaptedModel", name: str) -> dict[str, torch.Tensor]
         out.update(model.model_adapters[name].file_state())
     out.update({KEY_PREFIX + pname: value for pname, value in model._shared.values(name).items()})
     return out
-
-
-def process_umask() -> int:
-    """This process's umask, read without changing it where Linux shows it (changing it, the
-    only portable way, would briefly affect files other threads create)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def default_mode(folder: bool = False) -> int:
-    """The permissions ``open()`` / ``mkdir()`` would give a new file or folder; temp files and
-    folders start owner-only, so what is renamed into place gets these first."""
-    return (0o777 if folder else 0o666) & ~process_umask()
 
 
 def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -97,9 +76,7 @@ def save_adapter(model: "AdaptedModel", directory: str | os.PathLike, name: str 
         raise AdapterFileError(f"cannot save the adapter to {directory}: it is a file, not a folder")
     config = model.configs[name]
     data = config.to_dict()
-    file_extras = getattr(registry.for_config(config).injector, "file_extras", None)
-    if file_extras:
-        data.update(file_extras(model, name))
+    data.update(registry.for_config(config).method.file_extras(model, name))
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(model, name).items()}
     text = json.dumps(data, indent=2, sort_keys=True)
 

@@ -4,6 +4,7 @@ update does to the weights.
 - :mod:`~deltatune.experiments.grid`: sweep files, validated and expanded into runs;
 - :mod:`~deltatune.experiments.sweep`: running them in worker processes, resumably;
 - :mod:`~deltatune.experiments.results`: ``results.csv`` and the mean ± std table;
+- :mod:`~deltatune.experiments.report`: writes both and the plots into the sweep folder;
 - :mod:`~deltatune.experiments.plots`: the plots (matplotlib, Agg);
 - :mod:`~deltatune.experiments.fastfood` and :mod:`~deltatune.experiments.intrinsic`: training
   in a random subspace and the intrinsic dimension d90;
@@ -12,3 +13,5 @@ update does to the weights.
 
 The command line (``deltatune sweep``, ``deltatune analyze ...``) is a thin layer over these.
 """
+
+from deltatune.experiments import intrinsic  # noqa: F401  (registers the recipe method "intrinsic" with train)

@@ -28,7 +28,7 @@ def _say(line: str) -> None:
 def sweep_command(args: argparse.Namespace) -> None:
     """``deltatune sweep SWEEP.yaml [--workers N] [--out DIR] [--dry-run] [--report-only]``."""
     from deltatune.experiments.grid import load_sweep
-    from deltatune.experiments.results import write_report
+    from deltatune.experiments.report import write_report
     from deltatune.experiments.sweep import describe, is_finished, run_sweep, threads_per_worker
 
     if args.workers < 0:

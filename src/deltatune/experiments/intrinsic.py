@@ -34,7 +34,7 @@ from deltatune.errors import ConfigError
 from deltatune.experiments.fastfood import Fastfood
 from deltatune.train.distributed import launched
 from deltatune.train.files import replace_dir
-from deltatune.train.methods import TrainMethod
+from deltatune.train.methods import TrainMethod, register_training_method
 
 
 class SubspaceModel(nn.Module):
@@ -167,6 +167,9 @@ class SubspaceMethod(TrainMethod):
 
     def summary_facts(self, model: SubspaceModel) -> dict:
         return {"subspace": model.describe()}
+
+
+register_training_method("intrinsic", SubspaceMethod.from_section)
 
 
 def train_subspace(recipe, d: int, *, said: bool = False, exclude: Iterable[str] = (), projection_seed: int = 0,

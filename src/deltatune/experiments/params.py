@@ -45,7 +45,7 @@ def model_params(model: torch.nn.Module, method) -> dict:
 def recipe_params(source, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """:func:`model_params` for a recipe (file, built-in name or dict): the model, its task head
     (labels read from the training data) and its method, built on the CPU without training."""
-    import deltatune as dt
+    from deltatune.core.loading import load_tokenizer
     from deltatune.train import tasks
     from deltatune.train.data import read_rows
     from deltatune.train.methods import resolve
@@ -54,7 +54,7 @@ def recipe_params(source, overrides: list[str] | tuple[str, ...] = ()) -> dict:
 
     recipe = load(source, overrides)
     method = resolve(recipe.method)
-    task = tasks.get(recipe.task)(recipe.data, dt.load_tokenizer(recipe.model))
+    task = tasks.get(recipe.task)(recipe.data, load_tokenizer(recipe.model))
     task.fit_labels(read_rows(recipe.resolve_path(recipe.data.train), recipe.data.max_train))
     model = build_model(recipe, task, method, torch.device("cpu"))
     return {"model": recipe.model, "task": recipe.task, "method_config": dict(recipe.method),

@@ -15,9 +15,9 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable
 
-from deltatune.experiments.grid import Run, Sweep, format_value
+from deltatune.experiments.grid import Run, format_value
 from deltatune.experiments.sweep import ERROR_FILE, is_finished
-from deltatune.train.files import write_atomic, write_text
+from deltatune.train.files import write_atomic
 
 #: the columns every row has, after the grid keys
 BASE_COLUMNS = ("seed", "kind", "label", "method", "status", "trainable_params", "total_params", "trainable_percent")
@@ -133,21 +133,3 @@ def markdown(entries: list[dict], metrics: list[str] | None = None) -> str:
         cells += [f"{e['trainable_params']:,}" if "trainable_params" in e else "-", _cell(e.get("wall_time_s"), 0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def write_report(sweep: Sweep, plots: bool = True, *, runs: list[Run] | None = None) -> dict[str, Path]:
-    """Write ``results.csv``, ``results.md`` and (with ``plots``) the plots into the sweep's
-    output folder from the run folders on disk; returns the paths written. ``runs``: the
-    sweep's runs when they are built already (default: built here)."""
-    out = sweep.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    rows = collect(sweep.runs() if runs is None else runs, sweep.keys)
-    written = {"csv": write_csv(rows, sweep.keys, out / "results.csv")}
-    entries = aggregate(rows)
-    write_text(out / "results.md", markdown(entries))
-    written["markdown"] = out / "results.md"
-    if plots and any(e["n"] for e in entries):
-        from deltatune.experiments import plots as plots_mod
-
-        written.update(plots_mod.sweep_plots(rows, sweep.keys, out))
-    return written

@@ -192,7 +192,7 @@ def adapter_amplification(adapter: str | Path, model: str | None = None, rank: i
     """:func:`amplification` for every LoRA linear layer of an adapter, on its base model
     (``model``: alias or folder; default the one the adapter records)."""
     from deltatune.methods.lora.layer import LoraLinear
-    from deltatune.train.adapter_tools import load_adapted
+    from deltatune.train.adapter_info import load_adapted
 
     read_lora_a(adapter)  # a clear error for a folder that is not a LoRA adapter
     adapted, _, _ = load_adapted(adapter, model)

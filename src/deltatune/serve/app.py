@@ -73,7 +73,7 @@ def create_app(model: nn.Module, tokenizer, settings: ServeSettings | None = Non
                 await generation.stop()
             await batcher.stop()
 
-    from deltatune import __version__
+    from deltatune.version import __version__
     app = FastAPI(title="deltatune", version=__version__, lifespan=lifespan,
                   description="One base model, many adapters: requests for different adapters share a batch.")
     limits.install(app, settings)  # body-size limit and error answers that never fail

@@ -19,8 +19,8 @@ from deltatune.core.model import BASE_ADAPTER, AdaptedModel
 from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.serve.errors import RequestError
 from deltatune.serve.settings import DEFAULTS
-from deltatune.train.precision import autocast
-from deltatune.train.precision import resolve as resolve_precision
+from deltatune.core.precision import autocast
+from deltatune.core.precision import resolve as resolve_precision
 
 
 CLASSIFY, GENERATE = "classify", "generate"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.serve.settings import DEFAULTS
-from deltatune.train.precision import PRECISIONS
+from deltatune.core.precision import PRECISIONS
 
 _AUTO_CLASSES = {"seq-cls": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
 
@@ -82,7 +82,8 @@ def build_model(model: str, adapters: dict[str, str], task: str | None = None, n
     """``(AdaptedModel, tokenizer)``: base ``model`` with ``adapters`` loaded, in eval mode."""
     import torch
 
-    import deltatune as dt
+    from deltatune.core.loading import load_model, load_tokenizer
+    from deltatune.core.model import AdaptedModel
 
     facts = {name: adapter_facts(path) for name, path in adapters.items()}
     first = next(iter(facts.values()), (None, None))
@@ -99,11 +100,11 @@ def build_model(model: str, adapters: dict[str, str], task: str | None = None, n
             kwargs["num_labels"] = labels
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = dt.load_model(model, auto_class=_AUTO_CLASSES[task], quiet=True, **kwargs)  # adapters bring heads
-    adapted = dt.AdaptedModel(base)
+    base = load_model(model, auto_class=_AUTO_CLASSES[task], quiet=True, **kwargs)  # adapters bring heads
+    adapted = AdaptedModel(base)
     for name, path in adapters.items():
         adapted.load(path, name)
-    return adapted.to(device).eval(), dt.load_tokenizer(model)
+    return adapted.to(device).eval(), load_tokenizer(model)
 
 
 def serve(args: argparse.Namespace) -> None:

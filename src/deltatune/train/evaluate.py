@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-import deltatune as dt
+from deltatune.core import precision as precision_mod
+from deltatune.core.loading import load_model, load_tokenizer
 from deltatune.errors import ConfigError
-from deltatune.train import precision as precision_mod
-from deltatune.train.adapter_tools import base_for, load_adapted, run_labels, run_recipe
+from deltatune.train.adapter_info import base_for, load_adapted, run_labels, run_recipe
 from deltatune.train.data import read_rows
 from deltatune.train.recipe import DataSpec
 from deltatune.train.tasks import TASKS
@@ -42,7 +42,7 @@ def evaluate(data: str | os.PathLike, adapter: str | os.PathLike | None = None, 
         if task_name not in TASKS:
             raise ConfigError(f"unknown task {task_name!r}; tasks: {', '.join(TASKS)}")
         model_name = model
-        net, tokenizer = dt.load_model(model_name, TASKS[task_name].auto_class, quiet=True), dt.load_tokenizer(model_name)
+        net, tokenizer = load_model(model_name, TASKS[task_name].auto_class, quiet=True), load_tokenizer(model_name)
     job = TASKS[task_name](_data_spec(run, text, label, max_length), tokenizer)
     config_labels = getattr(net.config, "id2label", None)
     labels = run_labels(adapter) if adapter is not None else None

@@ -2,7 +2,9 @@
 
 Any registered method (``{type: lora, r: 8, ...}``) is looked up in the registry and attached,
 so new methods need no change here; the ``full`` and ``head-only`` baselines are registered
-methods too (``deltatune.methods.freeze``).
+methods too (``deltatune.methods.freeze``). Ways of training that are not adapters (the
+``intrinsic`` subspace of :mod:`deltatune.experiments`) add themselves with
+:func:`register_training_method`, so that train never imports the packages built on it.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 import typing
 from pathlib import Path
+from typing import Callable
 
 from torch import nn
 
-import deltatune as dt
+from deltatune.api import attach
 from deltatune.core import registry
+from deltatune.core.config import MethodConfig
 from deltatune.errors import ConfigError
 from deltatune.train.files import replace_dir
 from deltatune.train.recipe import coerce
@@ -47,12 +51,12 @@ class AdapterMethod(TrainMethod):
     """A registered PEFT method, attached with :func:`deltatune.attach`; saved as a
     PEFT-compatible adapter folder."""
 
-    def __init__(self, config: dt.MethodConfig) -> None:
+    def __init__(self, config: MethodConfig) -> None:
         self.config = config
         self.name = type(config).method
 
     def apply(self, model: nn.Module) -> nn.Module:
-        return dt.attach(model, self.config)
+        return attach(model, self.config)
 
     def save(self, model: nn.Module, folder: Path) -> None:
         replace_dir(folder, lambda tmp: model.save(str(tmp)))
@@ -73,6 +77,15 @@ def _numbers_from_text(config_cls: type, fields: dict) -> dict:
     return out
 
 
+_OTHER_METHODS: dict[str, Callable[[dict], TrainMethod]] = {}
+
+
+def register_training_method(kind: str, from_section: Callable[[dict], TrainMethod]) -> None:
+    """Let recipes say ``method: {type: <kind>, ...}`` for a way of training that is not a
+    registered adapter method; ``from_section`` gets the section's other fields."""
+    _OTHER_METHODS[kind] = from_section
+
+
 def resolve(section: dict) -> TrainMethod:
     """The :class:`TrainMethod` a recipe's ``method`` section describes."""
     fields = dict(section)
@@ -85,7 +98,8 @@ def resolve(section: dict) -> TrainMethod:
             raise ConfigError(f"unknown {kind} option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in "
                               f"method; valid options: {', '.join(valid)}")
         return AdapterMethod(spec.config_cls(**_numbers_from_text(spec.config_cls, fields)))
-    if kind == "intrinsic":  # training in a random subspace, from the experiments package
-        from deltatune.experiments.intrinsic import SubspaceMethod
-        return SubspaceMethod.from_section(fields)
-    raise ConfigError(f"unknown method type {kind!r}; available: {', '.join([*registry.names(), 'intrinsic'])}")
+    if kind in _OTHER_METHODS:
+        return _OTHER_METHODS[kind](fields)
+    hint = "" if "intrinsic" in _OTHER_METHODS else " (intrinsic: import deltatune.experiments first)"
+    raise ConfigError(f"unknown method type {kind!r}; available: {', '.join([*registry.names(), *_OTHER_METHODS])}"
+                      f"{hint}")

@@ -28,7 +28,7 @@ from typing import Any, Iterable
 import yaml
 
 from deltatune.errors import ConfigError
-from deltatune.train.precision import PRECISIONS
+from deltatune.core.precision import PRECISIONS
 
 TASKS = ("seq-cls", "token-cls", "causal-lm", "seq2seq", "text-to-image")
 SCHEDULES = ("linear", "cosine", "constant")

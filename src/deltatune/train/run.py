@@ -14,9 +14,11 @@ from typing import Any, TextIO
 
 import torch
 
-import deltatune as dt
-from deltatune.errors import ConfigError, DeltatuneError
-from deltatune.train import checkpoint, distributed, fsdp, precision as precision_mod, tasks
+from deltatune.core import precision as precision_mod
+from deltatune.core.loading import load_model, load_tokenizer
+from deltatune.errors import ConfigError
+from deltatune.quant import prepare_for_kbit_training, quantize
+from deltatune.train import checkpoint, distributed, fsdp, tasks
 from deltatune.train.callbacks import MetricsLog, Progress, TensorBoard, plot_losses, read_records
 from deltatune.train.data import read_rows
 from deltatune.train.files import write_json, write_text
@@ -123,10 +125,6 @@ def load_data(recipe: Recipe, task: tasks.Task) -> tuple[tasks.Encoded, tasks.En
 
 
 def _quantize(model, options: dict, gradient_checkpointing: bool):
-    quantize = getattr(dt, "quantize", None)
-    if quantize is None:
-        raise DeltatuneError("this recipe quantizes the base model (QLoRA), and this deltatune version has no "
-                             "dt.quantize yet; remove the quantize section to train plain LoRA")
     options = dict(options)
     if isinstance(options.get("compute_dtype"), str):
         names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -137,13 +135,13 @@ def _quantize(model, options: dict, gradient_checkpointing: bool):
         model = quantize(model, **options)
     except TypeError as exc:
         raise ConfigError(f"quantize: {exc}") from None
-    return dt.prepare_for_kbit_training(model, gradient_checkpointing=gradient_checkpointing)
+    return prepare_for_kbit_training(model, gradient_checkpointing=gradient_checkpointing)
 
 
 def build_model(recipe: Recipe, task: tasks.Task, method: TrainMethod, device: torch.device):
     """The base model for ``task``, on ``device``, made trainable by ``method``."""
     kwargs = task.model_kwargs()
-    model = dt.load_model(recipe.model, task.auto_class, quiet=True, **kwargs)
+    model = load_model(recipe.model, task.auto_class, quiet=True, **kwargs)
     if getattr(model.config, "pad_token_id", None) is None and task.tokenizer.pad_token_id is not None:
         model.config.pad_token_id = task.tokenizer.pad_token_id
     model.to(device)
@@ -176,7 +174,7 @@ def _train(recipe: Recipe, dist, resume: bool, overwrite: bool, stream: TextIO, 
         from transformers import set_seed
         set_seed(spec.seed)
         method = resolve_method(recipe.method)
-        task = tasks.get(recipe.task)(recipe.data, dt.load_tokenizer(recipe.model))
+        task = tasks.get(recipe.task)(recipe.data, load_tokenizer(recipe.model))
         train_set, eval_set, notes = load_data(recipe, task)
         # sharding moves each block to the device by itself: the whole model never lands there
         sharded = dist.active and fsdp.strategy(spec.distributed) == "fsdp" and not recipe.quantize

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from deltatune.core.layer import adapter_dtype, unwrapped_target, wrapped
+from deltatune.core.registry import Method
 from deltatune.methods.adapters.config import AdapterConfig, BottleneckConfig
 from deltatune.methods.adapters.layer import Bottleneck, BottleneckLayer, reference_weight
 from deltatune.methods.adapters.placement import adapter_dims, adapter_paths, placement_of
@@ -24,8 +25,8 @@ class Site:
     width: int
 
 
-class BottleneckMethod:
-    """Injector for bottleneck methods; subclasses choose the wrapper class and the block."""
+class BottleneckMethod(Method):
+    """Registered for ``"adapters"``; subclasses (Compacter) choose the wrapper class and the block."""
 
     layer_cls: type[BottleneckLayer] = BottleneckLayer
 

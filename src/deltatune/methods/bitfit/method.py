@@ -6,6 +6,7 @@ from torch import nn
 
 from deltatune.core.archspec import classification_head_names, output_head_names
 from deltatune.core.layer import ModulesToSave, linear_kinds, wrapped
+from deltatune.core.registry import Method
 from deltatune.core.targets import resolve_targets, visible_modules
 from deltatune.errors import ConfigError
 from deltatune.methods.bitfit.config import BitFitConfig
@@ -46,8 +47,8 @@ def bias_paths(model: nn.Module, config: BitFitConfig) -> list[str]:
     return paths
 
 
-class BitFitMethod:
-    """Injector registered for ``"bitfit"``."""
+class BitFitMethod(Method):
+    """Registered for ``"bitfit"``."""
 
     def inject(self, model: nn.Module, config: BitFitConfig, name: str) -> list[str]:
         paths = bias_paths(model, config)

@@ -14,7 +14,7 @@ from deltatune.methods.compacter.phm import PHMBottleneck, init_rule
 
 
 class CompacterMethod(BottleneckMethod):
-    """Injector registered for ``"compacter"``."""
+    """Registered for ``"compacter"``."""
 
     layer_cls = CompacterLayer
 

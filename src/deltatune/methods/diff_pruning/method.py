@@ -6,13 +6,14 @@ import torch
 from torch import nn
 
 from deltatune.core.layer import linear_kinds, wrapped
+from deltatune.core.registry import Method
 from deltatune.core.targets import resolve_targets
 from deltatune.methods.diff_pruning.config import DiffPruningConfig
 from deltatune.methods.diff_pruning.layer import DiffPruningLinear
 
 
-class DiffPruningMethod:
-    """Injector registered for ``"diff_pruning"``."""
+class DiffPruningMethod(Method):
+    """Registered for ``"diff_pruning"``."""
 
     def training_penalty(self, model) -> torch.Tensor:
         """The L0 term the training loop adds to the loss (see :func:`l0_penalty`)."""

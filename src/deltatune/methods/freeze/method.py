@@ -7,6 +7,7 @@ import copy
 from torch import nn
 
 from deltatune.core.layer import ModulesToSave, unwrapped_target, wrapped
+from deltatune.core.registry import Method
 from deltatune.methods.freeze.config import FreezeConfig
 from deltatune.methods.freeze.select import train_paths
 
@@ -14,7 +15,10 @@ from deltatune.methods.freeze.select import train_paths
 class TiedModulesToSave(ModulesToSave):
     """A ``ModulesToSave`` whose copies can share one ``deepcopy`` memo, so that weights tied in the
     base model (GPT-2's ``lm_head`` and ``wte``; T5's ``shared``, ``embed_tokens`` and ``lm_head``)
-    stay tied across the copies of one adapter, and train as one parameter."""
+    stay tied across the copies of one adapter, and train as one parameter. The frozen originals
+    are kept for ``disabled()`` but do not count as the model's parameters: the copies replace them."""
+
+    original_counted = False
 
     def add_adapter(self, name: str, memo: dict | None = None) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.base_layer, memo)
@@ -22,8 +26,8 @@ class TiedModulesToSave(ModulesToSave):
             p.requires_grad_(True)
 
 
-class FreezeMethod:
-    """Injector registered for ``freeze``, ``head-only`` and ``full``."""
+class FreezeMethod(Method):
+    """Registered for ``freeze``, ``head-only`` and ``full``."""
 
     def inject(self, model: nn.Module, config: FreezeConfig, name: str) -> list[str]:
         paths = train_paths(model, config.train)

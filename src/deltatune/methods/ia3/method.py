@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from deltatune.core.layer import linear_kinds, wrapped
+from deltatune.core.registry import Method
 from deltatune.core.targets import compact_targets, resolve_targets
 from deltatune.errors import TargetError
 from deltatune.methods.ia3.config import IA3Config
@@ -33,8 +34,8 @@ def feedforward_paths(model: nn.Module, config: IA3Config, targeted: list[str]) 
     return chosen
 
 
-class IA3Method:
-    """Injector registered for ``"ia3"``."""
+class IA3Method(Method):
+    """Registered for ``"ia3"``."""
 
     def inject(self, model: nn.Module, config: IA3Config, name: str) -> list[str]:
         paths = resolve_targets(model, config.targets, kinds=linear_kinds(), layers=config.layers,

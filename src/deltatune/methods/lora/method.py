@@ -8,6 +8,7 @@ from torch import nn
 
 from deltatune.core.layer import ModulesToSave, linear_layout, wrapped
 from deltatune.core.patterns import fullmatch, tail_pattern
+from deltatune.core.registry import Method
 from deltatune.core.targets import resolve_parameters, resolve_targets
 from deltatune.errors import ConfigError, TargetError
 from deltatune.methods.lora.experts import LoraExperts
@@ -45,8 +46,8 @@ def _check_variant_targets(model: nn.Module, paths: list[str], config: LoraConfi
                               f"{path}, got r={r}; lower r (rank_pattern) or exclude the layer")
 
 
-class LoraMethod:
-    """Injector registered for ``"lora"``."""
+class LoraMethod(Method):
+    """Registered for ``"lora"``."""
 
     def inject(self, model: nn.Module, config: LoraConfig, name: str) -> list[str]:
         paths = resolve_targets(model, config.targets, kinds=lora_kinds(), layers=config.layers,

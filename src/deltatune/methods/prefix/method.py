@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltatune.core.registry import Method
 from deltatune.errors import ConfigError
 from deltatune.methods.prefix.adapter import PrefixAdapter
 from deltatune.methods.prefix.config import PrefixTuningConfig
@@ -24,8 +25,8 @@ def _submodules(config: PrefixTuningConfig, geometry: Geometry) -> int:
     return wanted
 
 
-class PrefixTuningMethod:
-    """Injector registered for ``"prefix"``."""
+class PrefixTuningMethod(Method):
+    """Registered for ``"prefix"``."""
 
     def inject(self, model: nn.Module, config: PrefixTuningConfig, name: str) -> list[str]:
         return []

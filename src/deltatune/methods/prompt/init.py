@@ -15,7 +15,7 @@ def load_init_tokenizer(name: str, kwargs: dict | None = None):
     """The tokenizer ``name`` names: a deltatune alias, a local folder, or a hub name."""
     from transformers import AutoTokenizer
 
-    from deltatune.core.models import resolve_model
+    from deltatune.core.loading import resolve_model
 
     # loading a saved adapter must never run code from its tokenizer reference
     kwargs = {k: v for k, v in (kwargs or {}).items() if k != "trust_remote_code"}

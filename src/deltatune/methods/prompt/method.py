@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltatune.core.registry import Method
 from deltatune.errors import ConfigError
 from deltatune.methods.prompt.adapter import VirtualTokenAdapter
 from deltatune.methods.prompt.config import PromptLearningConfig, PromptTuningConfig, PTuningConfig
@@ -35,8 +36,8 @@ def _resolved_fields(model: nn.Module, config: PromptLearningConfig) -> dict[str
             "num_transformer_submodules": config.num_transformer_submodules or 1}
 
 
-class PromptTuningMethod:
-    """Injector registered for ``"prompt"``."""
+class PromptTuningMethod(Method):
+    """Registered for ``"prompt"``."""
 
     def inject(self, model: nn.Module, config: PromptTuningConfig, name: str) -> list[str]:
         return []
@@ -57,8 +58,8 @@ class PromptTuningMethod:
         return _resolved_fields(model.base_model, model.configs[name])
 
 
-class PTuningMethod:
-    """Injector registered for ``"p_tuning"``."""
+class PTuningMethod(Method):
+    """Registered for ``"p_tuning"``."""
 
     def inject(self, model: nn.Module, config: PTuningConfig, name: str) -> list[str]:
         return []

@@ -1,5 +1,5 @@
-"""Working with a saved adapter folder: what it is (``inspect``), which base model and task it
-belongs to, and baking it into that model (``merge``)."""
+"""What a saved adapter folder is (``deltatune inspect``), which base model and task it belongs
+to, and loading it onto that model."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import deltatune as dt
+from deltatune.api import load
 from deltatune.core import registry
-from deltatune.core.state import (CONFIG_NAME, WEIGHTS_NAME, read_adapter, read_config, saved_class_count,
-                                  tensor_shapes)
+from deltatune.core.loading import load_model, load_tokenizer
+from deltatune.core.state import CONFIG_NAME, WEIGHTS_NAME, read_config, saved_class_count, tensor_shapes
 from deltatune.errors import AdapterFileError, ConfigError
-from deltatune.train.files import replace_dir
 from deltatune.train.tasks import PEFT_TASKS, TASKS
 
 
@@ -120,19 +119,5 @@ def load_adapted(adapter: str | os.PathLike, model: str | None = None, task: str
         kwargs["num_labels"] = count
         if names and len(names) == count:  # kept through merge_and_unload into config.json
             kwargs.update(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
-    base = dt.load_model(model, TASKS[task].auto_class, quiet=True, **kwargs)
-    return dt.load(base, str(adapter)), dt.load_tokenizer(model), task
-
-
-def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, model: str | None = None) -> Path:
-    """Bake ``adapter`` into its base model and ``save_pretrained`` the result (with the
-    tokenizer) into ``out``, written whole or not at all."""
-    read_adapter(adapter)  # clear errors for a broken folder before the model loads
-    adapted, tokenizer, _ = load_adapted(adapter, model)
-    plain = adapted.merge_and_unload()
-
-    def fill(tmp: Path) -> None:
-        plain.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-    replace_dir(out, fill)
-    return Path(out)
+    base = load_model(model, TASKS[task].auto_class, quiet=True, **kwargs)
+    return load(base, str(adapter)), load_tokenizer(model), task

@@ -1,5 +1,6 @@
-"""Which arithmetic to train in: ``auto`` takes bf16 autocast where the hardware does bf16
-natively (CUDA GPUs that support it, CPUs with AVX512-BF16 or AMX) and fp32 elsewhere.
+"""Which arithmetic to train and serve in: ``auto`` takes bf16 autocast where the hardware does
+bf16 natively (CUDA GPUs that support it, CPUs with AVX512-BF16 or AMX) and fp32 elsewhere.
+Train and serve both use it, so it lives in the core.
 
 On a CPU without native bf16 the autocast kernels emulate it; a MiniLM step measured 20x slower
 than fp32, so ``auto`` never picks it there.
