@@ -135,3 +135,24 @@ def test_combine_refuses_adapters_that_train_biases():
     with pytest.raises(dt.AdapterError, match="bias='all'"):
         model.combine({"default": 1.0}, "x", how="cat")
     assert model.adapter_names == ["default"]
+
+
+@pytest.mark.parametrize("layer", ["lin", "conv1d", "emb", "conv3"])
+def test_each_layer_kind_adds_each_adapter_s_update_to_its_own_rows(layer):
+    from deltatune.core.routing import RowRouting
+    model = _randomized(dt.attach(layer_zoo(), dt.LoraConfig(r=3, targets=ZOO_LAYERS), name="a"), 6)
+    model.add(dt.LoraConfig(r=2, alpha=5, targets=ZOO_LAYERS), "b")
+    _randomized(model.use("b"), 7)
+    wrapper = model.base_model.get_submodule(layer)
+    names = ["b", "a", "b", "__base__"]  # b's rows are not contiguous: gathered and scattered back
+    x = torch.cat([zoo_input(layer)] * 2)
+    wrapper.routing = RowRouting(names, gather=False)
+    with torch.no_grad():
+        mixed = wrapper(x)
+        wrapper.routing = None
+        alone = []
+        for i, name in enumerate(names):
+            wrapper.set_active([] if name == "__base__" else [name])
+            alone.append(wrapper(x[i:i + 1]))
+    assert_same(mixed, torch.cat(alone), atol=1e-6)
+    assert_differs(alone[0], alone[1])

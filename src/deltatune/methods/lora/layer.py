@@ -80,8 +80,9 @@ class LoraLayer(AdapterLayer):
 
     # --- the factor interface ----------------------------------------------------------------
     def factors(self, name: str) -> LoraFactors:
-        """Adapter ``name``'s update as :class:`LoraFactors` (views of the live parameters; for a
-        DoRA adapter, the factors of its direction's update, without the magnitude)."""
+        """Adapter ``name``'s update as :class:`LoraFactors`: the live parameters seen as matrices
+        (for PiSSA/OLoRA, the rank-2r pair they equal on the original weights; for DoRA, the
+        factors of the direction's update, without the magnitude)."""
         a, b = self.lora_factors(name)
         return LoraFactors(as_matrix(a), as_matrix(b), self.scaling[name])
 
@@ -97,6 +98,7 @@ class LoraLayer(AdapterLayer):
         """Overwrite adapter ``name``'s factors in place with ``a`` ``[r', fan_in]`` and ``b``
         ``[out, r']`` (the :class:`LoraFactors` layout), ``r'`` at most the adapter's rank: a
         smaller rank is zero-padded, which is exact. The adapter's scale stays (see :meth:`rescale`)."""
+        self._check_plain(name)
         self.check_factors(name, a, b)
         weight_a, weight_b = self._factor_parameters(name)
         with torch.no_grad():
@@ -108,8 +110,14 @@ class LoraLayer(AdapterLayer):
     def rescale(self, name: str, factor: float) -> None:
         """Multiply adapter ``name``'s update by ``factor`` in place, folded into B: the layer's
         scale (a constant that compiled graphs may have captured) stays as it is."""
+        self._check_plain(name)
         with torch.no_grad():
             self._factor_parameters(name)[1].mul_(factor)
+
+    def _check_plain(self, name: str) -> None:
+        if name in self._modules.get("lora_initial", ()):
+            raise AdapterError(f"adapter {name!r} is a PiSSA/OLoRA adapter, whose factors start from the base "
+                               f"weight: its factors cannot be replaced in place; load the new ones as a new adapter")
 
     def delta_weight(self, name: str) -> torch.Tensor:
         if self.is_dora(name):
