@@ -13,7 +13,7 @@ Where the update is computed on activations (LoraLinear; the other kinds have on
 - fused (:mod:`.fused`): one autograd node, when the layer's only unmerged adapter is plain LoRA
   on a frozen ``nn.Linear``/``Conv1D`` (the common training and inference case);
 - plain (``forward``): the base output plus one ``addmm`` per adapter, for everything else
-  (several adapters, DoRA, a trainable base weight, ``use_fused = False``);
+  (several adapters, DoRA, a trainable or quantized base weight, ``use_fused = False``);
 - :meth:`LoraLinear.add_delta_`: a mixed-adapter batch's rows, on a base output computed once
   for the whole batch (:mod:`deltatune.core.routing`); on CUDA
   :meth:`LoraLinear.adapter_delta_gathered` does all rows in two batched matmuls instead.
@@ -229,11 +229,13 @@ class LoraLinear(LoraLayer):
         if self.routing is not None:
             return self.routing(self, x, *args, **kwargs)
         names = self.unmerged_active()
+        # the fused path: one plain adapter on a frozen nn.Linear/Conv1D (see the module docstring)
         if not args and not kwargs and self._fusable(names):
             base, name = self.base_layer, names[0]
             dropped = self._dropped(x, name)
             return LoraLinearFunction.apply(x, None if dropped is x else dropped, base.weight, base.bias,
                                             *self.lora_factors(name), self.scaling[name], self.fan_in_fan_out)
+        # the plain path: everything else (several adapters, DoRA, a trainable or quantized base)
         result = self.base_layer(x, *args, **kwargs)
         base_out = None  # the bias-free base output, for DoRA adapters
         for name in names:
