@@ -2,7 +2,7 @@
 
 Mixed-adapter batches are routed by :mod:`deltatune.core.routing`, since every forward passes there."""
 
-from deltatune.compose.cache import AdapterCache
+from deltatune.compose.adapter_cache import AdapterCache
 from deltatune.compose.combine import combine
 from deltatune.compose.swap import hot_swap
 from deltatune.core.model import provide

@@ -8,8 +8,15 @@ cheap and the same rank, but not the sum of the updates (cross terms appear). ``
 the factors like ``linear`` (see :mod:`deltatune.compose.task_merging`), with ``density`` the
 fraction of entries kept and ``seed`` fixing DARE's random drop.
 
-Trained head copies (``modules_to_save``) are not blended: the combined adapter uses the base
-model's head, so combine adapters that share a head (or generation models).
+Trained head copies (``modules_to_save``, e.g. a classifier) combine as task vectors: the new
+head is ``base + sum_i w_i (head_i - base)`` over the adapters that have a copy (with weights that
+sum to one and a copy in every adapter, the weighted average of the heads); the task-vector merges
+prune those changes first, as they do the factors. (peft's ``add_weighted_adapter`` refuses two
+adapters with copies of one module, and gives the combination a fresh copy of the base's.)
+
+Works through the factor interface of LoRA layers (:meth:`LoraLayer.factors`), on Linear, Conv1D,
+Embedding and Conv2d layers; the methods are LoRA-only: other methods, DoRA adapters, fused expert
+weights and trained biases (the ``bias`` option) have no combination here.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from deltatune.core.model import AdaptedModel
 from deltatune.errors import AdapterError, ConfigError
 from deltatune.methods.lora import LoraConfig, LoraLayer
 from deltatune.methods.lora.experts import LoraExperts
+from deltatune.methods.lora.factors import LoraFactors
 
 _HOW = ("linear", "cat", "svd", *TASK_MERGES)
 
@@ -57,10 +65,13 @@ def _sources(model: AdaptedModel, weights: dict[str, float], how: str) -> list[t
         model._check(name)
         config = model.configs[name]
         if not isinstance(config, LoraConfig):
-            raise AdapterError(f"combine works on LoRA adapters; {name!r} is a {type(config).__name__}")
+            raise AdapterError(f"combine works on LoRA adapters only; {name!r} is a {type(config).__name__}")
         if config.dora:
             raise AdapterError(f"{name!r} is a DoRA adapter, whose magnitudes have no weighted combination; "
                                f"merge it into the weights instead (merge_and_unload)")
+        if config.bias != "none":
+            raise AdapterError(f"{name!r} also trains base biases (bias={config.bias!r}), which combine does not "
+                               f"blend; combine adapters trained with bias='none', or merge this one instead")
     layers = [(p, layer) for p, layer in model.adapter_layers()
               if set(weights) & set(layer.adapter_names) and not isinstance(layer, ModulesToSave)]
     others = [p for p, layer in layers if not isinstance(layer, LoraLayer) or isinstance(layer, LoraExperts)]
@@ -70,40 +81,58 @@ def _sources(model: AdaptedModel, weights: dict[str, float], how: str) -> list[t
     return layers
 
 
-def _as_matrix(factor: torch.Tensor) -> torch.Tensor:
-    """A factor as a matrix: rank on one side (conv factors are 4-D, ``[r, in, kh, kw]``/``[out, r, 1, 1]``)."""
-    return factor.reshape(factor.shape[0], -1)
-
-
-def _factors(layer: LoraLayer, weights: dict[str, float], opts: _MergeOptions):
-    """New (A, B, energy) for one layer; the new adapter's scale is 1."""
+def _factors(layer: LoraLayer, weights: dict[str, float], opts: _MergeOptions) -> tuple[LoraFactors, float]:
+    """The new adapter's factors for one layer (scale 1) and the SVD energy kept."""
     present = [(n, w) for n, w in weights.items() if n in layer.adapter_names]
-    factors = {n: layer.lora_factors(n) for n, _ in present}
+    factors = {n: layer.factors(n) for n, _ in present}
     if opts.how == "cat":
-        a = torch.cat([w * layer.scaling[n] * factors[n][0] for n, w in present])
-        b = torch.cat([factors[n][1] for n, _ in present], dim=1)
-        return a, b, 1.0
+        a = torch.cat([w * factors[n].scale * factors[n].a for n, w in present])
+        return LoraFactors(a, torch.cat([factors[n].b for n, _ in present], dim=1), 1.0), 1.0
     if opts.how != "svd":
-        ranks = {factors[n][0].shape[0] for n, _ in present}
+        ranks = {factors[n].rank for n, _ in present}
         if len(ranks) > 1:
             raise AdapterError(f"how={opts.how!r} needs equal ranks, got {sorted(ranks)}; use 'cat' or 'svd'")
         # the sign goes to A; sqrt of |weight x scale| to each factor
-        roots = [math.sqrt(abs(w * layer.scaling[n])) for n, w in present]
+        roots = [math.sqrt(abs(w * factors[n].scale)) for n, w in present]
         signed = [math.copysign(root, w) for root, (_, w) in zip(roots, present)]
-        a_list, b_list = [factors[n][0] for n, _ in present], [factors[n][1] for n, _ in present]
+        a_list, b_list = [factors[n].a for n, _ in present], [factors[n].b for n, _ in present]
         if opts.how == "linear":
-            return sum(s * a for s, a in zip(signed, a_list)), sum(r * b for r, b in zip(roots, b_list)), 1.0
-        return (merge_tensors(a_list, signed, opts.how, opts.density, opts.generator, opts.sign_rule),
-                merge_tensors(b_list, roots, opts.how, opts.density, opts.generator, opts.sign_rule), 1.0)
-    a0, b0 = factors[present[0][0]]
-    delta = sum(w * layer.scaling[n] * (_as_matrix(factors[n][1]) @ _as_matrix(factors[n][0])) for n, w in present)
+            a, b = sum(s * a for s, a in zip(signed, a_list)), sum(r * b for r, b in zip(roots, b_list))
+        else:
+            a = merge_tensors(a_list, signed, opts.how, opts.density, opts.generator, opts.sign_rule)
+            b = merge_tensors(b_list, roots, opts.how, opts.density, opts.generator, opts.sign_rule)
+        return LoraFactors(a, b, 1.0), 1.0
+    delta = sum(w * factors[n].scale * (factors[n].b @ factors[n].a) for n, w in present)
     u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
-    k = min(opts.rank, sum(factors[n][0].shape[0] for n, _ in present))  # beyond that the singular values are zero
+    k = min(opts.rank, sum(factors[n].rank for n, _ in present))  # beyond that the singular values are zero
     energy = float((s[:k] ** 2).sum() / (s ** 2).sum().clamp_min(1e-30))
     root = s[:k].sqrt()
-    a = (root[:, None] * vh[:k]).to(delta.dtype).reshape(k, *a0.shape[1:])
-    b = (u[:, :k] * root).to(delta.dtype).reshape(b0.shape[0], k, *b0.shape[2:])
-    return a, b, energy
+    return LoraFactors((root[:, None] * vh[:k]).to(delta.dtype), (u[:, :k] * root).to(delta.dtype), 1.0), energy
+
+
+def _head_copies(model: AdaptedModel, weights: dict[str, float]) -> list[tuple[str, ModulesToSave]]:
+    """The trained-copy wrappers (heads) where at least one of the combined adapters has a copy."""
+    return [(p, layer) for p, layer in model.adapter_layers()
+            if isinstance(layer, ModulesToSave) and set(weights) & set(layer.adapter_names)]
+
+
+def _combined_head(layer: ModulesToSave, weights: dict[str, float], opts: _MergeOptions) -> dict[str, torch.Tensor]:
+    """The new copy's tensors: the base's plus the weighted (for task-vector merges: merged)
+    changes of the adapters' copies from it."""
+    copies = {n: layer.modules_to_save[n].state_dict() for n in weights if n in layer.adapter_names}
+    scales = [weights[n] for n in copies]
+    out = {}
+    for key, value in layer.base_layer.state_dict().items():
+        if not value.is_floating_point():
+            out[key] = value
+            continue
+        changes = [held[key] - value for held in copies.values()]
+        if opts.how in TASK_MERGES:
+            change = merge_tensors(changes, scales, opts.how, opts.density, opts.generator, opts.sign_rule)
+        else:
+            change = sum(w * c for w, c in zip(scales, changes))
+        out[key] = value + change
+    return out
 
 
 def _check_options(how: str, weights: dict, rank: int | None, density: float | None, sign_rule: str) -> None:
@@ -136,21 +165,25 @@ def combine(model: AdaptedModel, weights: dict[str, float], name: str, how: str 
     if name in model.configs:
         raise AdapterError(f"an adapter named {name!r} exists already")
     layers = _sources(model, weights, how)
+    heads = _head_copies(model, weights)
     opts = _MergeOptions(how, rank, float(density or 1.0), majority_sign, torch.Generator().manual_seed(seed))
     with torch.no_grad():  # the combination is a fixed adapter: no graph through its sources
         built = {path: _factors(layer, weights, opts) for path, layer in layers}
-    ranks = {path: a.shape[0] for path, (a, _, _) in built.items()}
+        head_states = {path: _combined_head(layer, weights, opts) for path, layer in heads}
+    ranks = {path: f.rank for path, (f, _) in built.items()}
     common = max(set(ranks.values()), key=list(ranks.values()).count)
     first = model.configs[next(iter(weights))]
     config = LoraConfig(r=common, alpha=common, targets=[p for p, _ in layers],
                         rank_pattern={p.replace(".", r"\."): r for p, r in ranks.items() if r != common},
                         alpha_pattern={p.replace(".", r"\."): r for p, r in ranks.items() if r != common},
-                        modules_to_save=(), task_type=first.task_type, base_model=first.base_model)
+                        modules_to_save=tuple(head_states), task_type=first.task_type, base_model=first.base_model)
     model.add(config, name, trainable=False)
+    for path, layer in layers:
+        factors, _ = built[path]
+        layer.set_factors(name, factors.a, factors.b)
     with torch.no_grad():
-        for path, layer in layers:
-            a, b, _ = built[path]
-            new_a, new_b = layer.lora_factors(name)
-            new_a.copy_(a)
-            new_b.copy_(b)
-    return CombineReport(name, how, ranks, {p: e for p, (_, _, e) in built.items()})
+        for path, layer in heads:
+            held = layer.modules_to_save[name].state_dict()
+            for key, value in head_states[path].items():
+                held[key].copy_(value)
+    return CombineReport(name, how, ranks, {p: e for p, (_, e) in built.items()})

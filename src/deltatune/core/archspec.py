@@ -182,6 +182,12 @@ def classification_head_names(model: nn.Module) -> list[str]:
     return [n for n in ("classifier", "score") if isinstance(getattr(model, n, None), nn.Module)]
 
 
+def head_names(model: nn.Module) -> set[str]:
+    """Paths of every head, output and classification: what "all-linear", BitFit's "all" and
+    quantization leave alone."""
+    return output_head_names(model) | set(classification_head_names(model))
+
+
 def task_type_of(model: nn.Module) -> str | None:
     """PEFT's task_type for a transformers model class, or None."""
     cls = type(model).__name__

@@ -221,10 +221,9 @@ class MethodConfig:
 
     def with_targets(self, targets: list[str]) -> "MethodConfig":
         """A copy whose ``targets`` name exactly the given modules and nothing else: used for the
-        saved config, so every reader wraps the same modules whatever the original selection."""
-        names = {f.name for f in fields(self)}
-        cleared = {k: None for k in ("layers", "exclude") if k in names}
-        return self.replace(targets=targets, **cleared) if "targets" in names else self
+        saved config, so every reader wraps the same modules whatever the original selection.
+        Methods without a module selection (:class:`TargetedConfig`) return themselves."""
+        return self
 
     # --- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -275,3 +274,41 @@ class MethodConfig:
                 if text.startswith((f"{name} ", f"{name}[")):
                     raise type(exc)(f"{key} ({name}){text[len(name):]}") from None
             raise
+
+
+@dataclass(frozen=True)
+class TargetedConfig(MethodConfig):
+    """The module selection every method that adapts chosen modules shares (LoRA, IA3, bottleneck
+    adapters, BitFit, diff pruning), with its checks.
+
+    Attributes:
+        targets: modules to adapt: names or name suffixes, component aliases (``["q", "v"]``), a
+            regex string matched against whole module paths, or one of the method's words
+            (``"all-linear"``); ``None`` means the method's default.
+        layers: restrict to blocks: a list of indices, or ``"lower"``, ``"upper"``, ``"even"``,
+            ``"odd"``, ``"all"``.
+        exclude: names (suffixes) or a regex of modules to leave alone.
+    """
+
+    #: the words ``targets`` may be besides names and a regex (``"all-linear"``)
+    target_words: ClassVar[tuple[str, ...]] = ()
+
+    targets: str | Sequence[str] | None = None
+    layers: str | Sequence[int] | int | None = None
+    exclude: str | Sequence[str] | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        object.__setattr__(self, "layers", layer_selection("layers", self.layers))
+        if self.targets is None:  # a method whose field default is a selection ("all-linear") means it;
+            # a default of None leaves the choice to the method's injector (per architecture or style)
+            object.__setattr__(self, "targets", self.__dataclass_fields__["targets"].default)
+        module_names("targets", self.targets, words=self.target_words, empty=self.targets_may_be_empty())
+        module_names("exclude", self.exclude, empty=True)
+
+    def targets_may_be_empty(self) -> bool:
+        """Whether ``targets=[]`` is valid (LoRA's, when it adapts parameters only)."""
+        return False
+
+    def with_targets(self, targets: list[str]) -> "TargetedConfig":
+        return self.replace(targets=targets, layers=None, exclude=None)

@@ -1,10 +1,11 @@
 """Mixed-adapter batches: each row of a batch goes through its own adapter, in one forward.
 
-Written once for every method. A layer that has ``adapter_delta(x, name)`` (an additive update,
-like LoRA) computes its base output once for the whole batch and adds each adapter's update to
-its rows; any other layer runs its own forward once per adapter on that adapter's rows. Rows
-are grouped into segments by adapter; a contiguous segment is a view, not a copy. On CUDA,
-layers with ``adapter_delta_gathered`` use one batched matmul over per-row gathered weights.
+Written once for every method. A layer that has ``add_delta_(out, x, name)`` (an additive
+update, like LoRA: add adapter ``name``'s update for input ``x`` to ``out`` in place) computes its
+base output once for the whole batch and adds each adapter's update to its rows; any other layer
+runs its own forward once per adapter on that adapter's rows. Rows are grouped into segments by
+adapter; a contiguous segment is a view, not a copy. On CUDA, layers with
+``adapter_delta_gathered`` use one batched matmul over per-row gathered weights.
 """
 
 from __future__ import annotations
@@ -50,16 +51,16 @@ class RowRouting:
             base = layer.base_layer(x, *args, **kwargs)
             names = tuple(present)
             return base + layer.adapter_delta_gathered(x, names, self.row_index(names)).to(base.dtype)
-        if hasattr(layer, "adapter_delta"):
+        if hasattr(layer, "add_delta_"):
             out = layer.base_layer(x, *args, **kwargs)
             for name in present:
                 rows = self.segments[name]
                 if isinstance(rows, slice):
-                    add_in_place = getattr(layer, "add_adapter_delta_", None)
-                    if add_in_place is None or not add_in_place(out[rows], x[rows], name):
-                        out[rows] += layer.adapter_delta(x[rows], name).to(out.dtype)
+                    layer.add_delta_(out[rows], x[rows], name)
                 else:
-                    out.index_add_(0, rows, layer.adapter_delta(x.index_select(0, rows), name).to(out.dtype))
+                    part = out.index_select(0, rows)
+                    layer.add_delta_(part, x.index_select(0, rows), name)
+                    out.index_copy_(0, rows, part)
             return out
         return self._per_segment(layer, x, *args, **kwargs)
 

@@ -10,8 +10,7 @@ from typing import Iterable, Sequence
 
 from torch import nn
 
-from deltatune.core.archspec import (COMPONENTS, GROUPS, ArchSpec, classification_head_names, output_head_names,
-                                    spec_for)
+from deltatune.core.archspec import COMPONENTS, GROUPS, ArchSpec, head_names, spec_for
 from deltatune.core.config import LAYER_WORDS
 from deltatune.core.layer import AdapterLayer, linear_kinds
 from deltatune.core.patterns import compile_pattern, fullmatch
@@ -183,7 +182,7 @@ def resolve_targets(
     if targets is None:
         targets = tuple(default)
     if isinstance(targets, str) and targets == "all-linear":
-        skip = output_head_names(model) | set(classification_head_names(model))
+        skip = head_names(model)
         chosen = {p for p, m in modules.items()
                   if isinstance(m, linear_kinds()) and not any(_matches_name(p, s) for s in skip)}
     elif isinstance(targets, str) and targets in GROUPS:

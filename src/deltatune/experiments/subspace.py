@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from deltatune.core.state import KEY_PREFIX
 from deltatune.errors import AdapterFileError, ConfigError
 
 _A_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
-_PREFIX = "base_model.model."
 
 
 # --- the math --------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def read_lora_a(folder: str | Path) -> dict[str, torch.Tensor]:
         for key in fh.keys():
             for suffix in _A_SUFFIXES:
                 if key.endswith(suffix):
-                    name = key[: -len(suffix)].removeprefix(_PREFIX)
+                    name = key[: -len(suffix)].removeprefix(KEY_PREFIX)
                     out[name] = fh.get_tensor(key).float()
     if not out:
         raise AdapterFileError(f"{weights} holds no LoRA A matrices")

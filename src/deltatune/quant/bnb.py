@@ -8,7 +8,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from deltatune.core.archspec import classification_head_names, output_head_names
+from deltatune.core.archspec import head_names
 from deltatune.core.quantized import QuantHandler, handler_for, register_quantized
 from deltatune.errors import ConfigError, DeltatuneError
 
@@ -97,8 +97,7 @@ def register_bnb_handlers() -> None:
 
 
 def _skipped(model: nn.Module, skip: Iterable[str] | None) -> set[str]:
-    heads = output_head_names(model) | set(classification_head_names(model))
-    return heads | set(skip or ())
+    return head_names(model) | set(skip or ())
 
 
 def quantize(model: nn.Module, bits: int = 4, *, quant_type: str = "nf4", double_quant: bool = True,

@@ -6,10 +6,8 @@ HF PEFT has no bottleneck adapters, so files name the method with ``deltatune_me
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
-from deltatune.core.config import (MethodConfig, is_number, layer_selection, module_names, one_of, positive_int,
-                                   positive_number, require)
+from deltatune.core.config import TargetedConfig, is_number, one_of, positive_int, positive_number, require
 
 STYLES = ("houlsby", "pfeiffer", "parallel")
 ACTIVATION_NAMES = ("relu", "gelu", "silu", "tanh", "identity")
@@ -17,7 +15,7 @@ _INITS = ("identity", "near-identity")
 
 
 @dataclass(frozen=True)
-class BottleneckConfig(MethodConfig):
+class BottleneckConfig(TargetedConfig):
     """Fields every bottleneck method (adapters, Compacter) shares: where it sits and how wide it is.
 
     Attributes:
@@ -43,20 +41,14 @@ class BottleneckConfig(MethodConfig):
     bottleneck: int | None = None
     activation: str = "relu"
     scaling: float = 1.0
-    targets: str | Sequence[str] | None = None
-    layers: str | Sequence[int] | int | None = None
-    exclude: str | Sequence[str] | None = None
 
     def validate(self) -> None:
         super().validate()
-        object.__setattr__(self, "layers", layer_selection("layers", self.layers))
         one_of("style", self.style, STYLES)
         positive_number("reduction_factor", self.reduction_factor, hint="hidden size / bottleneck width")
         positive_int("bottleneck", self.bottleneck, none="then hidden // reduction_factor")
         one_of("activation", self.activation, ACTIVATION_NAMES)
         require(is_number(self.scaling) and self.scaling != 0, "scaling", self.scaling, "a non-zero number")
-        module_names("targets", self.targets)
-        module_names("exclude", self.exclude, empty=True)
 
     def width(self, hidden: int) -> int:
         """The bottleneck width for a layer of size ``hidden``."""

@@ -24,7 +24,7 @@ import re
 from torch import nn
 
 from deltatune.core.archspec import spec_for
-from deltatune.core.layer import linear_kinds
+from deltatune.core.layer import linear_kinds, linear_layout
 from deltatune.core.targets import resolve_targets, visible_modules
 from deltatune.errors import TargetError
 
@@ -75,12 +75,6 @@ def placement_of(module: nn.Module, style: str) -> str:
     return RESIDUAL if takes_residual else PARALLEL
 
 
-def _in_out(linear: nn.Module) -> tuple[int, int]:
-    rows, cols = linear.weight.shape
-    # GPT-2's Conv1D stores its weight as [in, out]
-    return (cols, rows) if isinstance(linear, nn.Linear) else (rows, cols)
-
-
 def adapter_dims(module: nn.Module, placement: str, path: str) -> tuple[int, int]:
     """``(in_features, out_features)`` of the adapter that sits at ``module``."""
     if isinstance(module, linear_kinds()):
@@ -90,8 +84,8 @@ def adapter_dims(module: nn.Module, placement: str, path: str) -> tuple[int, int
     if not inner:
         raise TargetError(f"{path} is a {type(module).__name__} with no linear layer inside, so its width "
                           f"is unknown; target a linear layer or an FFN block")
-    hidden_in = _in_out(inner[0])[0]
-    hidden_out = _in_out(inner[-1])[1]
+    hidden_in = linear_layout(inner[0])[1]
+    hidden_out = linear_layout(inner[-1])[2]
     if placement == PARALLEL:
         return hidden_in, hidden_out
     return hidden_out, hidden_out  # reads what it writes: the module's output, or the residual stream

@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from deltatune.core.config import MethodConfig, layer_selection, module_names, require
+from deltatune.core.config import TargetedConfig, require
 
 
 @dataclass(frozen=True)
-class BitFitConfig(MethodConfig):
+class BitFitConfig(TargetedConfig):
     """Train a delta on selected bias terms and nothing else; the base biases stay untouched.
 
     Attributes:
@@ -29,17 +29,13 @@ class BitFitConfig(MethodConfig):
     method = "bitfit"
     peft_type = None
 
+    target_words = ("all",)
+
     targets: str | Sequence[str] = "all"
     layer_norms: bool = True
-    layers: str | Sequence[int] | int | None = None
-    exclude: str | Sequence[str] | None = None
 
     def validate(self) -> None:
         super().validate()
-        object.__setattr__(self, "layers", layer_selection("layers", self.layers))
-        if self.targets is None:
-            object.__setattr__(self, "targets", "all")
-        module_names("targets", self.targets, words=("all",))
         require(isinstance(self.layer_norms, bool), "layer_norms", self.layer_norms, "True or False")
 
     def with_targets(self, targets: list[str]) -> "BitFitConfig":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from deltatune.core.archspec import classification_head_names, output_head_names
+from deltatune.core.archspec import head_names
 from deltatune.core.layer import ModulesToSave, linear_kinds, wrapped
 from deltatune.core.registry import Method
 from deltatune.core.targets import resolve_targets, visible_modules
@@ -20,7 +20,7 @@ def _has_bias(module: nn.Module) -> bool:
 def _candidates(model: nn.Module, *, norms: bool) -> list[str]:
     """Paths of every LayerNorm (``norms``) or every linear layer with a bias, heads and
     modules-to-save left out."""
-    heads = output_head_names(model) | set(classification_head_names(model))
+    heads = head_names(model)
     kinds = (nn.LayerNorm,) if norms else linear_kinds()
     return [p for p, m in visible_modules(model).items()
             if isinstance(m, kinds) and _has_bias(m) and p not in heads

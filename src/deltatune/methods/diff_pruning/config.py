@@ -7,11 +7,11 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from deltatune.core.config import MethodConfig, fraction, is_number, layer_selection, module_names, require
+from deltatune.core.config import TargetedConfig, fraction, is_number, require
 
 
 @dataclass(frozen=True)
-class DiffPruningConfig(MethodConfig):
+class DiffPruningConfig(TargetedConfig):
     """A sparse additive change to each targeted weight: ``W + m * z``, where ``m`` is a dense
     trained diff and ``z`` a hard-concrete gate per entry (Louizos et al. 2018) that an L0 penalty
     pushes shut. Training adds :func:`deltatune.methods.diff_pruning.l0_penalty` to the loss.
@@ -37,19 +37,15 @@ class DiffPruningConfig(MethodConfig):
     method = "diff_pruning"
     peft_type = None
 
+    target_words = ("all-linear",)
+
     targets: str | Sequence[str] | None = "all-linear"
-    layers: str | Sequence[int] | int | None = None
-    exclude: str | Sequence[str] | None = None
     target_sparsity: float = 0.995
     l0_weight: float = 1.0
     init_log_alpha: float = 3.0
 
     def validate(self) -> None:
         super().validate()
-        object.__setattr__(self, "layers", layer_selection("layers", self.layers))
-        if self.targets is None:
-            object.__setattr__(self, "targets", "all-linear")
-        module_names("targets", self.targets, words=("all-linear",))
         fraction("target_sparsity", self.target_sparsity, hint="e.g. 0.995 keeps 0.5% of the diff")
         require(is_number(self.l0_weight) and self.l0_weight >= 0, "l0_weight", self.l0_weight, "a number >= 0")
         require(is_number(self.init_log_alpha) and math.isfinite(self.init_log_alpha), "init_log_alpha",

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.core.layer import AdapterLayer, adapter_dtype
+from deltatune.core.layer import AdapterLayer, adapter_dtype, linear_layout
 from deltatune.errors import AdapterFileError
 from deltatune.methods.diff_pruning.gates import deterministic_gates, open_probability, sample_gates
 
@@ -30,7 +30,7 @@ class DiffPruningLinear(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)
+        self.fan_in_fan_out = linear_layout(base_layer)[0]
         self.diff_weight = nn.ParameterDict()
         self.diff_log_alpha = nn.ParameterDict()
         #: merged adapter -> (flat positions it changed, the base weight's values there before)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from deltatune.core.config import MethodConfig, layer_selection, module_names, one_of
+from deltatune.core.config import TargetedConfig, module_names, one_of
 
 _INIT = ("ones", "random")
 # our spelling -> PEFT's init_ia3_weights value
@@ -13,7 +13,7 @@ _INIT_TO_PEFT = {"ones": True, "random": False}
 
 
 @dataclass(frozen=True)
-class IA3Config(MethodConfig):
+class IA3Config(TargetedConfig):
     """Learned vectors that rescale activations: ``h = l * (W x + b)`` for most targets, and
     ``h = W (l * x) + b`` for the feed-forward ones (Liu et al. 2022, "(IA)^3").
 
@@ -39,21 +39,15 @@ class IA3Config(MethodConfig):
     peft_names = {"targets": "target_modules", "feedforward": "feedforward_modules",
                   "exclude": "exclude_modules", "init": "init_ia3_weights"}
 
-    targets: str | Sequence[str] | None = None
     feedforward: str | Sequence[str] | None = None
-    layers: str | Sequence[int] | int | None = None
-    exclude: str | Sequence[str] | None = None
     init: str | bool = "ones"
 
     def validate(self) -> None:
         super().validate()
         if isinstance(self.init, bool):  # PEFT's spelling, from a file
             object.__setattr__(self, "init", "ones" if self.init else "random")
-        object.__setattr__(self, "layers", layer_selection("layers", self.layers))
         one_of("init", self.init, _INIT)
-        module_names("targets", self.targets)
         module_names("feedforward", self.feedforward, empty=True)
-        module_names("exclude", self.exclude, empty=True)
 
     def to_dict(self) -> dict:
         out = super().to_dict()

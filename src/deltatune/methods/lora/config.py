@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from deltatune.core.config import (MethodConfig, fraction, layer_selection, module_names, one_of, positive_int,
-                                   positive_number, require)
+from deltatune.core.config import (TargetedConfig, fraction, module_names, one_of, positive_int, positive_number,
+                                   require)
 from deltatune.core.patterns import compile_pattern, tail_pattern
 from deltatune.methods.lora.init import is_data_init
 
@@ -17,7 +17,7 @@ _INIT_TO_PEFT = {"kaiming": True, "random": False}
 
 
 @dataclass(frozen=True)
-class LoraConfig(MethodConfig):
+class LoraConfig(TargetedConfig):
     """Low-rank update ``h = W x + scale * B A x`` with ``scale = alpha / r``.
 
     Attributes:
@@ -60,12 +60,11 @@ class LoraConfig(MethodConfig):
         "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config", "eva_config", "corda_config",
     })
 
+    target_words = ("all-linear",)
+
     r: int = 8
     alpha: float = 8
     dropout: float = 0.0
-    targets: str | Sequence[str] | None = None
-    layers: str | Sequence[int] | int | None = None
-    exclude: str | Sequence[str] | None = None
     bias: str = "none"
     init: str | bool = "kaiming"
     use_rslora: bool = False
@@ -78,15 +77,12 @@ class LoraConfig(MethodConfig):
         super().validate()
         if isinstance(self.init, bool):  # PEFT's spelling, from a file
             object.__setattr__(self, "init", "kaiming" if self.init else "random")
-        object.__setattr__(self, "layers", layer_selection("layers", self.layers))
         positive_int("r", self.r, hint="the rank of the update")
         positive_number("alpha", self.alpha)
         fraction("dropout", self.dropout)
         module_names("target_parameters", self.target_parameters, regex=False, empty=True)
         if self.target_parameters and self.targets is None:  # peft: parameters only, no default modules
             object.__setattr__(self, "targets", ())
-        module_names("targets", self.targets, words=("all-linear",), empty=bool(self.target_parameters))
-        module_names("exclude", self.exclude, empty=True)
         one_of("bias", self.bias, _BIAS)
         require(isinstance(self.init, str) and (self.init in _INIT or is_data_init(self.init)), "init", self.init,
                 f"one of {_INIT}")
@@ -97,6 +93,9 @@ class LoraConfig(MethodConfig):
         for key, value in self.alpha_pattern.items():
             compile_pattern(f"alpha_pattern key {key!r}", tail_pattern(key) if isinstance(key, str) else key)
             positive_number(f"alpha_pattern[{key!r}]", value)
+
+    def targets_may_be_empty(self) -> bool:
+        return bool(self.target_parameters)
 
     def to_dict(self) -> dict:
         out = super().to_dict()

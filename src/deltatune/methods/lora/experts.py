@@ -17,7 +17,8 @@ from torch import nn
 
 from deltatune.core.layer import adapter_dtype
 from deltatune.errors import AdapterError, ConfigError
-from deltatune.methods.lora.layer import LoraLayer, _init_factors
+from deltatune.methods.lora.factors import init_factors
+from deltatune.methods.lora.layer import LoraLayer
 
 
 class LoraExperts(LoraLayer):
@@ -54,9 +55,20 @@ class LoraExperts(LoraLayer):
             kw = {"device": weight.device, "dtype": adapter_dtype(weight)}
             a = nn.Parameter(torch.empty(r * experts, inp, **kw))
             b = nn.Parameter(torch.empty(out, r * experts, **kw))
-            _init_factors(a, b, r, init)
+            init_factors(a, b, r, init)
             factors_a[param_name], factors_b[param_name] = a, b
         self.lora_A[name], self.lora_B[name] = factors_a, factors_b
+
+    # --- the factor interface: one pair per expert and parameter, so only rescale applies ----
+    def _factor_parameters(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        raise AdapterError("LoRA on fused expert weights keeps one factor pair per expert and parameter, not one "
+                           "(A, B) pair: its factors and delta_weight are defined for Linear, Conv1D, Embedding and "
+                           "Conv2d LoRA layers only")
+
+    def rescale(self, name: str, factor: float) -> None:
+        with torch.no_grad():
+            for b in self.lora_B[name].values():
+                b.mul_(factor)
 
     def parameter_delta(self, name: str, param_name: str) -> torch.Tensor:
         """The change adapter ``name`` makes to the parameter, in the parameter's layout."""

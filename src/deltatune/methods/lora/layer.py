@@ -3,6 +3,20 @@
 Parameter layout and names follow HF PEFT (``lora_A.<name>.weight`` of shape ``[r, in]``,
 ``lora_B.<name>.weight`` of shape ``[out, r]``; ``lora_embedding_A/B`` for embeddings), so
 files map one to one.
+
+Every wrapper shows its update through one factor interface, :meth:`LoraLayer.factors` and
+:meth:`LoraLayer.set_factors` (``scale * B @ A`` as two matrices, whatever the layer kind), on
+which ``delta_weight`` (merging), combination and hot swap (:mod:`deltatune.compose`) are built.
+
+Where the update is computed on activations (LoraLinear; the other kinds have one path):
+
+- fused (:mod:`.fused`): one autograd node, when the layer's only unmerged adapter is plain LoRA
+  on a frozen ``nn.Linear``/``Conv1D`` (the common training and inference case);
+- plain (``forward``): the base output plus one ``addmm`` per adapter, for everything else
+  (several adapters, DoRA, a trainable or quantized base weight, ``use_fused = False``);
+- :meth:`LoraLinear.add_delta_`: a mixed-adapter batch's rows, on a base output computed once
+  for the whole batch (:mod:`deltatune.core.routing`); on CUDA
+  :meth:`LoraLinear.adapter_delta_gathered` does all rows in two batched matmuls instead.
 """
 
 from __future__ import annotations
@@ -14,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.core.layer import AdapterLayer, adapter_dtype, linear_kinds, linear_layout, needs_initial_values
-from deltatune.errors import AdapterFileError, TargetError
+from deltatune.errors import AdapterError, AdapterFileError, TargetError
 from deltatune.methods.lora import dora
+from deltatune.methods.lora.factors import FactorLinear, LoraFactors, as_matrix, init_factors
 from deltatune.methods.lora.init import InitialFactors, initial_factors, is_data_init, is_reproducible
 from deltatune.methods.lora.fused import LoraLinearFunction
 
@@ -25,48 +40,8 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / (math.sqrt(r) if use_rslora else r)
 
 
-class _Factor(nn.Linear):
-    """A LoRA factor: an ``nn.Linear`` without bias whose weights the caller initialises (once).
-
-    Built without ``nn.Linear.__init__``, which costs twice as much as the module itself and
-    dominated adapter loading (two factors per adapted layer, filled from the file right after).
-    """
-
-    def __init__(self, in_features: int, out_features: int, *, device: torch.device, dtype: torch.dtype) -> None:
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
-        self.register_parameter("bias", None)
-
-    def reset_parameters(self) -> None:
-        pass
-
-
-def _fan_in_uniform_(weight: torch.Tensor) -> None:
-    # nn.Linear's default (Kaiming-uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-    bound = 1.0 / math.sqrt(weight[0].numel())
-    with torch.no_grad():
-        weight.uniform_(-bound, bound)
-
-
-def _init_factors(a: torch.Tensor, b: torch.Tensor, r: int, init: str) -> None:
-    """A Kaiming-uniform (or N(0, 1/r) for "gaussian"); B zero, or random for "random".
-    Nothing to do when a file is about to fill them (:func:`weights_from_file`)."""
-    if not needs_initial_values():
-        return
-    with torch.no_grad():
-        if init == "gaussian":
-            a.normal_(std=1.0 / r)
-        else:
-            _fan_in_uniform_(a)
-        if init == "random":
-            _fan_in_uniform_(b)
-        else:
-            b.zero_()
-
-
 class LoraLayer(AdapterLayer):
-    """Per-adapter rank, scale and dropout shared by every LoRA wrapper."""
+    """Per-adapter rank, scale and dropout shared by every LoRA wrapper, and the factor interface."""
 
     mergeable = True
 
@@ -95,9 +70,64 @@ class LoraLayer(AdapterLayer):
         return name in self._modules.get("lora_magnitude_vector", ())
 
     def lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` of adapter ``name``: ``[r, in]`` and ``[out, r]`` (a conv's kernels: ``[r, in, kh, kw]``
-        and ``[out, r, 1, 1]``)."""
+        """``(A, B)`` of adapter ``name`` as stored: ``[r, in]`` and ``[out, r]`` (a conv's kernels:
+        ``[r, in, kh, kw]`` and ``[out, r, 1, 1]``). Code outside the layer uses :meth:`factors`."""
+        return self._factor_parameters(name)
+
+    def _factor_parameters(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parameters that hold A and B."""
         return self.lora_A[name].weight, self.lora_B[name].weight
+
+    # --- the factor interface ----------------------------------------------------------------
+    def factors(self, name: str) -> LoraFactors:
+        """Adapter ``name``'s update as :class:`LoraFactors`: the live parameters seen as matrices
+        (for PiSSA/OLoRA, the rank-2r pair they equal on the original weights; for DoRA, the
+        factors of the direction's update, without the magnitude)."""
+        a, b = self.lora_factors(name)
+        return LoraFactors(as_matrix(a), as_matrix(b), self.scaling[name])
+
+    def check_factors(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Raise :class:`AdapterError` unless :meth:`set_factors` can write ``a``, ``b`` into adapter ``name``."""
+        have_a, have_b = (as_matrix(t) for t in self._factor_parameters(name))
+        r, fan_in, out = have_a.shape[0], have_a.shape[1], have_b.shape[0]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] > r or a.shape[1] != fan_in or tuple(b.shape) != (out, a.shape[0]):
+            raise AdapterError(f"factors {tuple(a.shape)} / {tuple(b.shape)} do not fit the loaded {(r, fan_in)} / "
+                               f"{(out, r)} (rank may only shrink)")
+
+    def set_factors(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Overwrite adapter ``name``'s factors in place with ``a`` ``[r', fan_in]`` and ``b``
+        ``[out, r']`` (the :class:`LoraFactors` layout), ``r'`` at most the adapter's rank: a
+        smaller rank is zero-padded, which is exact. The adapter's scale stays (see :meth:`rescale`)."""
+        self._check_plain(name)
+        self.check_factors(name, a, b)
+        weight_a, weight_b = self._factor_parameters(name)
+        with torch.no_grad():
+            weight_a.zero_()
+            weight_b.zero_()
+            as_matrix(weight_a)[: a.shape[0]].copy_(a)
+            as_matrix(weight_b)[:, : a.shape[0]].copy_(b)
+
+    def rescale(self, name: str, factor: float) -> None:
+        """Multiply adapter ``name``'s update by ``factor`` in place, folded into B: the layer's
+        scale (a constant that compiled graphs may have captured) stays as it is."""
+        self._check_plain(name)
+        with torch.no_grad():
+            self._factor_parameters(name)[1].mul_(factor)
+
+    def _check_plain(self, name: str) -> None:
+        if name in self._modules.get("lora_initial", ()):
+            raise AdapterError(f"adapter {name!r} is a PiSSA/OLoRA adapter, whose factors start from the base "
+                               f"weight: its factors cannot be replaced in place; load the new ones as a new adapter")
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        if self.is_dora(name):
+            return _dora_delta_weight(self, name)
+        update = self.factors(name)
+        return self._in_stored_layout((update.b @ update.a) * update.scale)
+
+    def _in_stored_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        """An ``[out, fan_in]`` update in the base weight's own layout."""
+        return delta.t() if self.stored_transposed else delta
 
     def _add_magnitude(self, name: str, use_dora: bool) -> None:
         if not use_dora:
@@ -142,12 +172,12 @@ class LoraLinear(LoraLayer):
                     init: str = "kaiming", use_rslora: bool = False, use_dora: bool = False) -> None:
         weight = self.base_layer.weight
         kw = {"device": weight.device, "dtype": adapter_dtype(weight)}
-        a = _Factor(self.in_features, r, **kw)
-        b = _Factor(r, self.out_features, **kw)
+        a = FactorLinear(self.in_features, r, **kw)
+        b = FactorLinear(r, self.out_features, **kw)
         if is_data_init(init):
             self._start_from_base_weight(a.weight, b.weight, name, r, lora_scaling(r, alpha, use_rslora), init)
         else:
-            _init_factors(a.weight, b.weight, r, init)
+            init_factors(a.weight, b.weight, r, init)
         self.lora_A[name], self.lora_B[name] = a, b
         self._set_hparams(name, r, alpha, dropout, use_rslora)
         self._add_magnitude(name, use_dora)
@@ -199,11 +229,13 @@ class LoraLinear(LoraLayer):
         if self.routing is not None:
             return self.routing(self, x, *args, **kwargs)
         names = self.unmerged_active()
+        # the fused path: one plain adapter on a frozen nn.Linear/Conv1D (see the module docstring)
         if not args and not kwargs and self._fusable(names):
             base, name = self.base_layer, names[0]
             dropped = self._dropped(x, name)
             return LoraLinearFunction.apply(x, None if dropped is x else dropped, base.weight, base.bias,
                                             *self.lora_factors(name), self.scaling[name], self.fan_in_fan_out)
+        # the plain path: everything else (several adapters, DoRA, a trainable or quantized base)
         result = self.base_layer(x, *args, **kwargs)
         base_out = None  # the bias-free base output, for DoRA adapters
         for name in names:
@@ -232,38 +264,35 @@ class LoraLinear(LoraLayer):
         a, b = self.lora_factors(name)
         return dora.dora_delta(self, name, base_out, F.linear(F.linear(dropped.to(a.dtype), a), b))
 
-    def adapter_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """The update adapter ``name`` adds to the base output for input ``x``."""
+    def add_delta_(self, out: torch.Tensor, x: torch.Tensor, name: str) -> None:
+        """Add adapter ``name``'s update for input ``x`` to ``out`` in place: the entry point of a
+        mixed-adapter batch (:mod:`deltatune.core.routing`), which computes the base output once for
+        all rows and adds each adapter's update to its own rows. One ``addmm_`` with the scale
+        applied to the small ``x A`` (no full-size temporary) where ``out`` allows it."""
         if self.is_dora(name):
-            return self._dora_delta(x, name, None)
+            out += self._dora_delta(x, name, None).to(out.dtype)
+            return
         a, b = self.lora_factors(name)
-        return F.linear(F.linear(self._dropped(x, name).to(a.dtype), a), b) * self.scaling[name]
-
-    def add_adapter_delta_(self, out: torch.Tensor, x: torch.Tensor, name: str) -> bool:
-        """Add adapter ``name``'s update for ``x`` to ``out`` in place, in one ``addmm`` with the
-        scale applied to the small ``x A`` (no full-size temporary); False when ``out`` is not a
-        contiguous tensor of the adapter's dtype, for the caller to add the update itself."""
-        a, b = self.lora_factors(name)
-        if out.dtype != a.dtype or not out.is_contiguous() or self.is_dora(name):
-            return False
         xa = F.linear(self._dropped(x, name).to(a.dtype), a) * self.scaling[name]
-        out.view(-1, out.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), b.t())
-        return True
+        if out.dtype == a.dtype and out.is_contiguous():
+            out.view(-1, out.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), b.t())
+        else:
+            out += F.linear(xa, b).to(out.dtype)
 
     def adapter_delta_gathered(self, x: torch.Tensor, names: tuple[str, ...], row_index: torch.Tensor) -> torch.Tensor:
         """Per-row updates in two batched matmuls: row i uses ``names[row_index[i]]`` (no adapter
         when the index is ``len(names)``). Smaller ranks are zero-padded, which is exact."""
+        factors = [self.lora_factors(n) for n in names]
+        ref = factors[0][0]
         if any(self.is_dora(n) for n in names):  # DoRA rescales the base output: row groups one by one
-            out = None
+            out = ref.new_zeros(*x.shape[:-1], self.out_features)
             for i, name in enumerate(names):
                 rows = (row_index == i).nonzero().flatten()
-                part = self.adapter_delta(x.index_select(0, rows), name)
-                out = part.new_zeros(x.shape[0], *part.shape[1:]) if out is None else out
+                part = out.index_select(0, rows)
+                self.add_delta_(part, x.index_select(0, rows), name)
                 out.index_copy_(0, rows, part)
             return out
-        factors = [self.lora_factors(n) for n in names]
         rank = max(fa.shape[0] for fa, _ in factors)
-        ref = factors[0][0]
         a = ref.new_zeros(len(names) + 1, rank, self.in_features)
         b = ref.new_zeros(len(names) + 1, self.out_features, rank)
         for i, (name, (fa, fb)) in enumerate(zip(names, factors)):
@@ -273,13 +302,6 @@ class LoraLinear(LoraLayer):
         rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(ref.dtype)
         xa = torch.bmm(rows, a[row_index].transpose(1, 2))
         return torch.bmm(xa, b[row_index].transpose(1, 2)).view(*x.shape[:-1], self.out_features)
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        if self.is_dora(name):
-            return _dora_delta_weight(self, name)
-        a, b = self.lora_factors(name)
-        delta = (b @ a) * self.scaling[name]
-        return delta.t() if self.fan_in_fan_out else delta
 
 
 class LoraEmbedding(LoraLayer):
@@ -294,7 +316,7 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ParameterDict()
 
-    def lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _factor_parameters(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_embedding_A[name], self.lora_embedding_B[name]
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
@@ -328,14 +350,9 @@ class LoraEmbedding(LoraLayer):
             base_out = base(x)
         return dora.dora_delta(self, name, base_out, lora_out)
 
-    def adapter_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """The update adapter ``name`` adds to the embeddings of token ids ``x``."""
-        return self._delta(x, name, None)
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        if self.is_dora(name):
-            return _dora_delta_weight(self, name)
-        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).t() * self.scaling[name]
+    def add_delta_(self, out: torch.Tensor, x: torch.Tensor, name: str) -> None:
+        """Add adapter ``name``'s update for token ids ``x`` to ``out`` in place (mixed-adapter batches)."""
+        out += self._delta(x, name, None).to(out.dtype)
 
 
 class LoraConv2d(LoraLayer):
@@ -356,7 +373,7 @@ class LoraConv2d(LoraLayer):
         kw = {"device": base.weight.device, "dtype": adapter_dtype(base.weight), "bias": False}
         a = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, **kw)
         b = nn.Conv2d(r, base.out_channels, 1, 1, **kw)
-        _init_factors(a.weight, b.weight, r, init)
+        init_factors(a.weight, b.weight, r, init)
         self.lora_A[name], self.lora_B[name] = a, b
         self._set_hparams(name, r, alpha, dropout, use_rslora)
         self._add_magnitude(name, use_dora)
@@ -366,17 +383,19 @@ class LoraConv2d(LoraLayer):
             return self.routing(self, x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for name in self.unmerged_active():
-            result = result + self.adapter_delta(x, name).to(result.dtype)
+            result = result + self._delta(x, name).to(result.dtype)
         return result
 
-    def adapter_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """The update adapter ``name`` adds to the base convolution's output."""
+    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.lora_A[name], self.lora_B[name]
         return b(a(self._dropped(x, name).to(a.weight.dtype))) * self.scaling[name]
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        b = self.lora_B[name].weight[:, :, 0, 0]
-        return torch.einsum("or,rihw->oihw", b, self.lora_A[name].weight) * self.scaling[name]
+    def add_delta_(self, out: torch.Tensor, x: torch.Tensor, name: str) -> None:
+        """Add adapter ``name``'s update for input ``x`` to ``out`` in place (mixed-adapter batches)."""
+        out += self._delta(x, name).to(out.dtype)
+
+    def _in_stored_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.reshape(self.base_layer.weight.shape)
 
 
 def _dora_delta_weight(layer: LoraLayer, name: str) -> torch.Tensor:
