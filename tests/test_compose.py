@@ -9,7 +9,7 @@ import torch
 import deltatune as dt
 from deltatune.compose import AdapterCache
 from deltatune.core import routing
-from tests.methods.contract import TOYS, logits, perturbed
+from tests.methods.contract import TOYS, logits, one_by_one, perturbed, repeated_rows
 
 NAMES = ["a", "b", "__base__", "b", "a", "__base__"]  # non-contiguous segments on purpose
 
@@ -23,21 +23,7 @@ def two_adapter_model(toy):
 
 
 def rows_of(toy, n: int = 3) -> dict:
-    inputs = {k: v for k, v in toy.inputs().items() if k != "labels"}
-    return {k: torch.cat([v] * n) for k, v in inputs.items()}
-
-
-def one_by_one(model, batch: dict, names: list[str]) -> torch.Tensor:
-    outs = []
-    for i, name in enumerate(names):
-        row = {k: v[i:i + 1] for k, v in batch.items()}
-        if name == dt.BASE_ADAPTER:
-            with model.disabled():
-                outs.append(logits(model, row))
-        else:
-            model.use(name)
-            outs.append(logits(model, row))
-    return torch.cat(outs)
+    return repeated_rows(toy, n)
 
 
 @pytest.mark.parametrize("gather", [False, True], ids=["segments", "gathered"])

@@ -11,6 +11,7 @@ import copy
 from dataclasses import dataclass
 from typing import Callable
 
+import pytest
 import torch
 from torch import nn
 
@@ -172,6 +173,53 @@ def check_remove_restores_base(toy: Toy, config: dt.MethodConfig) -> None:
     model.remove("default")
     torch.testing.assert_close(logits(model, inputs), expected, atol=1e-6, rtol=0)
     assert [type(m) for m in model.base_model.modules()] == [type(m) for m in reference.modules()]
+
+
+#: per row of a mixed batch, its adapter: two adapters and the base, a split segment on purpose
+MIXED_NAMES = ["a", "b", dt.BASE_ADAPTER, "a"]
+
+
+def repeated_rows(toy: Toy, copies: int) -> dict:
+    """The toy's inputs (no labels) with every row repeated ``copies`` times along the batch."""
+    return {k: torch.cat([v] * copies) for k, v in toy.inputs().items() if k != "labels"}
+
+
+def one_by_one(model: dt.AdaptedModel, inputs: dict, names: list[str], **options) -> torch.Tensor:
+    """The logits of each row run alone, with its adapter active (or all disabled for the base);
+    ``options`` go to every call as they are (e.g. ``use_cache=False``)."""
+    outs = []
+    for i, name in enumerate(names):
+        row = {**{k: v[i:i + 1] for k, v in inputs.items()}, **options}
+        if name == dt.BASE_ADAPTER:
+            with model.disabled():
+                outs.append(logits(model, row))
+        else:
+            model.use(name)
+            outs.append(logits(model, row))
+    return torch.cat(outs)
+
+
+def check_mixed_batch(toy: Toy, config: dt.MethodConfig, *, refused: str | None = None, **options) -> None:
+    """With two (different) adapters, a mixed batch (``adapter_names=``) gives each row what it
+    gives run alone through its own adapter; or, where ``refused`` (a pattern of the expected
+    message) says so, the call is refused with a clear error. ``options`` go to every call."""
+    model = dt.attach(toy.model(), config, name="a")
+    model.add(config, name="b")
+    perturbed(model)
+    inputs = repeated_rows(toy, 2)
+    if refused:
+        with pytest.raises(dt.AdapterError, match=refused):
+            model(**inputs, **options, adapter_names=MIXED_NAMES)
+        return
+    with torch.no_grad():
+        mixed = model(**inputs, **options, adapter_names=MIXED_NAMES).logits
+    expected = one_by_one(model, inputs, MIXED_NAMES, **options)
+    # rows 0 and 2 share an input, as do rows 1 and 3 (a, base; b, a): the adapters must matter
+    assert not torch.allclose(expected[0], expected[2], atol=1e-4), "adapter a does not change the output"
+    assert not torch.allclose(expected[1], expected[3], atol=1e-4), "adapters a and b give the same output"
+    # a batch of one and a batch of four round differently; a routing error would be O(1)
+    torch.testing.assert_close(mixed, expected, atol=1e-4, rtol=1e-4)
+    assert all(layer.routing is None for _, layer in model.adapter_layers())
 
 
 def check_trainable_count(toy: Toy, config: dt.MethodConfig, expected: int) -> None:

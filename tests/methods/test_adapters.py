@@ -56,6 +56,7 @@ def test_adapter_contract(toy, style, tmp_path):
     tensors = contract.check_save_load(toy, cfg, tmp_path)
     assert all(".adapter." in k for k in tensors if ".classifier." not in k)
     contract.check_remove_restores_base(toy, cfg)
+    contract.check_mixed_batch(toy, cfg)
     contract.check_trainable_count(toy, cfg, expected_trainable(style, toy.name))
 
 

@@ -52,6 +52,7 @@ def test_bitfit_contract(toy, tmp_path):
     assert deltas and all(tensors[k].dim() == 1 for k in deltas)
     contract.check_merge(toy, config)
     contract.check_remove_restores_base(toy, config)
+    contract.check_mixed_batch(toy, config)
     contract.check_trainable_count(toy, config, EXPECTED_COUNT[toy.name])
 
 

@@ -39,6 +39,7 @@ def test_compacter_contract(toy, style, tmp_path):
     tensors = contract.check_save_load(toy, cfg, tmp_path)
     assert sum(k.endswith(".phm_rule") for k in tensors) == 1, "the shared slow weights are stored once"
     contract.check_remove_restores_base(toy, cfg)
+    contract.check_mixed_batch(toy, cfg)
     head = BERT_HEAD if toy.name == "bert" else 0
     contract.check_trainable_count(toy, cfg, paper_count(SITES[style][toy.name], D, K, N, 1) + head)
 

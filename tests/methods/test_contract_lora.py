@@ -15,3 +15,4 @@ def test_lora_contract(toy, tmp_path):
     contract.check_save_load(toy, CONFIG, tmp_path)
     contract.check_merge(toy, CONFIG)
     contract.check_remove_restores_base(toy, CONFIG)
+    contract.check_mixed_batch(toy, CONFIG)

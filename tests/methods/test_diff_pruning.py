@@ -44,6 +44,7 @@ def test_diff_pruning_contract(toy, tmp_path):
     contract.check_save_load(toy, config, tmp_path)
     contract.check_merge(toy, config)
     contract.check_remove_restores_base(toy, config)
+    contract.check_mixed_batch(toy, config)
     contract.check_trainable_count(toy, config, EXPECTED_COUNT[toy.name])
 
 

@@ -54,6 +54,11 @@ def test_freeze_contract(toy, name, tmp_path):
     contract.check_save_load(toy, cfg, tmp_path)
     contract.check_merge(toy, cfg)
     contract.check_remove_restores_base(toy, cfg)
+    if toy.name != "bert" and name != "head-only":  # copies of blocks that a key/value cache runs through
+        contract.check_mixed_batch(toy, cfg, refused="key/value cache")
+        contract.check_mixed_batch(toy, cfg, use_cache=False)
+    else:
+        contract.check_mixed_batch(toy, cfg)
     contract.check_trainable_count(toy, cfg, expected_trainable(name, toy.name, toy.model()))
 
 

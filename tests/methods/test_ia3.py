@@ -49,6 +49,7 @@ def test_ia3_contract(toy, tmp_path):
     assert any(k.endswith(".ia3_l") for k in tensors)
     contract.check_merge(toy, config)
     contract.check_remove_restores_base(toy, config)
+    contract.check_mixed_batch(toy, config)
 
 
 # --- peft parity ----------------------------------------------------------------------------

@@ -43,6 +43,7 @@ def test_p_tuning_mlp_contract(toy, tmp_path):
     tensors = contract.check_save_load(toy, MLP, tmp_path)
     assert tuple(tensors["prompt_embeddings"].shape) == (N, WIDTH)
     contract.check_remove_restores_base(toy, MLP)
+    contract.check_mixed_batch(toy, MLP, refused="cannot share a mixed batch")
 
 
 @pytest.mark.parametrize("name", ["bert", "llama"])

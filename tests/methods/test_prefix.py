@@ -48,6 +48,7 @@ def test_prefix_contract(toy, config, tmp_path):
     # as PEFT: only the (folded) prefix table, and the classifier copy of a classification toy
     assert [k for k in tensors if ".classifier." not in k] == ["prompt_embeddings"]
     contract.check_remove_restores_base(toy, config)
+    contract.check_mixed_batch(toy, config, refused="cannot share a mixed batch")
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])

@@ -139,6 +139,7 @@ def test_prompt_tuning_contract(toy, tmp_path):
     tensors = contract.check_save_load(toy, CONFIG, tmp_path)
     assert tuple(tensors["prompt_embeddings"].shape) == (N, WIDTH)
     contract.check_remove_restores_base(toy, CONFIG)
+    contract.check_mixed_batch(toy, CONFIG, refused="cannot share a mixed batch")
 
 
 @pytest.mark.parametrize("toy", contract.TOYS.values(), ids=contract.TOYS.keys())

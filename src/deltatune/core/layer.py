@@ -1,8 +1,9 @@
 """The wrapper every weight-space method builds on, and the trainable-copy wrapper.
 
 A wrapper holds the user's module as ``base_layer`` and one entry per adapter name in
-``ModuleDict``/``ParameterDict`` attributes (``adapter_attrs``). Merging is written once here on
-top of ``delta_weight(name)``.
+``ModuleDict``/``ParameterDict`` attributes (``adapter_attrs``). Written once here: the forward
+that routes mixed-adapter batches (:mod:`deltatune.core.routing`) and otherwise calls the
+method's per-adapter forward, and the merge on top of ``delta_weight(name)``.
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ class AdapterLayer(nn.Module):
     #: whether it adapts named parameters of its module (peft's ``target_parameters``) rather
     #: than the module as a layer; such paths stay out of the saved ``target_modules``
     adapts_parameters: ClassVar[bool] = False
+    #: whether its rows can go through different adapters in one call; the router refuses a
+    #: mixed-adapter batch with a clear error where they cannot
+    mixes_rows: ClassVar[bool] = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -85,8 +89,8 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.adapters_disabled = False
-        #: set during a mixed-adapter call: a callable ``routing(layer, x, *args, **kwargs)`` that
-        #: sends each row through its own adapter (see deltatune.compose.routing)
+        #: set during a mixed-adapter call: the :class:`~deltatune.core.routing.RowRouting` that
+        #: sends each row through its own adapter
         self.routing = None
 
     # Models read their layers' weights directly (T5 checks ``wo.weight.dtype``; tying code
@@ -98,6 +102,20 @@ class AdapterLayer(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
+
+    # --- forward --------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        """The wrapped module's output with the adapters applied: in a mixed-adapter batch each row
+        through its own adapter (see :mod:`deltatune.core.routing`), else the active ones, by
+        :meth:`adapted_forward`."""
+        if self.routing is not None:
+            return self.routing(self, *args, **kwargs)
+        return self.adapted_forward(*args, **kwargs)
+
+    def adapted_forward(self, *args, **kwargs):
+        """The one forward each method writes: the base layer's output with the active adapters
+        applied (:meth:`unmerged_active`; none while disabled, merged ones are in the weights)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define adapted_forward")
 
     # --- bookkeeping ----------------------------------------------------------------------
     @property
@@ -285,9 +303,7 @@ class ModulesToSave(AdapterLayer):
                 kept.setdefault(key.removeprefix("modules_to_save."), value)
         return kept
 
-    def forward(self, *args, **kwargs):
-        if self.routing is not None:
-            return self.routing(self, *args, **kwargs)
+    def adapted_forward(self, *args, **kwargs):
         if not self.adapters_disabled:
             for name in self.active_adapters:
                 return self.modules_to_save[name](*args, **kwargs)

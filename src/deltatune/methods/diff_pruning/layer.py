@@ -56,9 +56,7 @@ class DiffPruningLinear(AdapterLayer):
         """The expected number of open gates (differentiable)."""
         return open_probability(self.diff_log_alpha[name]).sum()
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.routing is not None:  # a mixed-adapter batch
-            return self.routing(self, x, *args, **kwargs)
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         live = self.unmerged_active()
         if not live:

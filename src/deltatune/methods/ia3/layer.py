@@ -51,9 +51,7 @@ class IA3Linear(AdapterLayer):
         base = self.base_layer
         return self.use_fused and type(base) in linear_kinds() and not base.weight.requires_grad
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.routing is not None:  # a mixed-adapter batch
-            return self.routing(self, x, *args, **kwargs)
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         live = self.unmerged_active()
         in_scale = _product(self.ia3_l[n].flatten() for n in live if self.feedforward[n])
         out_scale = _product(self.ia3_l[n].flatten() for n in live if not self.feedforward[n])

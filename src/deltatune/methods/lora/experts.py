@@ -25,6 +25,7 @@ class LoraExperts(LoraLayer):
 
     adapter_attrs = ("lora_A", "lora_B")
     adapts_parameters = True
+    mixes_rows = False  # one functional call runs every expert on the whole batch
 
     def __init__(self, base_layer: nn.Module, param_names: Iterable[str]) -> None:
         super().__init__(base_layer)
@@ -67,9 +68,7 @@ class LoraExperts(LoraLayer):
         delta = torch.bmm(b, a) * self.scaling[name]
         return delta.transpose(1, 2) if transposed else delta
 
-    def forward(self, *args, **kwargs):
-        if self.routing is not None:
-            raise AdapterError("LoRA on fused expert parameters cannot take part in a mixed-adapter batch")
+    def adapted_forward(self, *args, **kwargs):
         names = self.unmerged_active()
         if not names:
             return self.base_layer(*args, **kwargs)

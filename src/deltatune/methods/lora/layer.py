@@ -195,9 +195,7 @@ class LoraLinear(LoraLayer):
         return (self.use_fused and len(names) == 1 and type(base) in linear_kinds() and not base.weight.requires_grad
                 and not self.is_dora(names[0]))
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.routing is not None:
-            return self.routing(self, x, *args, **kwargs)
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         names = self.unmerged_active()
         if not args and not kwargs and self._fusable(names):
             base, name = self.base_layer, names[0]
@@ -309,9 +307,7 @@ class LoraEmbedding(LoraLayer):
         self._set_hparams(name, r, alpha, dropout, use_rslora)
         self._add_magnitude(name, use_dora)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.routing is not None:
-            return self.routing(self, x, *args, **kwargs)
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = base_out = self.base_layer(x, *args, **kwargs)
         for name in self.unmerged_active():
             result = result + self._delta(x, name, base_out).to(result.dtype)
@@ -361,9 +357,7 @@ class LoraConv2d(LoraLayer):
         self._set_hparams(name, r, alpha, dropout, use_rslora)
         self._add_magnitude(name, use_dora)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.routing is not None:
-            return self.routing(self, x, *args, **kwargs)
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         for name in self.unmerged_active():
             result = result + self.adapter_delta(x, name).to(result.dtype)
