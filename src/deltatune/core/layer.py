@@ -245,31 +245,50 @@ class AdapterLayer(nn.Module):
         return weight
 
     def merge(self, names: Iterable[str] | None = None) -> None:
-        """Add the listed (default: active) adapters' deltas to the base weight."""
-        names = list(self.active_adapters if names is None else names)
+        """Bake the listed (default: active) adapters into the base weights, one by one through
+        :meth:`_merge_into`: the one merge loop, whose hooks the methods fill in."""
+        names = [n for n in (self.active_adapters if names is None else names) if n in self.adapter_names]
         weight = self._mergeable_weight(names)
+        for name in names:
+            self._check_mergeable(name)
         with torch.no_grad():
             for name in names:
-                if name not in self.adapter_names:
-                    continue
                 self._merge_into(weight, name)
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """Subtract every merged adapter's delta again (exact up to float rounding)."""
+        """Take every merged adapter out again, the last merged first (exact up to float
+        rounding, or bit for bit where a method keeps what its merge overwrote)."""
         weight = self._base_weight()
         with torch.no_grad():
             while self.merged_adapters:
-                self._unmerge_from(weight, self.merged_adapters.pop())
+                # still listed as merged while it comes out: IA3's delta reads that
+                self._unmerge_from(weight, self.merged_adapters[-1])
+                self.merged_adapters.pop()
+
+    # the hooks of the merge; the defaults are the additive merge of ``delta_weight`` and ``delta_bias``
+    def _check_mergeable(self, name: str) -> None:
+        """Raise :class:`AdapterError` where adapter ``name`` cannot be merged now (checked for
+        every adapter before any is merged)."""
+
+    def delta_bias(self, name: str) -> torch.Tensor | None:
+        """The change adapter ``name`` makes to ``base_layer.bias`` too, or None (most methods)."""
+        return None
 
     def _merge_into(self, weight: torch.Tensor, name: str) -> None:
-        """Bake adapter ``name`` into ``weight``; a method whose merge is not additive overrides
-        this pair (DoRA rescales the weight)."""
+        """Bake adapter ``name`` into ``weight`` (and the bias, by :meth:`delta_bias`); a method
+        whose merge is not additive overrides this pair (DoRA rescales the weight)."""
+        delta_bias = self.delta_bias(name)
         weight.data += self.delta_weight(name).to(weight.dtype)
+        if delta_bias is not None:
+            self.base_layer.bias.data += delta_bias.to(self.base_layer.bias.dtype)
 
     def _unmerge_from(self, weight: torch.Tensor, name: str) -> None:
         """Undo :meth:`_merge_into` for ``name``, the last adapter merged."""
+        delta_bias = self.delta_bias(name)
         weight.data -= self.delta_weight(name).to(weight.dtype)
+        if delta_bias is not None:
+            self.base_layer.bias.data -= delta_bias.to(self.base_layer.bias.dtype)
 
     def unwrapped(self) -> nn.Module:
         """The module to put back when the adapters are unloaded."""

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from deltatune.core.layer import adapter_dtype
-from deltatune.errors import AdapterError, ConfigError
+from deltatune.errors import ConfigError
 from deltatune.methods.lora.layer import LoraLayer, _init_factors
 
 
@@ -90,23 +90,17 @@ class LoraExperts(LoraLayer):
     def _without_base_copies(self, tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
         return tensors  # "base_layer." here names the inner parameter's factors, not a base copy
 
-    # --- merge ----------------------------------------------------------------------------
-    def merge(self, names: Iterable[str] | None = None) -> None:
-        names = [n for n in (self.active_adapters if names is None else names) if n in self.adapter_names]
-        twice = [n for n in names if n in self.merged_adapters]
-        if twice:
-            raise AdapterError(f"adapter {twice[0]!r} is already merged; call unmerge() first")
-        with torch.no_grad():
-            for name in names:
-                for param_name in self.param_names:
-                    weight = getattr(self.base_layer, param_name)
-                    weight.data += self.parameter_delta(name, param_name).to(weight.dtype)
-                self.merged_adapters.append(name)
+    # --- merge: the base's loop, over every adapted parameter ----------------------------------
+    def _base_weight(self) -> torch.Tensor:
+        # what the merge checks read (floating point, not merged twice): the first adapted parameter
+        return getattr(self.base_layer, self.param_names[0])
 
-    def unmerge(self) -> None:
-        with torch.no_grad():
-            while self.merged_adapters:
-                name = self.merged_adapters.pop()
-                for param_name in self.param_names:
-                    weight = getattr(self.base_layer, param_name)
-                    weight.data -= self.parameter_delta(name, param_name).to(weight.dtype)
+    def _merge_into(self, weight: torch.Tensor, name: str) -> None:
+        for param_name in self.param_names:
+            param = getattr(self.base_layer, param_name)
+            param.data += self.parameter_delta(name, param_name).to(param.dtype)
+
+    def _unmerge_from(self, weight: torch.Tensor, name: str) -> None:
+        for param_name in self.param_names:
+            param = getattr(self.base_layer, param_name)
+            param.data -= self.parameter_delta(name, param_name).to(param.dtype)
