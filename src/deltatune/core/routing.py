@@ -45,12 +45,12 @@ class RowRouting:
         return self._row_index[names]
 
     def __call__(self, layer: nn.Module, *args, **kwargs) -> torch.Tensor:
-        x = first_input(args, kwargs)
-        if x.shape[0] != len(self.names):
-            raise AdapterError(f"adapter_names has {len(self.names)} entries but the batch has {x.shape[0]} rows")
         if not layer.mixes_rows:
             raise AdapterError(f"a {type(layer).__name__} layer cannot take part in a mixed-adapter batch; "
                                f"run its adapter's rows in a call of their own")
+        x = first_input(args, kwargs)
+        if x.shape[0] != len(self.names):
+            raise AdapterError(f"adapter_names has {len(self.names)} entries but the batch has {x.shape[0]} rows")
         present = [n for n in self.segments if n in layer.adapter_names]
         if self.gather and hasattr(layer, "adapter_delta_gathered") and present:
             base = layer.base_layer(*args, **kwargs)

@@ -25,7 +25,7 @@ class LoraExperts(LoraLayer):
 
     adapter_attrs = ("lora_A", "lora_B")
     adapts_parameters = True
-    mixes_rows = False  # one functional call runs every expert on the whole batch
+    mixes_rows = False  # the experts module sees routed tokens, not the batch's rows
 
     def __init__(self, base_layer: nn.Module, param_names: Iterable[str]) -> None:
         super().__init__(base_layer)
