@@ -143,4 +143,3 @@ class BottleneckLayer(AdapterLayer):
 
     def unmerge(self) -> None:
         pass  # nothing is ever merged
-
