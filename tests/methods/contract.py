@@ -141,6 +141,18 @@ def check_mixed_batch(toy: Toy, config: dt.MethodConfig, *, refused: str | None 
     assert all(layer.routing is None for _, layer in model.adapter_layers())
 
 
+def check_contract(toy: Toy, config: dt.MethodConfig, tmp_path, *, mergeable: bool = True) -> dict:
+    """Every check above in turn (merging where ``mergeable``); returns the saved tensors."""
+    check_only_adapter_parameters_train(toy, config)
+    check_changes_and_disables(toy, config)
+    tensors = check_save_load(toy, config, tmp_path)
+    if mergeable:
+        check_merge(toy, config)
+    check_remove_restores_base(toy, config)
+    check_mixed_batch(toy, config)
+    return tensors
+
+
 def check_trainable_count(toy: Toy, config: dt.MethodConfig, expected: int) -> None:
     """The trainable parameter count equals ``expected`` (a formula, or peft's count)."""
     model = dt.attach(toy.base(), config)

@@ -12,10 +12,4 @@ CONFIGS = {"lora": dt.LoraConfig(r=4, alpha=8, targets=["q", "v"]),
 @pytest.mark.parametrize("variant", CONFIGS)
 @pytest.mark.parametrize("toy", contract.TOYS.values(), ids=contract.TOYS.keys())
 def test_lora_contract(toy, variant, tmp_path):
-    config = CONFIGS[variant]
-    contract.check_only_adapter_parameters_train(toy, config)
-    contract.check_changes_and_disables(toy, config)
-    contract.check_save_load(toy, config, tmp_path)
-    contract.check_merge(toy, config)
-    contract.check_remove_restores_base(toy, config)
-    contract.check_mixed_batch(toy, config)
+    contract.check_contract(toy, CONFIGS[variant], tmp_path)

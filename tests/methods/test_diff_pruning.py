@@ -39,12 +39,7 @@ EXPECTED_COUNT = {
 @TOYS
 def test_diff_pruning_contract(toy, tmp_path):
     config = DiffPruningConfig()
-    contract.check_only_adapter_parameters_train(toy, config)
-    contract.check_changes_and_disables(toy, config)
-    contract.check_save_load(toy, config, tmp_path)
-    contract.check_merge(toy, config)
-    contract.check_remove_restores_base(toy, config)
-    contract.check_mixed_batch(toy, config)
+    contract.check_contract(toy, config, tmp_path)
     contract.check_trainable_count(toy, config, EXPECTED_COUNT[toy.name])
 
 
