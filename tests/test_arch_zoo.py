@@ -188,6 +188,11 @@ def test_a_peft_target_parameters_adapter_loads_with_peft_s_outputs(family, tmp_
     assert {type(layer).__name__ for _, layer in ours.adapter_layers()} == {"LoraLinear", "LoraExperts"}
     ours.merge()
     assert_same(_outputs(ours, batch), expected, atol=1e-4)
+    ours.unmerge()
+    assert_same(_outputs(ours, batch), expected, atol=1e-4)
+    # the experts module sees routed tokens, not the batch's rows: it cannot give rows different adapters
+    with pytest.raises(dt.AdapterError, match="LoraExperts layer cannot take part in a mixed-adapter batch"):
+        ours(**batch, adapter_names=[ours.active_adapter] * batch["input_ids"].shape[0])
 
 
 def test_only_the_fused_experts_can_be_adapted_and_train(tmp_path):

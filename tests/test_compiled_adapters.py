@@ -30,9 +30,9 @@ def test_adapter_layers_add_no_graph_break(method):
     """The adapted model splits into no more graphs than the bare model does. (IA3 used to break
     the graph at every layer: it read its scale's zeros back to the host.)"""
     toy = TOYS["llama"]  # the architecture of the CUDA benchmark; tracing a toy takes seconds
-    inputs = toy.inputs()
-    bare = _graph_breaks(toy.model(), inputs)
-    adapted = dt.attach(toy.model(), CONFIGS[method]())
+    inputs = toy.loss_batch()
+    bare = _graph_breaks(toy.base(), inputs)
+    adapted = dt.attach(toy.base(), CONFIGS[method]())
     assert _graph_breaks(adapted, inputs) == bare
 
 
@@ -80,8 +80,8 @@ def test_compiled_fused_layer_equals_eager(build):
 def test_trained_lora_model_compiles_with_eager_gradients():
     """A whole adapted model, traced with its backward: the loss and every adapter gradient."""
     toy = TOYS["llama"]
-    model = perturbed(dt.attach(toy.model(), CONFIGS["lora"]()), scale=0.05)
-    inputs = toy.inputs()
+    model = perturbed(dt.attach(toy.base(), CONFIGS["lora"]()), scale=0.05)
+    inputs = toy.loss_batch()
 
     def step(m):
         model.zero_grad(set_to_none=True)

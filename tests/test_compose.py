@@ -9,13 +9,13 @@ import torch
 import deltatune as dt
 from deltatune.compose import AdapterCache
 from deltatune.core import routing
-from tests.methods.contract import TOYS, logits, perturbed
+from tests.methods.contract import TOYS, logits, one_by_one, perturbed, repeated_rows
 
 NAMES = ["a", "b", "__base__", "b", "a", "__base__"]  # non-contiguous segments on purpose
 
 
 def two_adapter_model(toy):
-    model = dt.attach(toy.model(), dt.LoraConfig(r=4, targets=["q", "v"], init="random"), name="a")
+    model = dt.attach(toy.base(), dt.LoraConfig(r=4, targets=["q", "v"], init="random"), name="a")
     model.add(dt.LoraConfig(r=2, targets=["q", "v", "o"], init="random"), name="b")
     model.use(["a", "b"])
     perturbed(model)  # also makes the per-adapter classifier copies differ
@@ -23,21 +23,7 @@ def two_adapter_model(toy):
 
 
 def rows_of(toy, n: int = 3) -> dict:
-    inputs = {k: v for k, v in toy.inputs().items() if k != "labels"}
-    return {k: torch.cat([v] * n) for k, v in inputs.items()}
-
-
-def one_by_one(model, batch: dict, names: list[str]) -> torch.Tensor:
-    outs = []
-    for i, name in enumerate(names):
-        row = {k: v[i:i + 1] for k, v in batch.items()}
-        if name == dt.BASE_ADAPTER:
-            with model.disabled():
-                outs.append(logits(model, row))
-        else:
-            model.use(name)
-            outs.append(logits(model, row))
-    return torch.cat(outs)
+    return repeated_rows(toy, n)
 
 
 @pytest.mark.parametrize("gather", [False, True], ids=["segments", "gathered"])
@@ -165,7 +151,7 @@ def test_combine_svd_truncation_reports_energy_and_is_the_best_rank_k_fit():
 
 
 def test_combine_linear_follows_its_formula_and_needs_equal_ranks():
-    model = dt.attach(TOYS["bert"].model(), dt.LoraConfig(r=2, alpha=4, targets=["q"], init="random"), name="x")
+    model = dt.attach(TOYS["bert"].base(), dt.LoraConfig(r=2, alpha=4, targets=["q"], init="random"), name="x")
     model.add(dt.LoraConfig(r=2, alpha=2, targets=["q"], init="random"), name="y")
     model.combine({"x": 0.5, "y": 2.0}, name="xy", how="linear")
     layer = model.base_model.bert.encoder.layer[0].attention.self.query
@@ -187,13 +173,13 @@ def test_combined_adapter_saves_and_loads_with_its_per_module_ranks(tmp_path):
     model.use("ab")
     expected = logits(model, rows_of(toy, 1))
     model.save(tmp_path, adapter="ab")
-    loaded = dt.load(toy.model(), tmp_path).eval()
+    loaded = dt.load(toy.base(), tmp_path).eval()
     torch.testing.assert_close(logits(loaded, rows_of(toy, 1)), expected, atol=1e-6, rtol=0)
 
 
 def save_adapter(toy, tmp_path, name, r, seed):
     torch.manual_seed(seed)
-    model = perturbed(dt.attach(toy.model(), dt.LoraConfig(r=r, alpha=2 * r, targets=["q", "v"], init="random")))
+    model = perturbed(dt.attach(toy.base(), dt.LoraConfig(r=r, alpha=2 * r, targets=["q", "v"], init="random")))
     folder = tmp_path / name
     model.save(folder)
     return folder
@@ -203,11 +189,11 @@ def save_adapter(toy, tmp_path, name, r, seed):
 def test_hot_swap_in_place_equals_a_fresh_load(tmp_path, new_rank):
     toy = TOYS["bert"]
     first, second = save_adapter(toy, tmp_path, "first", 4, 1), save_adapter(toy, tmp_path, "second", new_rank, 2)
-    serving = dt.load(toy.model(), first, name="live").eval()
+    serving = dt.load(toy.base(), first, name="live").eval()
     modules_before = {p: id(m) for p, m in serving.base_model.named_modules()}
     params_before = {n: id(p) for n, p in serving.named_parameters()}
     serving.hot_swap("live", second)
-    fresh = dt.load(toy.model(), second).eval()
+    fresh = dt.load(toy.base(), second).eval()
     batch = rows_of(toy, 1)
     torch.testing.assert_close(logits(serving, batch), logits(fresh, batch), atol=1e-5, rtol=1e-5)
     assert {p: id(m) for p, m in serving.base_model.named_modules()} == modules_before
@@ -217,7 +203,7 @@ def test_hot_swap_in_place_equals_a_fresh_load(tmp_path, new_rank):
 def test_hot_swap_refuses_a_larger_rank_and_changes_nothing(tmp_path):
     toy = TOYS["bert"]
     small, big = save_adapter(toy, tmp_path, "small", 2, 1), save_adapter(toy, tmp_path, "big", 8, 2)
-    serving = dt.load(toy.model(), small, name="live").eval()
+    serving = dt.load(toy.base(), small, name="live").eval()
     before = logits(serving, rows_of(toy, 1))
     with pytest.raises(dt.AdapterFileError, match="rank may only shrink"):
         serving.hot_swap("live", big)
@@ -227,7 +213,7 @@ def test_hot_swap_refuses_a_larger_rank_and_changes_nothing(tmp_path):
 def test_adapter_cache_evicts_least_recently_used_but_never_pinned(tmp_path):
     toy = TOYS["bert"]
     folders = {n: save_adapter(toy, tmp_path, n, 2, i) for i, n in enumerate("pqrs")}
-    model = dt.load(toy.model(), folders["p"], name="p")
+    model = dt.load(toy.base(), folders["p"], name="p")
     cache = AdapterCache(model, capacity=2, pinned=("p",))
     assert cache.load("q", folders["q"]) == []
     assert cache.load("r", folders["r"]) == ["q"]  # p is pinned, q is the least recently used

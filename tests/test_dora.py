@@ -82,15 +82,15 @@ def test_dora_gradients_equal_peft_dora(case, tmp_path):
 
 def test_merge_and_unmerge_are_exact_with_a_dora_and_a_plain_adapter_merged_in_turn():
     toy = contract.TOYS["llama"]
-    model = dt.attach(toy.model(), dt.LoraConfig(r=4, targets=["q", "v"], dora=True, init="random"), name="d")
+    model = dt.attach(toy.base(), dt.LoraConfig(r=4, targets=["q", "v"], dora=True, init="random"), name="d")
     model.add(dt.LoraConfig(r=2, targets=["q", "o"], init="random"), name="p")
     contract.perturbed(model)
     weight = model.base_model.model.layers[0].self_attn.q_proj.base_layer.weight.detach().clone()
     for name in ("d", "p"):
         model.use(name)
-        alone = logits(model, toy.inputs())
+        alone = logits(model, toy.loss_batch())
         model.merge()
-        assert_same(logits(model, toy.inputs()), alone, atol=1e-5)
+        assert_same(logits(model, toy.loss_batch()), alone, atol=1e-5)
         model.unmerge()
     model.merge(["d"])
     model.merge(["p"])
@@ -103,7 +103,7 @@ def test_merge_and_unmerge_are_exact_with_a_dora_and_a_plain_adapter_merged_in_t
 def test_mixed_batch_with_dora_equals_each_row_alone(gather, monkeypatch):
     from deltatune.core import routing
     toy = contract.TOYS["llama"]
-    model = dt.attach(toy.model(), dt.LoraConfig(r=4, targets=["q", "v", "embed_tokens"], dora=True, init="random"),
+    model = dt.attach(toy.base(), dt.LoraConfig(r=4, targets=["q", "v", "embed_tokens"], dora=True, init="random"),
                       name="a")
     model.add(dt.LoraConfig(r=2, targets=["q", "v", "o"], init="random"), name="b")
     model.use(["a", "b"])

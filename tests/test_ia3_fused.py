@@ -15,12 +15,12 @@ from tests.methods.contract import TOYS, assert_fused_path_equals_plain, perturb
 @pytest.mark.parametrize("toy", TOYS.values(), ids=TOYS.keys())
 def test_fused_path_equals_plain_autograd(toy, two_adapters, monkeypatch):
     # the default targets scale some outputs (attention) and some inputs (feed-forward)
-    model = dt.attach(toy.model(), dt.IA3Config())
+    model = dt.attach(toy.base(), dt.IA3Config())
     if two_adapters:
         model.add(dt.IA3Config(), name="second")
         model.use(["default", "second"])
     model = perturbed(model, scale=0.05).train()
-    grads = assert_fused_path_equals_plain(model, toy.inputs(), IA3Linear, monkeypatch)
+    grads = assert_fused_path_equals_plain(model, toy.loss_batch(), IA3Linear, monkeypatch)
     assert sum(".ia3_l." in n for n in grads) >= 2 * (2 if two_adapters else 1)
 
 

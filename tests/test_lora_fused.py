@@ -17,9 +17,9 @@ from tests.methods.contract import TOYS, assert_fused_path_equals_plain, perturb
 def test_fused_path_equals_plain_autograd(toy, bias, dropout, monkeypatch):
     # a small perturbation keeps gradients O(1), so 1e-5 is a meaningful absolute tolerance
     config = dt.LoraConfig(r=4, alpha=8, targets="all-linear", bias=bias, dropout=dropout)
-    model = perturbed(dt.attach(toy.model(), config), scale=0.05)
+    model = perturbed(dt.attach(toy.base(), config), scale=0.05)
     model.train()
-    assert_fused_path_equals_plain(model, toy.inputs(), LoraLinear, monkeypatch)
+    assert_fused_path_equals_plain(model, toy.loss_batch(), LoraLinear, monkeypatch)
 
 
 def _layer(kind: str, dtype: torch.dtype = torch.float32) -> LoraLinear:

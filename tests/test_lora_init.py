@@ -111,7 +111,7 @@ def test_pissa_takes_the_best_rank_r_part_and_the_fast_svd_comes_close():
 
 def test_mixed_batch_with_a_pissa_adapter_equals_each_row_alone():
     toy = contract.TOYS["gpt2"]
-    model = dt.attach(toy.model(), dt.LoraConfig(r=4, targets=["q", "v"], init="pissa"), name="a")
+    model = dt.attach(toy.base(), dt.LoraConfig(r=4, targets=["q", "v"], init="pissa"), name="a")
     model.add(dt.LoraConfig(r=2, targets=["q", "v", "o"], init="random"), name="b")
     model.use(["a", "b"])
     contract.perturbed(model)
@@ -140,9 +140,9 @@ def test_data_inits_refuse_what_they_cannot_do(tmp_path):
 @pytest.mark.parametrize("variant", [{"dora": True}, {"init": "pissa"}], ids=["dora", "pissa"])
 def test_hot_swap_refuses_a_dora_or_pissa_target_and_changes_nothing(variant, tmp_path):
     toy = contract.TOYS["llama"]
-    dt.attach(toy.model(), dt.LoraConfig(r=4, targets=["q", "v"], init="random")).save(tmp_path)
-    model = dt.attach(toy.model(), dt.LoraConfig(r=4, targets=["q", "v"], **variant))
-    before = logits(model, toy.inputs())
+    dt.attach(toy.base(), dt.LoraConfig(r=4, targets=["q", "v"], init="random")).save(tmp_path)
+    model = dt.attach(toy.base(), dt.LoraConfig(r=4, targets=["q", "v"], **variant))
+    before = logits(model, toy.loss_batch())
     with pytest.raises(dt.AdapterError, match="hot swap replaces plain LoRA factors"):
         model.hot_swap("default", tmp_path)
-    assert_same(logits(model, toy.inputs()), before, atol=0)
+    assert_same(logits(model, toy.loss_batch()), before, atol=0)

@@ -1,4 +1,5 @@
-"""Tiny random transformers models (hidden 32, vocab 100) and the helpers the core tests share.
+"""Tiny random transformers models (hidden 32, vocab 100) and the helpers the tests share: the one
+set of toys, for the core tests and for the method contract (tests/methods/contract.py).
 
 Every base model is built once per session from a fixed seed and handed out as a deep copy, so
 two calls to :meth:`Toy.base` give bit-identical, independent models (one for deltatune, one
@@ -40,11 +41,13 @@ def build_gpt2(layers: int = 4) -> nn.Module:
                                       bos_token_id=1, eos_token_id=2, pad_token_id=0))
 
 
-def build_llama(layers: int = 4) -> nn.Module:
+def build_llama(layers: int = 4, **config) -> nn.Module:
+    """The LLaMA toy; ``config`` adds LlamaConfig fields (e.g. ``attention_bias=True``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
                                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=32, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+                                        max_position_embeddings=32, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                        **config))
 
 
 def build_t5(encoder_layers: int = 2, decoder_layers: int = 2, gated: bool = False) -> nn.Module:
@@ -79,8 +82,8 @@ class Toy:
     build: Callable[[], nn.Module]
     make_batch: Callable[[], dict]
     peft_task: str
-    #: loss labels for a training step
-    make_labels: Callable[[dict], torch.Tensor]
+    #: loss labels for a training step (None: a bare model without a loss)
+    make_labels: Callable[[dict], torch.Tensor] | None
     #: the output heads that "all-linear" must leave alone
     heads: tuple[str, ...] = ()
     #: the peft names of the modules deltatune's ["q", "v"] selects
@@ -97,8 +100,9 @@ class Toy:
         return self.make_batch()
 
     def loss_batch(self) -> dict:
+        """:meth:`batch` with the loss labels (the batch alone for a toy without labels)."""
         batch = self.make_batch()
-        return {**batch, "labels": self.make_labels(batch)}
+        return batch if self.make_labels is None else {**batch, "labels": self.make_labels(batch)}
 
 
 @functools.cache
@@ -153,9 +157,9 @@ def zoo_input(layer: str) -> torch.Tensor:
 # --- helpers -------------------------------------------------------------------------------
 
 def logits(model: nn.Module, batch: dict) -> torch.Tensor:
-    """The model's logits for ``batch``, without gradients."""
+    """The model's logits for ``batch`` (its labels left out), without gradients."""
     with torch.no_grad():
-        return model(**batch).logits.detach().clone()
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits.detach().clone()
 
 
 def assert_same(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-6) -> None:

@@ -56,13 +56,14 @@ def test_adapter_contract(toy, style, tmp_path):
     tensors = contract.check_save_load(toy, cfg, tmp_path)
     assert all(".adapter." in k for k in tensors if ".classifier." not in k)
     contract.check_remove_restores_base(toy, cfg)
+    contract.check_mixed_batch(toy, cfg)
     contract.check_trainable_count(toy, cfg, expected_trainable(style, toy.name))
 
 
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("toy", TOYS.values(), ids=TOYS.keys())
 def test_placement_per_architecture(toy, style):
-    model = dt.attach(toy.model(), config(style))
+    model = dt.attach(toy.base(), config(style))
     spec = dt.core.archspec.spec_for(model.base_model)
     wrapped = [p for p, layer in model.adapter_layers() if isinstance(layer, BottleneckLayer)]
     assert len(wrapped) == SITES[style][toy.name]
@@ -71,13 +72,13 @@ def test_placement_per_architecture(toy, style):
 
 def test_merge_is_refused_with_a_clear_error():
     toy = TOYS["gpt2"]
-    model = contract.perturbed(dt.attach(toy.model(), config("houlsby")))
-    before = contract.logits(model, toy.inputs())
+    model = contract.perturbed(dt.attach(toy.base(), config("houlsby")))
+    before = contract.logits(model, toy.loss_batch())
     for merge in (model.merge, model.merge_and_unload):
         with pytest.raises(dt.AdapterError, match="cannot be merged"):
             merge()
     assert not model.merged
-    torch.testing.assert_close(contract.logits(model, toy.inputs()), before, atol=0, rtol=0)
+    torch.testing.assert_close(contract.logits(model, toy.loss_batch()), before, atol=0, rtol=0)
 
 
 # --- outputs against the formula -----------------------------------------------------------
@@ -101,10 +102,10 @@ def _bottleneck(layer: BottleneckLayer, x: torch.Tensor, act) -> torch.Tensor:
 @pytest.mark.parametrize("style", ["houlsby", "pfeiffer"])
 def test_sequential_adapter_adds_bottleneck_of_the_output(style):
     toy = TOYS["llama"]
-    model = contract.perturbed(dt.attach(toy.model(), config(style, activation="gelu", scaling=2.0)))
+    model = contract.perturbed(dt.attach(toy.base(), config(style, activation="gelu", scaling=2.0)))
     layer = model.base_model.get_submodule("model.layers.1.mlp.down_proj")
     inner, outer = _capture(layer.base_layer), _capture(layer)
-    contract.logits(model, toy.inputs())
+    contract.logits(model, toy.loss_batch())
     y = inner["output"]  # the projection's own output: y = W x
     expected = y + 2.0 * _bottleneck(layer, y, F.gelu)
     torch.testing.assert_close(outer["output"], expected, atol=1e-6, rtol=1e-6)
@@ -113,10 +114,10 @@ def test_sequential_adapter_adds_bottleneck_of_the_output(style):
 
 def test_parallel_adapter_reads_the_ffn_input():
     toy = TOYS["gpt2"]
-    model = contract.perturbed(dt.attach(toy.model(), config("parallel", scaling=4.0)))
+    model = contract.perturbed(dt.attach(toy.base(), config("parallel", scaling=4.0)))
     layer = model.base_model.get_submodule("transformer.h.2.mlp")
     outer = _capture(layer)
-    contract.logits(model, toy.inputs())
+    contract.logits(model, toy.loss_batch())
     x = outer["args"][0]  # the FFN block's input (ln_2 of the residual stream)
     with torch.no_grad():
         ffn = layer.base_layer(x)
@@ -139,12 +140,12 @@ def _bottleneck_in_float64(layer: BottleneckLayer, x: torch.Tensor, act) -> torc
 def test_the_adapter_computes_in_its_own_dtype_also_after_the_model_is_converted(prepare, convert, adapter_dtype,
                                                                                   tol):
     toy = TOYS["llama"]
-    model = contract.perturbed(dt.attach(prepare(toy.model()), config("pfeiffer", activation="gelu", scaling=2.0)))
+    model = contract.perturbed(dt.attach(prepare(toy.base()), config("pfeiffer", activation="gelu", scaling=2.0)))
     convert(model)
     layer = model.base_model.get_submodule("model.layers.1.mlp.down_proj")
     assert {p.dtype for p in layer.adapter_parameters("default")} == {adapter_dtype}
     inner, outer = _capture(layer.base_layer), _capture(layer)
-    contract.logits(model, toy.inputs())
+    contract.logits(model, toy.loss_batch())
     y = inner["output"]
     assert outer["output"].dtype == y.dtype == layer.base_layer.weight.dtype
     expected = y.double() + 2.0 * _bottleneck_in_float64(layer, y, F.gelu)
@@ -153,10 +154,10 @@ def test_the_adapter_computes_in_its_own_dtype_also_after_the_model_is_converted
 
 def test_parallel_adapter_on_bert_adds_to_the_ffn_output_before_the_layernorm():
     toy = TOYS["bert"]
-    model = contract.perturbed(dt.attach(toy.model(), config("parallel")))
+    model = contract.perturbed(dt.attach(toy.base(), config("parallel")))
     layer = model.base_model.get_submodule("bert.encoder.layer.1.output")
     outer = _capture(layer)
-    contract.logits(model, toy.inputs())
+    contract.logits(model, toy.loss_batch())
     h, x = outer["args"]  # intermediate activations and the FFN block's input
     base = layer.base_layer
     ffn = h @ base.dense.weight.T + base.dense.bias  # eval mode: dropout is the identity
@@ -167,13 +168,13 @@ def test_parallel_adapter_on_bert_adds_to_the_ffn_output_before_the_layernorm():
 
 def test_identity_init_starts_as_the_base_model():
     toy = TOYS["bert"]
-    expected = contract.logits(toy.model(), toy.inputs())
-    model = dt.attach(toy.model(), config("houlsby", init="identity"))
-    torch.testing.assert_close(contract.logits(model, toy.inputs()), expected, atol=0, rtol=0)
+    expected = contract.logits(toy.base(), toy.loss_batch())
+    model = dt.attach(toy.base(), config("houlsby", init="identity"))
+    torch.testing.assert_close(contract.logits(model, toy.loss_batch()), expected, atol=0, rtol=0)
 
 
 def test_near_identity_init_is_small_truncated_noise():
-    model = dt.attach(TOYS["llama"].model(), AdapterConfig(style="pfeiffer", bottleneck=16, init="near-identity"))
+    model = dt.attach(TOYS["llama"].base(), AdapterConfig(style="pfeiffer", bottleneck=16, init="near-identity"))
     block = model.base_model.get_submodule("model.layers.0.mlp.down_proj").adapter["default"]
     for proj in (block.down, block.up):
         assert proj.weight.abs().max() <= 2e-2
@@ -182,7 +183,7 @@ def test_near_identity_init_is_small_truncated_noise():
 
 
 def test_bottleneck_width_from_reduction_factor():
-    model = dt.attach(TOYS["gpt2"].model(), AdapterConfig(style="pfeiffer", reduction_factor=8))
+    model = dt.attach(TOYS["gpt2"].base(), AdapterConfig(style="pfeiffer", reduction_factor=8))
     block = model.base_model.get_submodule("transformer.h.0.mlp.c_proj").adapter["default"]
     assert (block.down.in_features, block.down.out_features, block.up.out_features) == (32, 32 // 8, 32)
 
@@ -190,12 +191,12 @@ def test_bottleneck_width_from_reduction_factor():
 def test_saved_config_names_the_method_and_reloads_the_same_placement(tmp_path):
     toy = TOYS["bert"]
     cfg = AdapterConfig(style="houlsby", bottleneck=WIDTH, layers=[1, 3], activation="tanh")
-    model = contract.perturbed(dt.attach(toy.model(), cfg))
+    model = contract.perturbed(dt.attach(toy.base(), cfg))
     model.save(tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     assert data["deltatune_method"] == "adapters" and "peft_type" not in data
     assert (data["style"], data["activation"], data["bottleneck"]) == ("houlsby", "tanh", WIDTH)
-    loaded = dt.load(toy.model(), tmp_path)
+    loaded = dt.load(toy.base(), tmp_path)
     assert [p for p, _ in loaded.adapter_layers()] == [p for p, _ in model.adapter_layers()]
     assert len(list(loaded.adapter_layers())) == 2 * 2 + 1  # two blocks, two sites each, and the head
 
@@ -213,8 +214,8 @@ def test_config_validation(bad, match):
 
 def test_lora_and_adapters_on_disjoint_modules_work_together(tmp_path):
     toy = TOYS["bert"]
-    inputs = toy.inputs()
-    model = dt.attach(toy.model(), dt.LoraConfig(r=2, targets=["q", "v"], init="random"), "lora")
+    inputs = toy.loss_batch()
+    model = dt.attach(toy.base(), dt.LoraConfig(r=2, targets=["q", "v"], init="random"), "lora")
     # one classification head between them: a ModulesToSave runs only one adapter's copy
     model.add(config("pfeiffer", init="near-identity", modules_to_save=[]), "bottleneck")
     model.use(["lora", "bottleneck"])
@@ -234,14 +235,14 @@ def test_lora_and_adapters_on_disjoint_modules_work_together(tmp_path):
     # saved separately, loaded together onto a fresh base: the same combined output
     for n in ("lora", "bottleneck"):
         model.save(tmp_path / n, adapter=n)
-    fresh = dt.load(toy.model(), tmp_path / "lora", "lora")
+    fresh = dt.load(toy.base(), tmp_path / "lora", "lora")
     fresh.load(tmp_path / "bottleneck", "bottleneck")
     fresh.use(["lora", "bottleneck"])
     torch.testing.assert_close(contract.logits(fresh.eval(), inputs), both, atol=1e-6, rtol=0)
 
 
 def test_parallel_adapter_refuses_to_nest_around_an_adapted_layer():
-    model = dt.attach(TOYS["gpt2"].model(), dt.LoraConfig(r=2, targets=["up"]), "lora")
+    model = dt.attach(TOYS["gpt2"].base(), dt.LoraConfig(r=2, targets=["up"]), "lora")
     with pytest.raises(dt.TargetError, match="disjoint"):
         model.add(config("parallel"), "parallel")
     assert [p for p, _ in model.adapter_layers()] == [f"transformer.h.{i}.mlp.c_fc" for i in range(4)]
@@ -253,7 +254,7 @@ def test_parallel_adapter_refuses_to_nest_around_an_adapted_layer():
 ], ids=["compacter-over-adapters", "adapters-over-compacter"])
 def test_adapters_and_compacter_refuse_to_share_a_module(first, second, wrapper):
     # a CompacterLayer is a BottleneckLayer, but runs its blocks with the shared PHM rule: no mixing
-    model = dt.attach(TOYS["gpt2"].model(), first(), "first")
+    model = dt.attach(TOYS["gpt2"].base(), first(), "first")
     layers = dict(model.adapter_layers())
     with pytest.raises(dt.TargetError, match=rf"transformer\.h\.0\.mlp\.c_proj already carries a {wrapper} adapter;"
                                              r".*disjoint modules"):

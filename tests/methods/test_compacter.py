@@ -39,6 +39,7 @@ def test_compacter_contract(toy, style, tmp_path):
     tensors = contract.check_save_load(toy, cfg, tmp_path)
     assert sum(k.endswith(".phm_rule") for k in tensors) == 1, "the shared slow weights are stored once"
     contract.check_remove_restores_base(toy, cfg)
+    contract.check_mixed_batch(toy, cfg)
     head = BERT_HEAD if toy.name == "bert" else 0
     contract.check_trainable_count(toy, cfg, paper_count(SITES[style][toy.name], D, K, N, 1) + head)
 
@@ -49,7 +50,7 @@ def test_parameter_count_matches_the_formula(rank):
     cfg = config("houlsby", phm_rank=rank)
     expected = paper_count(8, D, K, N, rank)
     contract.check_trainable_count(toy, cfg, expected)
-    model = dt.attach(toy.model(), cfg)
+    model = dt.attach(toy.base(), cfg)
     # the report and the saved tensors count the shared tensor once too
     saved = sum(t.numel() for _, layer in model.adapter_layers() for t in layer.adapter_state("default").values())
     assert saved == expected
@@ -60,7 +61,7 @@ def test_parameter_count_matches_the_formula(rank):
 
 
 def test_merge_is_refused_with_a_clear_error():
-    model = dt.attach(TOYS["bert"].model(), config())
+    model = dt.attach(TOYS["bert"].base(), config())
     with pytest.raises(dt.AdapterError, match="cannot be merged"):
         model.merge()
 
@@ -81,13 +82,13 @@ def test_phm_weight_is_the_sum_of_kronecker_products():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64-after-adding"])
 def test_adapter_output_matches_the_formula(dtype):
     toy = TOYS["gpt2"]
-    model = contract.perturbed(dt.attach(toy.model(), config(scaling=0.5))).to(dtype)
+    model = contract.perturbed(dt.attach(toy.base(), config(scaling=0.5))).to(dtype)
     layer = model.base_model.get_submodule("transformer.h.1.mlp.c_proj")
     assert {p.dtype for p in layer.adapter_parameters("default")} == {dtype}
     seen = {}
     layer.base_layer.register_forward_hook(lambda m, a, out: seen.setdefault("y", out))
     layer.register_forward_hook(lambda m, a, out: seen.setdefault("out", out))
-    contract.logits(model, toy.inputs())
+    contract.logits(model, toy.loss_batch())
     block, rule, y = layer.compacter["default"], layer.phm_rule["default"], seen["y"]
 
     def kron_weight(phm):
@@ -99,9 +100,9 @@ def test_adapter_output_matches_the_formula(dtype):
 
 def test_identity_at_initialisation():
     toy = TOYS["t5"]
-    expected = contract.logits(toy.model(), toy.inputs())
-    model = dt.attach(toy.model(), config("houlsby"))
-    torch.testing.assert_close(contract.logits(model, toy.inputs()), expected, atol=0, rtol=0)
+    expected = contract.logits(toy.base(), toy.loss_batch())
+    model = dt.attach(toy.base(), config("houlsby"))
+    torch.testing.assert_close(contract.logits(model, toy.loss_batch()), expected, atol=0, rtol=0)
 
 
 def _layers(model) -> list[CompacterLayer]:
@@ -110,7 +111,7 @@ def _layers(model) -> list[CompacterLayer]:
 
 def test_slow_weights_are_one_tensor_with_gradients_from_every_layer():
     toy = TOYS["bert"]
-    model = contract.perturbed(dt.attach(toy.model(), config("houlsby")))
+    model = contract.perturbed(dt.attach(toy.base(), config("houlsby")))
     layers = _layers(model)
     rule = layers[0].phm_rule["default"]
     assert len(layers) == 8 and all(layer.phm_rule["default"] is rule for layer in layers)
@@ -118,7 +119,7 @@ def test_slow_weights_are_one_tensor_with_gradients_from_every_layer():
 
     def rule_grads():
         model.zero_grad()
-        model(**toy.inputs()).loss.backward()
+        model(**toy.loss_batch()).loss.backward()
         return rule.grad.clone()
     total = rule_grads()
     for layer in layers:
@@ -133,16 +134,16 @@ def test_slow_weights_are_one_tensor_with_gradients_from_every_layer():
 
 def test_two_adapters_have_their_own_slow_weights(tmp_path):
     toy = TOYS["llama"]
-    model = dt.attach(toy.model(), config(), "a")
+    model = dt.attach(toy.base(), config(), "a")
     model.add(config("houlsby"), "b")
     layer = model.base_model.get_submodule("model.layers.2.mlp.down_proj")
     assert layer.phm_rule["a"] is not layer.phm_rule["b"]
     model.use(["b"])
     contract.perturbed(model)
-    expected = contract.logits(model, toy.inputs())
+    expected = contract.logits(model, toy.loss_batch())
     model.save(tmp_path, adapter="b")
-    loaded = dt.load(toy.model(), tmp_path, "b").eval()
-    torch.testing.assert_close(contract.logits(loaded, toy.inputs()), expected, atol=1e-6, rtol=0)
+    loaded = dt.load(toy.base(), tmp_path, "b").eval()
+    torch.testing.assert_close(contract.logits(loaded, toy.loss_batch()), expected, atol=1e-6, rtol=0)
     rule = _layers(loaded)[0].phm_rule["b"]
     assert all(layer.phm_rule["b"] is rule for layer in _layers(loaded))
     torch.testing.assert_close(rule, layer.phm_rule["b"].detach())
@@ -151,7 +152,7 @@ def test_two_adapters_have_their_own_slow_weights(tmp_path):
 def test_sizes_not_divisible_by_phm_dim_are_refused_before_anything_is_wrapped():
     with pytest.raises(dt.ConfigError, match="phm_dim"):
         CompacterConfig(bottleneck=6, phm_dim=4)
-    base = TOYS["gpt2"].model()
+    base = TOYS["gpt2"].base()
     with pytest.raises(dt.ConfigError, match="divisible by phm_dim=4"):
         dt.attach(base, CompacterConfig(reduction_factor=16, phm_dim=4))  # 32 // 16 = 2
     assert not any(isinstance(m, dt.core.layer.AdapterLayer) for m in base.modules())

@@ -54,12 +54,17 @@ def test_freeze_contract(toy, name, tmp_path):
     contract.check_save_load(toy, cfg, tmp_path)
     contract.check_merge(toy, cfg)
     contract.check_remove_restores_base(toy, cfg)
-    contract.check_trainable_count(toy, cfg, expected_trainable(name, toy.name, toy.model()))
+    if toy.name != "bert" and name != "head-only":  # copies of blocks that a key/value cache runs through
+        contract.check_mixed_batch(toy, cfg, refused="key/value cache")
+        contract.check_mixed_batch(toy, cfg, use_cache=False)
+    else:
+        contract.check_mixed_batch(toy, cfg)
+    contract.check_trainable_count(toy, cfg, expected_trainable(name, toy.name, toy.base()))
 
 
 @pytest.mark.parametrize("toy", TOYS.values(), ids=TOYS.keys())
 def test_upper_2_trains_exactly_the_top_two_blocks(toy):
-    model = dt.attach(toy.model(), FreezeConfig(train="upper:2"))
+    model = dt.attach(toy.base(), FreezeConfig(train="upper:2"))
     expected = UPPER_2[toy.name] + (["classifier"] if toy.name == "bert" else [])
     assert _trained_paths(model) == expected
     trainable = [n for n, p in model.base_model.named_parameters() if p.requires_grad]
@@ -67,18 +72,18 @@ def test_upper_2_trains_exactly_the_top_two_blocks(toy):
 
 
 def test_upper_1_takes_the_top_block_of_each_t5_stack():
-    model = dt.attach(TOYS["t5"].model(), FreezeConfig(train="upper:1"))
+    model = dt.attach(TOYS["t5"].base(), FreezeConfig(train="upper:1"))
     assert _trained_paths(model) == ["encoder.block.1", "decoder.block.1"]
 
 
 def test_a_training_step_changes_only_the_chosen_blocks():
     toy = TOYS["llama"]
-    model = dt.attach(toy.model(), FreezeConfig(train=[0, 2]))
+    model = dt.attach(toy.base(), FreezeConfig(train=[0, 2]))
     assert _trained_paths(model) == ["model.layers.0", "model.layers.2"]
     before = {n: p.detach().clone() for n, p in model.base_model.named_parameters()}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model.train()
-    model(**toy.inputs()).loss.backward()
+    model(**toy.loss_batch()).loss.backward()
     optimizer.step()
     changed = {n for n, p in model.base_model.named_parameters() if not torch.equal(p, before[n])}
     assert changed, "nothing trained"
@@ -87,7 +92,7 @@ def test_a_training_step_changes_only_the_chosen_blocks():
 
 
 def test_head_only_trains_only_the_classifier():
-    model = dt.attach(TOYS["bert"].model(), HeadOnlyConfig())
+    model = dt.attach(TOYS["bert"].base(), HeadOnlyConfig())
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     assert set(trainable) == {"base_model.classifier.modules_to_save.default.weight",
                               "base_model.classifier.modules_to_save.default.bias"}
@@ -111,7 +116,7 @@ def test_full_counts_the_model_once_not_its_kept_originals_twice():
 
 
 def test_embeddings_selection_per_architecture():
-    picks = {name: _trained_paths(dt.attach(toy.model(), FreezeConfig(train="embeddings", modules_to_save=[])))
+    picks = {name: _trained_paths(dt.attach(toy.base(), FreezeConfig(train="embeddings", modules_to_save=[])))
              for name, toy in TOYS.items()}
     assert picks == {"bert": ["bert.embeddings"], "gpt2": ["transformer.wte", "transformer.wpe"],
                      "llama": ["model.embed_tokens"],
@@ -119,11 +124,11 @@ def test_embeddings_selection_per_architecture():
 
 
 def test_tied_weights_stay_tied_in_the_copies():
-    gpt2 = dt.attach(TOYS["gpt2"].model(), FullConfig())
+    gpt2 = dt.attach(TOYS["gpt2"].base(), FullConfig())
     wte = gpt2.base_model.transformer.modules_to_save["default"].wte.weight
     assert gpt2.base_model.lm_head.modules_to_save["default"].weight is wte
     assert wte is not gpt2.base_model.transformer.base_layer.wte.weight
-    t5 = dt.attach(TOYS["t5"].model(), FreezeConfig(train="embeddings"))
+    t5 = dt.attach(TOYS["t5"].base(), FreezeConfig(train="embeddings"))
     copies = [t5.base_model.get_submodule(p).modules_to_save["default"].weight
               for p in ("shared", "encoder.embed_tokens", "decoder.embed_tokens")]
     assert copies[0] is copies[1] is copies[2]
@@ -131,13 +136,13 @@ def test_tied_weights_stay_tied_in_the_copies():
 
 def test_combined_selection_and_merge_and_unload_returns_the_trained_copies():
     toy = TOYS["gpt2"]
-    model = contract.perturbed(dt.attach(toy.model(), FreezeConfig(train="upper:1,embeddings,head")))
+    model = contract.perturbed(dt.attach(toy.base(), FreezeConfig(train="upper:1,embeddings,head")))
     assert _trained_paths(model) == ["transformer.wte", "transformer.wpe", "transformer.h.3", "lm_head"]
     trained = model.base_model.transformer.h[3].modules_to_save["default"]
-    expected = contract.logits(model, toy.inputs())
+    expected = contract.logits(model, toy.loss_batch())
     plain = model.merge_and_unload()
     assert plain.transformer.h[3] is trained
-    torch.testing.assert_close(contract.logits(plain, toy.inputs()), expected, atol=0, rtol=0)
+    torch.testing.assert_close(contract.logits(plain, toy.loss_batch()), expected, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("train, parsed", [
@@ -156,9 +161,9 @@ def test_train_validation(train):
 
 def test_missing_blocks_are_a_clear_error():
     with pytest.raises(dt.TargetError, match=r"numbered 0\.\.3"):
-        dt.attach(TOYS["bert"].model(), FreezeConfig(train=[4]))
+        dt.attach(TOYS["bert"].base(), FreezeConfig(train=[4]))
     with pytest.raises(dt.TargetError, match="has 4"):
-        dt.attach(TOYS["bert"].model(), FreezeConfig(train="lower:5"))
+        dt.attach(TOYS["bert"].base(), FreezeConfig(train="lower:5"))
 
 
 def test_presets_are_registered_and_fixed(tmp_path):
@@ -168,27 +173,27 @@ def test_presets_are_registered_and_fixed(tmp_path):
     with pytest.raises(dt.ConfigError, match="FreezeConfig"):
         HeadOnlyConfig(train="upper:2")
     toy = TOYS["bert"]
-    contract.perturbed(dt.attach(toy.model(), HeadOnlyConfig())).save(tmp_path)
+    contract.perturbed(dt.attach(toy.base(), HeadOnlyConfig())).save(tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     assert data["deltatune_method"] == "head-only"
-    assert isinstance(dt.load(toy.model(), tmp_path).configs["default"], HeadOnlyConfig)
+    assert isinstance(dt.load(toy.base(), tmp_path).configs["default"], HeadOnlyConfig)
 
 
 def test_lora_with_a_trainable_head():
     toy = TOYS["bert"]
-    model = dt.attach(toy.model(), dt.LoraConfig(r=2, targets=["q", "v"]))
+    model = dt.attach(toy.base(), dt.LoraConfig(r=2, targets=["q", "v"]))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     heads = [n for n in trainable if ".classifier.modules_to_save.default." in n]
     loras = [n for n in trainable if ".lora_" in n]
     assert len(heads) == 2 and len(loras) == 4 * 2 * 2 and len(trainable) == len(heads) + len(loras)
     model.train()
-    model(**toy.inputs()).loss.backward()
+    model(**toy.loss_batch()).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0
                for n, p in model.named_parameters() if n in heads or ".lora_B." in n)
 
 
 def test_freeze_refuses_modules_holding_other_adapters():
-    model = dt.attach(TOYS["llama"].model(), dt.LoraConfig(r=2, targets=["q"], layers=[3]), "lora")
+    model = dt.attach(TOYS["llama"].base(), dt.LoraConfig(r=2, targets=["q"], layers=[3]), "lora")
     with pytest.raises(dt.TargetError, match=r"model\.layers\.3 contains model\.layers\.3\.self_attn\.q_proj, which "
                                              r"carries a LoraLinear adapter; freeze .* disjoint modules"):
         model.add(FreezeConfig(train="upper:1"), "freeze")
@@ -197,7 +202,7 @@ def test_freeze_refuses_modules_holding_other_adapters():
 
 
 def test_freeze_refuses_a_module_another_method_wraps():
-    model = dt.attach(TOYS["gpt2"].model(), dt.LoraConfig(r=2, targets=["wte"]), "lora")
+    model = dt.attach(TOYS["gpt2"].base(), dt.LoraConfig(r=2, targets=["wte"]), "lora")
     with pytest.raises(dt.TargetError, match=r"transformer\.wte already carries a LoraEmbedding adapter; freeze "
                                              r"cannot wrap it too: give the two adapters disjoint modules"):
         model.add(FreezeConfig(train="embeddings"), "freeze")

@@ -31,7 +31,7 @@ TOYS = pytest.mark.parametrize("toy", contract.TOYS.values(), ids=contract.TOYS.
 def peft_ia3(toy: contract.Toy):
     import peft
     config = peft.IA3Config(task_type=PEFT_TASK[toy.name], **PEFT_SELECTION[toy.name])
-    return peft.get_peft_model(contract.copy_of(toy), config).eval()
+    return peft.get_peft_model(toy.base(), config).eval()
 
 
 def saved_keys(directory) -> set[str]:
@@ -49,6 +49,7 @@ def test_ia3_contract(toy, tmp_path):
     assert any(k.endswith(".ia3_l") for k in tensors)
     contract.check_merge(toy, config)
     contract.check_remove_restores_base(toy, config)
+    contract.check_mixed_batch(toy, config)
 
 
 # --- peft parity ----------------------------------------------------------------------------
@@ -56,32 +57,32 @@ def test_ia3_contract(toy, tmp_path):
 @TOYS
 def test_peft_adapter_loads_with_identical_outputs_and_counts(toy, tmp_path):
     theirs = contract.perturbed(peft_ia3(toy))
-    expected = contract.logits(theirs, toy.inputs())
+    expected = contract.logits(theirs, toy.loss_batch())
     theirs.save_pretrained(tmp_path)
 
-    ours = dt.load(toy.model(), tmp_path).eval()
-    torch.testing.assert_close(contract.logits(ours, toy.inputs()), expected, atol=1e-5, rtol=0)
+    ours = dt.load(toy.base(), tmp_path).eval()
+    torch.testing.assert_close(contract.logits(ours, toy.loss_batch()), expected, atol=1e-5, rtol=0)
     # counted as trainable adapters, the same selection has peft's parameter counts
     contract.check_trainable_count(toy, IA3Config(), peft_ia3(toy).get_nb_trainable_parameters()[0])
-    assert dt.attach(toy.model(), IA3Config()).parameter_counts() == peft_ia3(toy).get_nb_trainable_parameters()
+    assert dt.attach(toy.base(), IA3Config()).parameter_counts() == peft_ia3(toy).get_nb_trainable_parameters()
 
 
 @TOYS
 def test_deltatune_adapter_loads_in_peft_with_identical_outputs(toy, tmp_path):
     import peft
 
-    ours = contract.perturbed(dt.attach(toy.model(), IA3Config()))
-    expected = contract.logits(ours, toy.inputs())
+    ours = contract.perturbed(dt.attach(toy.base(), IA3Config()))
+    expected = contract.logits(ours, toy.loss_batch())
     ours.save(tmp_path / "ours")
     peft_ia3(toy).save_pretrained(tmp_path / "theirs")
     assert saved_keys(tmp_path / "ours") == saved_keys(tmp_path / "theirs")
 
-    theirs = peft.PeftModel.from_pretrained(contract.copy_of(toy), tmp_path / "ours").eval()
-    torch.testing.assert_close(contract.logits(theirs, toy.inputs()), expected, atol=1e-5, rtol=0)
+    theirs = peft.PeftModel.from_pretrained(toy.base(), tmp_path / "ours").eval()
+    torch.testing.assert_close(contract.logits(theirs, toy.loss_batch()), expected, atol=1e-5, rtol=0)
 
 
 def test_saved_config_uses_peft_field_names(tmp_path):
-    model = dt.attach(contract.TOYS["gpt2"].model(), IA3Config(targets=["k", "down"]))
+    model = dt.attach(contract.TOYS["gpt2"].base(), IA3Config(targets=["k", "down"]))
     model.save(tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     assert data["peft_type"] == "IA3"
@@ -178,9 +179,9 @@ def test_merging_a_zero_scale_is_refused():
 
 def test_vectors_start_at_one_so_the_model_starts_as_the_base():
     toy = contract.TOYS["llama"]
-    model = dt.attach(toy.model(), IA3Config())
+    model = dt.attach(toy.base(), IA3Config())
     assert all(torch.equal(p, torch.ones_like(p)) for n, p in model.named_parameters() if "ia3_l" in n)
-    torch.testing.assert_close(contract.logits(model, toy.inputs()), contract.logits(toy.model(), toy.inputs()))
+    torch.testing.assert_close(contract.logits(model, toy.loss_batch()), contract.logits(toy.base(), toy.loss_batch()))
 
 
 # --- target selection -----------------------------------------------------------------------
@@ -190,41 +191,41 @@ def _feedforward_paths(model) -> list[str]:
 
 
 def test_default_targets_k_v_and_the_ffn_down_projection_which_scales_its_input():
-    model = dt.attach(contract.TOYS["llama"].model(), IA3Config())
+    model = dt.attach(contract.TOYS["llama"].base(), IA3Config())
     paths = [p for p, _ in model.adapter_layers()]
     assert len(paths) == 12 and {p.rsplit(".", 1)[-1] for p in paths} == {"k_proj", "v_proj", "down_proj"}
     assert _feedforward_paths(model) == [f"model.layers.{i}.mlp.down_proj" for i in range(4)]
 
 
 def test_feedforward_defaults_to_none_when_down_is_not_targeted():
-    model = dt.attach(contract.TOYS["llama"].model(), IA3Config(targets=["q", "v"]))
+    model = dt.attach(contract.TOYS["llama"].base(), IA3Config(targets=["q", "v"]))
     assert _feedforward_paths(model) == []
-    model = dt.attach(contract.TOYS["llama"].model(), IA3Config(targets=["up", "down"], feedforward=[]))
+    model = dt.attach(contract.TOYS["llama"].base(), IA3Config(targets=["up", "down"], feedforward=[]))
     assert _feedforward_paths(model) == []
 
 
 def test_feedforward_accepts_aliases_and_layer_selection_applies():
-    model = dt.attach(contract.TOYS["llama"].model(), IA3Config(targets=["v", "up"], feedforward=["up"], layers=[1]))
+    model = dt.attach(contract.TOYS["llama"].base(), IA3Config(targets=["v", "up"], feedforward=["up"], layers=[1]))
     assert [p for p, _ in model.adapter_layers()] == ["model.layers.1.self_attn.v_proj", "model.layers.1.mlp.up_proj"]
     assert _feedforward_paths(model) == ["model.layers.1.mlp.up_proj"]
 
 
 def test_feedforward_outside_the_targets_is_an_error():
     with pytest.raises(dt.TargetError, match="subset of the targets"):
-        dt.attach(contract.TOYS["llama"].model(), IA3Config(targets=["k", "v"], feedforward=["down"]))
+        dt.attach(contract.TOYS["llama"].base(), IA3Config(targets=["k", "v"], feedforward=["down"]))
 
 
 def test_saved_layer_selection_reloads_to_the_same_modules(tmp_path):
     toy = contract.TOYS["bert"]
-    model = contract.perturbed(dt.attach(toy.model(), IA3Config(layers="upper")))
+    model = contract.perturbed(dt.attach(toy.base(), IA3Config(layers="upper")))
     model.save(tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     assert all("layer.2" in t or "layer.3" in t for t in data["feedforward_modules"])
-    loaded = dt.load(toy.model(), tmp_path).eval()
+    loaded = dt.load(toy.base(), tmp_path).eval()
     assert [p for p, _ in loaded.adapter_layers() if "classifier" not in p] == \
         [p for p, _ in model.adapter_layers() if "classifier" not in p]
     assert _feedforward_paths(loaded) == _feedforward_paths(model)
-    torch.testing.assert_close(contract.logits(loaded, toy.inputs()), contract.logits(model, toy.inputs()))
+    torch.testing.assert_close(contract.logits(loaded, toy.loss_batch()), contract.logits(model, toy.loss_batch()))
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -242,13 +243,13 @@ def test_invalid_configs_say_what_to_do(bad, match):
 
 def test_lora_on_q_and_ia3_on_k_v_down_active_together_match_the_hand_formulas():
     toy = contract.TOYS["bert"]
-    model = dt.attach(toy.model(), dt.LoraConfig(r=2, alpha=4, targets=["q"]), name="lora")
+    model = dt.attach(toy.base(), dt.LoraConfig(r=2, alpha=4, targets=["q"]), name="lora")
     model.add(IA3Config(modules_to_save=[]), name="ia3")
     model.use(["lora", "ia3"])
     contract.perturbed(model)
-    combined = contract.logits(model, toy.inputs())
+    combined = contract.logits(model, toy.loss_batch())
 
-    reference = toy.model()
+    reference = toy.base()
     # the reference takes the LoRA copy of the classifier head, the one the active "lora" adapter uses
     head = model.base_model.classifier.modules_to_save["lora"]
     reference.classifier.load_state_dict(head.state_dict())
@@ -265,19 +266,19 @@ def test_lora_on_q_and_ia3_on_k_v_down_active_together_match_the_hand_formulas()
             else:
                 module.weight *= layer.ia3_l["ia3"]  # [out, 1]: scales the output rows
                 module.bias *= layer.ia3_l["ia3"].flatten()
-    torch.testing.assert_close(combined, contract.logits(reference, toy.inputs()), atol=1e-5, rtol=0)
+    torch.testing.assert_close(combined, contract.logits(reference, toy.loss_batch()), atol=1e-5, rtol=0)
 
     model.merge()
-    torch.testing.assert_close(contract.logits(model, toy.inputs()), combined, atol=1e-4, rtol=0)
+    torch.testing.assert_close(contract.logits(model, toy.loss_batch()), combined, atol=1e-4, rtol=0)
     model.unmerge()
     model.use("ia3")
-    only_ia3 = contract.logits(model, toy.inputs())
+    only_ia3 = contract.logits(model, toy.loss_batch())
     assert not torch.allclose(only_ia3, combined, atol=1e-4)
 
 
 @pytest.mark.parametrize("first_ia3", [True, False], ids=["ia3-then-lora", "lora-then-ia3"])
 def test_the_same_module_under_two_methods_is_an_error_naming_it(first_ia3):
-    model = dt.AdaptedModel(contract.TOYS["gpt2"].model())  # GPT-2 fuses q, k and v in c_attn
+    model = dt.AdaptedModel(contract.TOYS["gpt2"].base())  # GPT-2 fuses q, k and v in c_attn
     configs = [IA3Config(targets=["k"]), dt.LoraConfig(targets=["q"])]
     model.add(configs[0] if first_ia3 else configs[1], name="first")
     with pytest.raises(dt.TargetError, match=r"transformer\.h\.0\.attn\.c_attn already carries"):

@@ -43,6 +43,7 @@ def test_p_tuning_mlp_contract(toy, tmp_path):
     tensors = contract.check_save_load(toy, MLP, tmp_path)
     assert tuple(tensors["prompt_embeddings"].shape) == (N, WIDTH)
     contract.check_remove_restores_base(toy, MLP)
+    contract.check_mixed_batch(toy, MLP, refused="cannot share a mixed batch")
 
 
 @pytest.mark.parametrize("name", ["bert", "llama"])
@@ -61,7 +62,7 @@ def test_trainable_count_matches_formula_and_peft(name, config, formula, kind):
     toy = contract.TOYS[name]
     head = HEAD if name == "bert" else 0
     contract.check_trainable_count(toy, config, formula + head)
-    theirs = peft.get_peft_model(contract.copy_of(toy), peft.PromptEncoderConfig(
+    theirs = peft.get_peft_model(toy.base(), peft.PromptEncoderConfig(
         task_type=PEFT_TASK[name], num_virtual_tokens=N, encoder_hidden_size=HIDDEN,
         encoder_reparameterization_type=kind))
     assert theirs.get_nb_trainable_parameters()[0] == formula + head
@@ -70,7 +71,7 @@ def test_trainable_count_matches_formula_and_peft(name, config, formula, kind):
 def test_saved_state_is_the_encoder_output(tmp_path):
     """The file holds MLP(embedding) computed by hand, not the encoder's weights."""
     toy = contract.TOYS["gpt2"]
-    model = contract.perturbed(dt.attach(toy.model(), MLP))
+    model = contract.perturbed(dt.attach(toy.base(), MLP))
     encoder = model.model_adapters["default"].source
     first, second, third = (encoder.mlp_head[i] for i in (0, 2, 4))
     x = encoder.embedding.weight
@@ -85,29 +86,29 @@ def test_saved_state_is_the_encoder_output(tmp_path):
 
 def test_loaded_adapter_is_the_folded_table_and_can_train_on(tmp_path):
     toy = contract.TOYS["llama"]
-    model = contract.perturbed(dt.attach(toy.model(), LSTM))
-    expected = contract.logits(model, toy.inputs())
+    model = contract.perturbed(dt.attach(toy.base(), LSTM))
+    expected = contract.logits(model, toy.loss_batch())
     model.save(tmp_path)
-    loaded = dt.load(toy.model(), tmp_path, trainable=True)
+    loaded = dt.load(toy.base(), tmp_path, trainable=True)
     adapter = loaded.model_adapters["default"]
     assert isinstance(adapter.source, SoftPrompt)
     assert loaded.parameter_counts()[0] == N * WIDTH  # the table itself trains on; the encoder is gone
-    torch.testing.assert_close(contract.logits(loaded, toy.inputs()), expected, atol=1e-6, rtol=0)
-    frozen = dt.load(toy.model(), tmp_path)
+    torch.testing.assert_close(contract.logits(loaded, toy.loss_batch()), expected, atol=1e-6, rtol=0)
+    frozen = dt.load(toy.base(), tmp_path)
     assert frozen.parameter_counts()[0] == 0
 
 
 def test_fold_keeps_the_outputs():
     toy = contract.TOYS["t5"]
-    model = contract.perturbed(dt.attach(toy.model(), MLP))
-    before = contract.logits(model, toy.inputs())
+    model = contract.perturbed(dt.attach(toy.base(), MLP))
+    before = contract.logits(model, toy.loss_batch())
     model.model_adapters["default"].fold()
     assert isinstance(model.model_adapters["default"].source, SoftPrompt)
-    torch.testing.assert_close(contract.logits(model, toy.inputs()), before, atol=1e-6, rtol=0)
+    torch.testing.assert_close(contract.logits(model, toy.loss_batch()), before, atol=1e-6, rtol=0)
 
 
 def test_merge_is_refused():
-    model = dt.attach(contract.TOYS["llama"].model(), MLP)
+    model = dt.attach(contract.TOYS["llama"].base(), MLP)
     with pytest.raises(dt.AdapterError, match="cannot be merged"):
         model.merge()
 

@@ -23,7 +23,7 @@ PROJECTED = PrefixTuningConfig(num_virtual_tokens=N, prefix_projection=True, enc
 
 def geometry(toy: contract.Toy) -> tuple[int, int]:
     """(layers, key/value width of one layer) of a decoder-only or encoder toy, from its config."""
-    cfg = toy.model().config
+    cfg = toy.base().config
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     return cfg.num_hidden_layers, kv_heads * (cfg.hidden_size // heads)
@@ -48,6 +48,7 @@ def test_prefix_contract(toy, config, tmp_path):
     # as PEFT: only the (folded) prefix table, and the classifier copy of a classification toy
     assert [k for k in tensors if ".classifier." not in k] == ["prompt_embeddings"]
     contract.check_remove_restores_base(toy, config)
+    contract.check_mixed_batch(toy, config, refused="cannot share a mixed batch")
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
@@ -56,7 +57,7 @@ def test_trainable_count_matches_formula_and_peft(name):
     head = HEAD if name == "bert" else 0
     for config, formula, projection in ((PLAIN, plain_count(toy), False), (PROJECTED, projected_count(toy), True)):
         contract.check_trainable_count(toy, config, formula + head)
-        theirs = peft.get_peft_model(contract.copy_of(toy), peft.PrefixTuningConfig(
+        theirs = peft.get_peft_model(toy.base(), peft.PrefixTuningConfig(
             task_type=PEFT_TASK[name], num_virtual_tokens=N, prefix_projection=projection,
             encoder_hidden_size=HIDDEN))
         assert theirs.get_nb_trainable_parameters()[0] == formula + head, projection
@@ -65,8 +66,8 @@ def test_trainable_count_matches_formula_and_peft(name):
 def test_t5_count_equals_peft():
     toy = contract.TOYS["t5"]
     for config, projection in ((PLAIN, False), (PROJECTED, True)):
-        ours = dt.attach(toy.model(), config).parameter_counts()[0]
-        theirs = peft.get_peft_model(contract.copy_of(toy), peft.PrefixTuningConfig(
+        ours = dt.attach(toy.base(), config).parameter_counts()[0]
+        theirs = peft.get_peft_model(toy.base(), peft.PrefixTuningConfig(
             task_type="SEQ_2_SEQ_LM", num_virtual_tokens=N, prefix_projection=projection,
             encoder_hidden_size=HIDDEN)).get_nb_trainable_parameters()[0]
         assert ours == theirs, projection
@@ -74,22 +75,22 @@ def test_t5_count_equals_peft():
 
 def test_fold_replaces_the_mlp_by_its_output_and_keeps_the_outputs(tmp_path):
     toy = contract.TOYS["llama"]
-    model = contract.perturbed(dt.attach(toy.model(), PROJECTED))
+    model = contract.perturbed(dt.attach(toy.base(), PROJECTED))
     adapter = model.model_adapters["default"]
     table = adapter.table().detach().clone()
-    before = contract.logits(model, toy.inputs())
+    before = contract.logits(model, toy.loss_batch())
     adapter.fold()
     assert isinstance(adapter.source, SoftPrompt)
     torch.testing.assert_close(adapter.table(), table)
-    torch.testing.assert_close(contract.logits(model, toy.inputs()), before, atol=1e-6, rtol=0)
+    torch.testing.assert_close(contract.logits(model, toy.loss_batch()), before, atol=1e-6, rtol=0)
     model.save(tmp_path)
-    loaded = dt.load(toy.model(), tmp_path)
+    loaded = dt.load(toy.base(), tmp_path)
     assert isinstance(loaded.model_adapters["default"].source, SoftPrompt)  # a loaded adapter has no MLP
-    torch.testing.assert_close(contract.logits(loaded, toy.inputs()), before, atol=1e-6, rtol=0)
+    torch.testing.assert_close(contract.logits(loaded, toy.loss_batch()), before, atol=1e-6, rtol=0)
 
 
 def test_merge_is_refused():
-    model = dt.attach(contract.TOYS["gpt2"].model(), PLAIN)
+    model = dt.attach(contract.TOYS["gpt2"].base(), PLAIN)
     with pytest.raises(dt.AdapterError, match="cannot be merged"):
         model.merge()
 

@@ -5,6 +5,7 @@ real training run. The helpers at the top are shared with the P-tuning and prefi
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import peft
 import pytest
@@ -14,6 +15,7 @@ from safetensors.torch import load_file, save_file
 import deltatune as dt
 from deltatune.methods.prompt import PromptTuningConfig
 from tests.methods import contract
+from tests.toy_models import build_bert
 
 N = 3  # virtual tokens in the toy configs
 WIDTH = 32  # the toys' hidden size
@@ -22,13 +24,10 @@ PEFT_TASK = {"bert": "SEQ_CLS", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "t5":
              "bert-encoder": "FEATURE_EXTRACTION"}
 
 
-def _bert_encoder_inputs() -> dict:
-    return {k: v for k, v in contract.TOYS["bert"].inputs().items() if k != "labels"}
-
-
 # A bare BertModel: PEFT keeps a sequence-classification head under a key prefix deltatune's core
 # does not read yet, so encoder parity is checked without a head (FEATURE_EXTRACTION).
-BERT_ENCODER = contract.Toy("bert-encoder", lambda: contract.TOYS["bert"].build().bert, _bert_encoder_inputs)
+BERT_ENCODER = replace(contract.TOYS["bert"], name="bert-encoder", build=lambda: build_bert().bert,
+                       peft_task="FEATURE_EXTRACTION", make_labels=None)
 PARITY_TOYS = {"bert-encoder": BERT_ENCODER, **{k: contract.TOYS[k] for k in ("gpt2", "llama", "t5")}}
 GENERATING_TOYS = ("gpt2", "llama", "t5")
 
@@ -55,7 +54,7 @@ def assert_same_outputs(ours: dict, theirs: dict, virtual: int = 0, atol: float 
 
 def greedy(model, toy: contract.Toy, tokens: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy ``(sequences, scores)``: the tokens and, stacked, each step's next-token logits."""
-    inputs = toy.inputs()
+    inputs = toy.loss_batch()
     with torch.no_grad():
         out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                              max_new_tokens=tokens, do_sample=False, output_scores=True,
@@ -65,11 +64,11 @@ def greedy(model, toy: contract.Toy, tokens: int = 6) -> tuple[torch.Tensor, tor
 
 def peft_file_loads_in_deltatune(toy: contract.Toy, peft_config, tmp_path, virtual: int = 0) -> dt.AdaptedModel:
     """A PEFT-trained-from-scratch adapter, saved by PEFT, gives PEFT's outputs when deltatune loads it."""
-    inputs = toy.inputs()
-    theirs = peft.get_peft_model(contract.copy_of(toy), peft_config).eval()
+    inputs = toy.loss_batch()
+    theirs = peft.get_peft_model(toy.base(), peft_config).eval()
     theirs.save_pretrained(tmp_path)
-    reloaded = peft.PeftModel.from_pretrained(contract.copy_of(toy), tmp_path).eval()
-    ours = dt.load(toy.model(), tmp_path).eval()
+    reloaded = peft.PeftModel.from_pretrained(toy.base(), tmp_path).eval()
+    ours = dt.load(toy.base(), tmp_path).eval()
     assert_same_outputs(outputs(ours, inputs), outputs(reloaded, inputs), virtual)
     # the live PEFT model recomputes an encoder's output; equal up to float rounding
     assert_same_outputs(outputs(ours, inputs), outputs(theirs, inputs), virtual, atol=1e-5)
@@ -78,20 +77,20 @@ def peft_file_loads_in_deltatune(toy: contract.Toy, peft_config, tmp_path, virtu
 
 def deltatune_file_loads_in_peft(toy: contract.Toy, config: dt.MethodConfig, tmp_path, virtual: int = 0) -> None:
     """A (perturbed) deltatune adapter, saved by deltatune, gives the same outputs in PEFT."""
-    inputs = toy.inputs()
-    ours = contract.perturbed(dt.attach(toy.model(), config))
+    inputs = toy.loss_batch()
+    ours = contract.perturbed(dt.attach(toy.base(), config))
     expected = outputs(ours, inputs)
     ours.save(tmp_path)
-    theirs = peft.PeftModel.from_pretrained(contract.copy_of(toy), tmp_path).eval()
+    theirs = peft.PeftModel.from_pretrained(toy.base(), tmp_path).eval()
     assert_same_outputs(expected, outputs(theirs, inputs), virtual)
 
 
 def teacher_forced_scores(model, toy: contract.Toy, sequences: torch.Tensor, steps: int) -> torch.Tensor:
     """The next-token logits of the last ``steps`` positions of ``sequences`` (a greedy output for
     ``toy``'s prompt), from one forward over the whole sequence: no cache involved."""
-    inputs = toy.inputs()
+    inputs = toy.loss_batch()
     with torch.no_grad():
-        if getattr(toy.model().config, "is_encoder_decoder", False):
+        if getattr(toy.base().config, "is_encoder_decoder", False):
             out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                         decoder_input_ids=sequences[:, :-1])
         else:
@@ -107,13 +106,13 @@ def generates_the_same_after_reload(toy: contract.Toy, config: dt.MethodConfig, 
     whole sequence, not for its own generate: with transformers 5.24, PEFT 0.21.2's generate goes
     wrong after the first step for decoder-only models and for T5 prefix tuning (its scores then
     differ from its own forward over the same tokens by 0.05 to 2)."""
-    model = contract.perturbed(dt.attach(toy.model(), config))
+    model = contract.perturbed(dt.attach(toy.base(), config))
     tokens, scores = greedy(model, toy)
     model.save(tmp_path)
-    reloaded_tokens, reloaded_scores = greedy(dt.load(toy.model(), tmp_path), toy)
+    reloaded_tokens, reloaded_scores = greedy(dt.load(toy.base(), tmp_path), toy)
     torch.testing.assert_close(reloaded_tokens, tokens, atol=0, rtol=0)
     torch.testing.assert_close(reloaded_scores, scores, atol=1e-5, rtol=0)
-    theirs = peft.PeftModel.from_pretrained(contract.copy_of(toy), tmp_path).eval()
+    theirs = peft.PeftModel.from_pretrained(toy.base(), tmp_path).eval()
     steps = scores.shape[1]
     torch.testing.assert_close(teacher_forced_scores(theirs, toy, tokens, steps), scores, atol=1e-5, rtol=0)
     with model.disabled():
@@ -139,13 +138,14 @@ def test_prompt_tuning_contract(toy, tmp_path):
     tensors = contract.check_save_load(toy, CONFIG, tmp_path)
     assert tuple(tensors["prompt_embeddings"].shape) == (N, WIDTH)
     contract.check_remove_restores_base(toy, CONFIG)
+    contract.check_mixed_batch(toy, CONFIG, refused="cannot share a mixed batch")
 
 
 @pytest.mark.parametrize("toy", contract.TOYS.values(), ids=contract.TOYS.keys())
 def test_trainable_count_is_the_prompt_table_and_matches_peft(toy):
     head = HEAD if toy.name == "bert" else 0
     contract.check_trainable_count(toy, CONFIG, N * WIDTH + head)
-    theirs = peft.get_peft_model(contract.copy_of(toy), peft.PromptTuningConfig(
+    theirs = peft.get_peft_model(toy.base(), peft.PromptTuningConfig(
         task_type=PEFT_TASK[toy.name], num_virtual_tokens=N, num_transformer_submodules=1))
     assert theirs.get_nb_trainable_parameters()[0] == N * WIDTH + head
 
@@ -153,7 +153,7 @@ def test_trainable_count_is_the_prompt_table_and_matches_peft(toy):
 def test_peft_two_submodule_layout_on_t5_is_reproduced():
     """PEFT's default for encoder-decoder models allocates a second, never-read block of rows."""
     toy = contract.TOYS["t5"]
-    theirs = peft.get_peft_model(contract.copy_of(toy), peft.PromptTuningConfig(
+    theirs = peft.get_peft_model(toy.base(), peft.PromptTuningConfig(
         task_type="SEQ_2_SEQ_LM", num_virtual_tokens=N))
     assert theirs.get_nb_trainable_parameters()[0] == 2 * N * WIDTH
     contract.check_trainable_count(toy, PromptTuningConfig(num_virtual_tokens=N, num_transformer_submodules=2),
@@ -161,7 +161,7 @@ def test_peft_two_submodule_layout_on_t5_is_reproduced():
 
 
 def test_merge_is_refused():
-    model = dt.attach(contract.TOYS["gpt2"].model(), CONFIG)
+    model = dt.attach(contract.TOYS["gpt2"].base(), CONFIG)
     with pytest.raises(dt.AdapterError, match="cannot be merged"):
         model.merge()
 
@@ -185,17 +185,17 @@ def test_generate_same_tokens_after_reload_and_in_peft(name, tmp_path):
     toy = contract.TOYS[name]
     tokens = generates_the_same_after_reload(toy, CONFIG, tmp_path)
     if name != "t5":  # decoder-only: the output starts with the prompt's real tokens
-        torch.testing.assert_close(tokens[:, :7], toy.inputs()["input_ids"], atol=0, rtol=0)
+        torch.testing.assert_close(tokens[:, :7], toy.loss_batch()["input_ids"], atol=0, rtol=0)
 
 
 def test_forward_equals_base_model_on_prepended_embeddings():
     """Independent of PEFT: the adapter is exactly the base model fed [prompt; tokens] embeddings,
     with the mask widened and the loss not counting the virtual positions."""
     toy = contract.TOYS["gpt2"]
-    inputs = toy.inputs()
-    model = contract.perturbed(dt.attach(toy.model(), CONFIG))
+    inputs = toy.loss_batch()
+    model = contract.perturbed(dt.attach(toy.base(), CONFIG))
     prompt = model.model_adapters["default"].prompts().detach()
-    base = toy.model()
+    base = toy.base()
     embeds = torch.cat([prompt.expand(2, -1, -1), base.get_input_embeddings()(inputs["input_ids"])], dim=1)
     mask = torch.cat([torch.ones(2, N, dtype=torch.long), inputs["attention_mask"]], dim=1)
     with torch.no_grad():
@@ -211,8 +211,8 @@ def test_forward_equals_base_model_on_prepended_embeddings():
 
 def test_tuple_outputs_are_trimmed_too():
     toy = contract.TOYS["llama"]
-    model = contract.perturbed(dt.attach(toy.model(), CONFIG))
-    inputs = {k: v for k, v in toy.inputs().items() if k != "labels"}
+    model = contract.perturbed(dt.attach(toy.base(), CONFIG))
+    inputs = {k: v for k, v in toy.loss_batch().items() if k != "labels"}
     with torch.no_grad():
         as_tuple = model(**inputs, return_dict=False)
     assert isinstance(as_tuple, tuple)
@@ -220,7 +220,7 @@ def test_tuple_outputs_are_trimmed_too():
 
 
 def test_saved_config_has_peft_names_and_the_model_sizes(tmp_path):
-    model = dt.attach(contract.TOYS["llama"].model(), PromptTuningConfig(
+    model = dt.attach(contract.TOYS["llama"].base(), PromptTuningConfig(
         num_virtual_tokens=N, init="sample_vocab"))
     model.save(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -232,7 +232,7 @@ def test_saved_config_has_peft_names_and_the_model_sizes(tmp_path):
 
 
 def test_sample_vocab_init_rows_are_word_embeddings():
-    base = contract.TOYS["gpt2"].model()
+    base = contract.TOYS["gpt2"].base()
     model = dt.attach(base, PromptTuningConfig(num_virtual_tokens=5, init="sample_vocab"))
     table = model.model_adapters["default"].table().detach()
     vocab = base.get_input_embeddings().weight
@@ -257,7 +257,7 @@ def test_invalid_configs_are_refused(bad, match):
 
 def test_adapter_for_another_width_is_refused():
     with pytest.raises(dt.ConfigError, match="token_dim=64 but this model has 32"):
-        dt.attach(contract.TOYS["gpt2"].model(), PromptTuningConfig(num_virtual_tokens=N, token_dim=64))
+        dt.attach(contract.TOYS["gpt2"].base(), PromptTuningConfig(num_virtual_tokens=N, token_dim=64))
 
 
 # --- init from text (the embedded MiniLM and its tokenizer) ---------------------------------------
@@ -293,20 +293,20 @@ def test_missing_tokenizer_fails_on_use_but_a_saved_adapter_still_loads(tmp_path
     toy = contract.TOYS["gpt2"]
     missing = str(tmp_path / "no-such-tokenizer")
     text_config = PromptTuningConfig(num_virtual_tokens=N, init="text", init_text="hi", tokenizer_name_or_path=missing)
-    model = dt.attach(toy.model(), text_config)
+    model = dt.attach(toy.base(), text_config)
     with pytest.raises(dt.ConfigError, match="cannot load the tokenizer"):
-        model(**toy.inputs())
+        model(**toy.loss_batch())
     with pytest.raises(dt.ConfigError, match="cannot load the tokenizer"):
         model.save(tmp_path / "never")
     # a file whose config names an unavailable tokenizer (PEFT made it elsewhere) loads all the same
-    trained = contract.perturbed(dt.attach(toy.model(), CONFIG))
+    trained = contract.perturbed(dt.attach(toy.base(), CONFIG))
     folder = tmp_path / "adapter"
     trained.save(folder)
     saved = json.loads((folder / "adapter_config.json").read_text())
     saved.update(prompt_tuning_init="TEXT", prompt_tuning_init_text="hi", tokenizer_name_or_path=missing)
     (folder / "adapter_config.json").write_text(json.dumps(saved))
-    loaded = dt.load(toy.model(), folder)
-    torch.testing.assert_close(contract.logits(loaded, toy.inputs()), contract.logits(trained, toy.inputs()),
+    loaded = dt.load(toy.base(), folder)
+    torch.testing.assert_close(contract.logits(loaded, toy.loss_batch()), contract.logits(trained, toy.loss_batch()),
                                atol=0, rtol=0)
 
 
@@ -318,18 +318,18 @@ def test_missing_tokenizer_fails_on_use_but_a_saved_adapter_still_loads(tmp_path
 ], ids=["prompt", "p_tuning", "prefix"])
 def test_a_file_whose_table_does_not_fit_is_refused_naming_what_fits(config, kind, layout, tmp_path):
     toy = contract.TOYS["gpt2"]
-    dt.attach(toy.model(), config).save(tmp_path)
+    dt.attach(toy.base(), config).save(tmp_path)
     weights = tmp_path / "adapter_model.safetensors"
     table = load_file(weights)["prompt_embeddings"]
     rows, width = table.shape
     save_file({"prompt_embeddings": torch.zeros(rows + 1, width)}, weights)
     with pytest.raises(dt.AdapterFileError) as caught:
-        dt.load(toy.model(), tmp_path)
+        dt.load(toy.base(), tmp_path)
     assert str(caught.value) == (f"prompt_embeddings has shape ({rows + 1}, {width}) in the file but the model "
                                  f"expects ({rows}, {width}) ({layout}): another base model?")
     save_file({"prompt_embeddings": table, "prompt_encoder": table.clone()}, weights)
     with pytest.raises(dt.AdapterFileError) as caught:
-        dt.load(toy.model(), tmp_path)
+        dt.load(toy.base(), tmp_path)
     assert str(caught.value) == (f"a {kind} adapter file holds one tensor, 'prompt_embeddings'; this one has "
                                  f"['prompt_embeddings', 'prompt_encoder']")
 
@@ -339,7 +339,7 @@ def test_a_file_whose_table_does_not_fit_is_refused_naming_what_fits(config, kin
                                     dt.PrefixTuningConfig(num_virtual_tokens=N, prefix_projection=True)],
                          ids=["p_tuning", "prefix"])
 def test_a_table_that_does_not_fit_leaves_the_encoder_in_place(config):
-    model = dt.attach(contract.TOYS["gpt2"].model(), config)
+    model = dt.attach(contract.TOYS["gpt2"].base(), config)
     adapter = model.model_adapters["default"]
     encoder, table = adapter.source, adapter.file_state()["prompt_embeddings"]
     with pytest.raises(dt.AdapterFileError, match="another base model"):
@@ -350,8 +350,8 @@ def test_a_table_that_does_not_fit_leaves_the_encoder_in_place(config):
 
 def test_prompt_and_lora_active_together(tmp_path):
     toy = contract.TOYS["gpt2"]
-    inputs = toy.inputs()
-    model = dt.attach(toy.model(), CONFIG, name="prompt_adapter")
+    inputs = toy.loss_batch()
+    model = dt.attach(toy.base(), CONFIG, name="prompt_adapter")
     model.add(dt.LoraConfig(r=4, alpha=8, targets=["q", "v"], init="random"), "lora_adapter")
     model.use(["prompt_adapter", "lora_adapter"])
     contract.perturbed(model)
@@ -381,7 +381,7 @@ def test_prompt_and_lora_active_together(tmp_path):
     # each saved on its own, both loaded onto a fresh base: the same combined output
     model.save(tmp_path / "p", adapter="prompt_adapter")
     model.save(tmp_path / "l", adapter="lora_adapter")
-    fresh = dt.load(toy.model(), tmp_path / "p", name="prompt_adapter")
+    fresh = dt.load(toy.base(), tmp_path / "p", name="prompt_adapter")
     fresh.load(tmp_path / "l", name="lora_adapter")
     fresh.use(["prompt_adapter", "lora_adapter"])
     torch.testing.assert_close(contract.logits(fresh, inputs), both, atol=1e-6, rtol=0)

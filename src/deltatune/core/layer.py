@@ -1,8 +1,9 @@
 """The wrapper every weight-space method builds on, and the trainable-copy wrapper.
 
 A wrapper holds the user's module as ``base_layer`` and one entry per adapter name in
-``ModuleDict``/``ParameterDict`` attributes (``adapter_attrs``). Merging is written once here on
-top of ``delta_weight(name)``.
+``ModuleDict``/``ParameterDict`` attributes (``adapter_attrs``). Written once here: the forward
+that routes mixed-adapter batches (:mod:`deltatune.core.routing`) and otherwise calls the
+method's per-adapter forward, and the merge on top of ``delta_weight(name)``.
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ class AdapterLayer(nn.Module):
     #: whether it adapts named parameters of its module (peft's ``target_parameters``) rather
     #: than the module as a layer; such paths stay out of the saved ``target_modules``
     adapts_parameters: ClassVar[bool] = False
+    #: whether its rows can go through different adapters in one call; the router refuses a
+    #: mixed-adapter batch with a clear error where they cannot
+    mixes_rows: ClassVar[bool] = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -85,8 +89,8 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.adapters_disabled = False
-        #: set during a mixed-adapter call: a callable ``routing(layer, x, *args, **kwargs)`` that
-        #: sends each row through its own adapter (see :mod:`deltatune.core.routing`)
+        #: set during a mixed-adapter call: the :class:`~deltatune.core.routing.RowRouting` that
+        #: sends each row through its own adapter
         self.routing = None
 
     # Models read their layers' weights directly (T5 checks ``wo.weight.dtype``; tying code
@@ -98,6 +102,20 @@ class AdapterLayer(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
+
+    # --- forward --------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        """The wrapped module's output with the adapters applied: in a mixed-adapter batch each row
+        through its own adapter (see :mod:`deltatune.core.routing`), else the active ones, by
+        :meth:`adapted_forward`."""
+        if self.routing is not None:
+            return self.routing(self, *args, **kwargs)
+        return self.adapted_forward(*args, **kwargs)
+
+    def adapted_forward(self, *args, **kwargs):
+        """The one forward each method writes: the base layer's output with the active adapters
+        applied (:meth:`unmerged_active`; none while disabled, merged ones are in the weights)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define adapted_forward")
 
     # --- bookkeeping ----------------------------------------------------------------------
     @property
@@ -227,31 +245,50 @@ class AdapterLayer(nn.Module):
         return weight
 
     def merge(self, names: Iterable[str] | None = None) -> None:
-        """Add the listed (default: active) adapters' deltas to the base weight."""
-        names = list(self.active_adapters if names is None else names)
+        """Bake the listed (default: active) adapters into the base weights, one by one through
+        :meth:`_merge_into`: the one merge loop, whose hooks the methods fill in."""
+        names = [n for n in (self.active_adapters if names is None else names) if n in self.adapter_names]
         weight = self._mergeable_weight(names)
+        for name in names:
+            self._check_mergeable(name)
         with torch.no_grad():
             for name in names:
-                if name not in self.adapter_names:
-                    continue
                 self._merge_into(weight, name)
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """Subtract every merged adapter's delta again (exact up to float rounding)."""
+        """Take every merged adapter out again, the last merged first (exact up to float
+        rounding, or bit for bit where a method keeps what its merge overwrote)."""
         weight = self._base_weight()
         with torch.no_grad():
             while self.merged_adapters:
-                self._unmerge_from(weight, self.merged_adapters.pop())
+                # still listed as merged while it comes out: IA3's delta reads that
+                self._unmerge_from(weight, self.merged_adapters[-1])
+                self.merged_adapters.pop()
+
+    # the hooks of the merge; the defaults are the additive merge of ``delta_weight`` and ``delta_bias``
+    def _check_mergeable(self, name: str) -> None:
+        """Raise :class:`AdapterError` where adapter ``name`` cannot be merged now (checked for
+        every adapter before any is merged)."""
+
+    def delta_bias(self, name: str) -> torch.Tensor | None:
+        """The change adapter ``name`` makes to ``base_layer.bias`` too, or None (most methods)."""
+        return None
 
     def _merge_into(self, weight: torch.Tensor, name: str) -> None:
-        """Bake adapter ``name`` into ``weight``; a method whose merge is not additive overrides
-        this pair (DoRA rescales the weight)."""
+        """Bake adapter ``name`` into ``weight`` (and the bias, by :meth:`delta_bias`); a method
+        whose merge is not additive overrides this pair (DoRA rescales the weight)."""
+        delta_bias = self.delta_bias(name)
         weight.data += self.delta_weight(name).to(weight.dtype)
+        if delta_bias is not None:
+            self.base_layer.bias.data += delta_bias.to(self.base_layer.bias.dtype)
 
     def _unmerge_from(self, weight: torch.Tensor, name: str) -> None:
         """Undo :meth:`_merge_into` for ``name``, the last adapter merged."""
+        delta_bias = self.delta_bias(name)
         weight.data -= self.delta_weight(name).to(weight.dtype)
+        if delta_bias is not None:
+            self.base_layer.bias.data -= delta_bias.to(self.base_layer.bias.dtype)
 
 
 class ModulesToSave(AdapterLayer):
@@ -285,9 +322,7 @@ class ModulesToSave(AdapterLayer):
                 kept.setdefault(key.removeprefix("modules_to_save."), value)
         return kept
 
-    def forward(self, *args, **kwargs):
-        if self.routing is not None:
-            return self.routing(self, *args, **kwargs)
+    def adapted_forward(self, *args, **kwargs):
         if not self.adapters_disabled:
             for name in self.active_adapters:
                 return self.modules_to_save[name](*args, **kwargs)

@@ -1,11 +1,12 @@
 """Mixed-adapter batches: each row of a batch goes through its own adapter, in one forward.
 
-Written once for every method. A layer that has ``add_delta_(out, x, name)`` (an additive
-update, like LoRA: add adapter ``name``'s update for input ``x`` to ``out`` in place) computes its
-base output once for the whole batch and adds each adapter's update to its rows; any other layer
-runs its own forward once per adapter on that adapter's rows. Rows are grouped into segments by
-adapter; a contiguous segment is a view, not a copy. On CUDA, layers with
-``adapter_delta_gathered`` use one batched matmul over per-row gathered weights.
+Written once for every method: :class:`~deltatune.core.layer.AdapterLayer`'s forward hands a
+mixed batch to the :class:`RowRouting` of the call. A layer that has ``add_delta_(out, x, name)``
+(an additive update, like LoRA: adds adapter ``name``'s update for ``x`` to ``out`` in place)
+computes its base output once for the whole batch and adds each adapter's update to its rows; any other layer runs its per-adapter forward (``adapted_forward``)
+once per adapter on that adapter's rows, every batch-sized input cut to those rows. Rows are
+grouped into segments by adapter; a contiguous segment is a view, not a copy. On CUDA, layers
+with ``adapter_delta_gathered`` use one batched matmul over per-row gathered weights.
 """
 
 from __future__ import annotations
@@ -43,16 +44,20 @@ class RowRouting:
                                                   device=self.device)
         return self._row_index[names]
 
-    def __call__(self, layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def __call__(self, layer: nn.Module, *args, **kwargs) -> torch.Tensor:
+        if not layer.mixes_rows:
+            raise AdapterError(f"a {type(layer).__name__} layer cannot take part in a mixed-adapter batch; "
+                               f"run its adapter's rows in a call of their own")
+        x = first_input(args, kwargs)
         if x.shape[0] != len(self.names):
             raise AdapterError(f"adapter_names has {len(self.names)} entries but the batch has {x.shape[0]} rows")
         present = [n for n in self.segments if n in layer.adapter_names]
         if self.gather and hasattr(layer, "adapter_delta_gathered") and present:
-            base = layer.base_layer(x, *args, **kwargs)
+            base = layer.base_layer(*args, **kwargs)
             names = tuple(present)
             return base + layer.adapter_delta_gathered(x, names, self.row_index(names)).to(base.dtype)
         if hasattr(layer, "add_delta_"):
-            out = layer.base_layer(x, *args, **kwargs)
+            out = layer.base_layer(*args, **kwargs)
             for name in present:
                 rows = self.segments[name]
                 if isinstance(rows, slice):
@@ -62,27 +67,70 @@ class RowRouting:
                     layer.add_delta_(part, x.index_select(0, rows), name)
                     out.index_copy_(0, rows, part)
             return out
-        return self._per_segment(layer, x, *args, **kwargs)
+        return self._per_segment(layer, args, kwargs)
 
-    def _per_segment(self, layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        saved_active, saved_routing = layer.active_adapters, layer.routing
-        layer.routing = None
+    def _per_segment(self, layer, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The layer's per-adapter forward on each adapter's rows, put together again."""
+        batch, saved_active = len(self.names), layer.active_adapters
+        if any(hasattr(v, "reorder_cache") for v in (*args, *kwargs.values())):
+            raise AdapterError(f"a {type(layer.base_layer).__name__} copied per adapter cannot split the key/value "
+                               f"cache it is given between adapters in a mixed-adapter batch; pass use_cache=False, "
+                               f"or run each adapter's rows in a call of their own")
         try:
             pieces = []
             for name, rows in self.segments.items():
                 layer.active_adapters = [name] if name in layer.adapter_names else []
-                part = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
-                pieces.append((rows, layer(part, *args, **kwargs)))
+                part_args = tuple(_rows(v, rows, batch) for v in args)
+                part_kwargs = {k: _rows(v, rows, batch) for k, v in kwargs.items()}
+                pieces.append((rows, layer.adapted_forward(*part_args, **part_kwargs)))
         finally:
-            layer.active_adapters, layer.routing = saved_active, saved_routing
-        first = pieces[0][1]
-        out = first.new_empty((x.shape[0], *first.shape[1:]))
-        for rows, value in pieces:
+            layer.active_adapters = saved_active
+        return _joined([rows for rows, _ in pieces], [value for _, value in pieces], batch, layer)
+
+
+def _joined(segments: list, values: list, batch: int, layer: nn.Module):
+    """One output for the whole batch from each segment's: tensors row by row, inside tuples,
+    lists, dicts and model outputs; None stays None. Anything else (a key/value cache made per
+    segment) cannot be joined, and says so."""
+    first = values[0]
+    if first is None:
+        return None
+    if isinstance(first, torch.Tensor) and first.dim() > 0:
+        out = first.new_empty((batch, *first.shape[1:]))
+        for rows, value in zip(segments, values):
             if isinstance(rows, slice):
                 out[rows] = value
             else:
                 out.index_copy_(0, rows, value)
         return out
+    if isinstance(first, dict):  # includes ModelOutput, rebuilt with its own class
+        joined = {k: _joined(segments, [v[k] for v in values], batch, layer) for k in first}
+        return joined if type(first) is dict else type(first)(**joined)
+    if isinstance(first, (tuple, list)) and not hasattr(first, "_fields"):
+        return type(first)(_joined(segments, [v[i] for v in values], batch, layer) for i in range(len(first)))
+    raise AdapterError(f"a mixed-adapter batch cannot put together the {type(first).__name__} that "
+                       f"{type(layer.base_layer).__name__} returns for each adapter's rows; pass use_cache=False "
+                       f"(for a key/value cache), or run each adapter's rows in a call of their own")
+
+
+def first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A layer call's main input: the first positional argument, else the first keyword tensor."""
+    if args:
+        return args[0]
+    found = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+    if found is None:
+        raise TypeError("this adapter reads the wrapped module's input: pass it as the first positional argument")
+    return found
+
+
+def _rows(value, rows: slice | torch.Tensor, batch: int):
+    """``value``'s rows ``rows`` when it is a tensor with one row per batch entry (also inside a
+    tuple, like rotary position embeddings), else ``value``."""
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_rows(v, rows, batch) for v in value)
+    if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != batch:
+        return value
+    return value[rows] if isinstance(rows, slice) else value.index_select(0, rows)
 
 
 def grouping_order(names: Sequence[str]) -> torch.Tensor | None:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from deltatune.core.layer import AdapterLayer
+from deltatune.core.routing import first_input
 from deltatune.errors import AdapterError
 from deltatune.methods.adapters.placement import PARALLEL, RESIDUAL, SEQUENTIAL
 
@@ -97,49 +98,35 @@ class BottleneckLayer(AdapterLayer):
         block = self.blocks()[name]
         return (block(x.to(block.dtype)) * self.scaling[name]).to(x.dtype)
 
-    def _row_groups(self, args: tuple, kwargs: dict) -> list[tuple[slice | torch.Tensor | None, list[str]]]:
-        """``(rows, adapter names)`` pairs: the whole batch (``rows=None``) with the active
-        adapters, or, in a mixed-adapter call, each row segment with its own adapter."""
-        if self.adapters_disabled:
-            return []
-        routing = getattr(self, "routing", None)
-        if routing is None:
-            return [(None, list(self.active_adapters))]
-        batch = _first_input(args, kwargs).shape[0]
-        if batch != len(routing.names):
-            raise AdapterError(f"adapter_names has {len(routing.names)} entries but the batch has {batch} rows")
-        return [(rows, [name]) for name, rows in routing.segments.items() if name in self.placement]
-
-    def _add_adapters(self, target: torch.Tensor, source: torch.Tensor, groups, placement: str) -> torch.Tensor:
-        """``target`` plus, row group by row group, the adapters of ``placement`` applied to
-        ``source`` (``source=None``: to ``target`` as it stands, stacking adapters)."""
-        for rows, names in groups:
-            for name in names:
-                if self.placement[name] == placement:
-                    x = target if source is None else source
-                    target = _add_rows(target, rows, self.adapter_output(name, _take_rows(x, rows)))
+    def _add_adapters(self, target: torch.Tensor, source: torch.Tensor | None, names: list[str],
+                      placement: str) -> torch.Tensor:
+        """``target`` plus the adapters of ``placement`` among ``names`` applied to ``source``
+        (``source=None``: to ``target`` as it stands, stacking adapters)."""
+        for name in names:
+            if self.placement[name] == placement:
+                target = target + self.adapter_output(name, target if source is None else source)
         return target
 
-    def forward(self, *args, **kwargs):
-        groups = self._row_groups(args, kwargs)
-        used = {self.placement[n] for _, names in groups for n in names}
+    def adapted_forward(self, *args, **kwargs):
+        names = self.unmerged_active()
+        used = {self.placement[n] for n in names}
         if not used:
             return self.base_layer(*args, **kwargs)
-        x = _first_input(args, kwargs) if PARALLEL in used else None
+        x = first_input(args, kwargs) if PARALLEL in used else None
         if RESIDUAL in used:
-            args, kwargs = self._with_residual(groups, args, kwargs)
+            args, kwargs = self._with_residual(names, args, kwargs)
         result = self.base_layer(*args, **kwargs)
         if PARALLEL in used:
-            result = self._add_adapters(result, x, groups, PARALLEL)
-        return self._add_adapters(result, None, groups, SEQUENTIAL)
+            result = self._add_adapters(result, x, names, PARALLEL)
+        return self._add_adapters(result, None, names, SEQUENTIAL)
 
-    def _with_residual(self, groups, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _with_residual(self, names: list[str], args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if "input_tensor" in kwargs:
             x = kwargs["input_tensor"]
-            return args, {**kwargs, "input_tensor": self._add_adapters(x, x, groups, RESIDUAL)}
+            return args, {**kwargs, "input_tensor": self._add_adapters(x, x, names, RESIDUAL)}
         if len(args) < 2:
             raise TypeError(f"{type(self.base_layer).__name__} was called without its input_tensor argument")
-        return (args[0], self._add_adapters(args[1], args[1], groups, RESIDUAL), *args[2:]), kwargs
+        return (args[0], self._add_adapters(args[1], args[1], names, RESIDUAL), *args[2:]), kwargs
 
     def __getattr__(self, name: str):
         # model code reads attributes of the modules it calls (T5 checks ``self.wo.weight.dtype``)
@@ -156,28 +143,3 @@ class BottleneckLayer(AdapterLayer):
 
     def unmerge(self) -> None:
         pass  # nothing is ever merged
-
-
-def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    if args:
-        return args[0]
-    if len(kwargs) == 1:
-        return next(iter(kwargs.values()))
-    raise TypeError("this adapter reads the wrapped module's input: pass it as the first positional argument")
-
-
-def _take_rows(x: torch.Tensor, rows) -> torch.Tensor:
-    if rows is None:
-        return x
-    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
-
-
-def _add_rows(target: torch.Tensor, rows, values: torch.Tensor) -> torch.Tensor:
-    """``target`` with ``values`` added to the given rows (all rows for ``None``), out of place."""
-    if rows is None:
-        return target + values
-    if isinstance(rows, slice):
-        pad = torch.zeros_like(target)
-        pad[rows] = values
-        return target + pad
-    return target.index_add(0, rows, values)

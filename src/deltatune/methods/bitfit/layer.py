@@ -33,9 +33,7 @@ class BitFitLayer(AdapterLayer):
         bias = self.base_layer.bias
         self.bias_delta[name] = nn.Parameter(torch.zeros(bias.shape, dtype=adapter_dtype(bias), device=bias.device))
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.routing is not None:  # a mixed-adapter batch
-            return self.routing(self, x, *args, **kwargs)
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         for name in self.unmerged_active():
             result = result + self.bias_delta[name].to(result.dtype)

@@ -6,8 +6,6 @@ Files hold the diff SPARSE: for each layer, the flat positions (``diff_indices``
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,9 +54,7 @@ class DiffPruningLinear(AdapterLayer):
         """The expected number of open gates (differentiable)."""
         return open_probability(self.diff_log_alpha[name]).sum()
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.routing is not None:  # a mixed-adapter batch
-            return self.routing(self, x, *args, **kwargs)
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         live = self.unmerged_active()
         if not live:
@@ -69,28 +65,21 @@ class DiffPruningLinear(AdapterLayer):
         return result + change.to(result.dtype)
 
     # --- merging ------------------------------------------------------------------------
-    def merge(self, names: Iterable[str] | None = None) -> None:
-        """Add the listed (default: active) adapters' diffs to the base weight, remembering the
-        entries they change so that :meth:`unmerge` restores them bit for bit (the diff is sparse,
-        so this costs little, and subtracting again would leave rounding error behind)."""
-        names = [n for n in (self.active_adapters if names is None else names) if n in self.adapter_names]
-        weight = self._mergeable_weight(names)
-        with torch.no_grad():
-            flat = weight.data.view(-1)
-            for name in names:
-                diff = self.delta_weight(name).reshape(-1)
-                positions = diff.nonzero().reshape(-1)
-                self._overwritten[name] = (positions, flat[positions].clone())
-                flat[positions] += diff[positions].to(flat.dtype)
-                self.merged_adapters.append(name)
+    def _merge_into(self, weight: torch.Tensor, name: str) -> None:
+        """Add the diff to the base weight, remembering the entries it changes so that
+        :meth:`_unmerge_from` restores them bit for bit (the diff is sparse, so this costs little,
+        and subtracting again would leave rounding error behind)."""
+        flat = weight.data.view(-1)
+        diff = self.delta_weight(name).reshape(-1)
+        positions = diff.nonzero().reshape(-1)
+        self._overwritten[name] = (positions, flat[positions].clone())
+        flat[positions] += diff[positions].to(flat.dtype)
 
-    def unmerge(self) -> None:
-        """Put back the base weight's entries that merged diffs changed (exactly)."""
-        with torch.no_grad():
-            flat = self._base_weight().data.view(-1)
-            while self.merged_adapters:
-                positions, original = self._overwritten.pop(self.merged_adapters.pop())
-                flat[positions.to(flat.device)] = original.to(flat.device)
+    def _unmerge_from(self, weight: torch.Tensor, name: str) -> None:
+        """Put back the base weight's entries that the diff changed (exactly)."""
+        positions, original = self._overwritten.pop(name)
+        flat = weight.data.view(-1)
+        flat[positions.to(flat.device)] = original.to(flat.device)
 
     # --- sparse file state ----------------------------------------------------------------
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:

@@ -51,9 +51,7 @@ class IA3Linear(AdapterLayer):
         base = self.base_layer
         return self.use_fused and type(base) in linear_kinds() and not base.weight.requires_grad
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.routing is not None:  # a mixed-adapter batch
-            return self.routing(self, x, *args, **kwargs)
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         live = self.unmerged_active()
         in_scale = _product(self.ia3_l[n].flatten() for n in live if self.feedforward[n])
         out_scale = _product(self.ia3_l[n].flatten() for n in live if not self.feedforward[n])
@@ -92,35 +90,10 @@ class IA3Linear(AdapterLayer):
         scale = self.ia3_l[name].flatten()
         return self._without(bias, scale, name) * (scale - 1)
 
-    def merge(self, names: Iterable[str] | None = None) -> None:
-        """Multiply the listed (default: active) adapters' vectors into the weight and bias."""
-        names = [n for n in (self.active_adapters if names is None else names) if n in self.adapter_names]
-        weight = self._mergeable_weight(names)
-        for name in names:
-            if bool((self.ia3_l[name] == 0).any()):
-                raise AdapterError(f"IA3 adapter {name!r} has a scale of exactly 0; merging would erase those "
-                                   f"weights for good, so unmerge() could not restore them. Use the adapter unmerged")
-        bias = getattr(self.base_layer, "bias", None)
-        with torch.no_grad():
-            for name in names:
-                delta_b = self.delta_bias(name)
-                weight.data += self.delta_weight(name).to(weight.dtype)
-                if delta_b is not None:
-                    bias.data += delta_b.to(bias.dtype)
-                self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        """Divide every merged adapter's vectors out again (exact up to float rounding)."""
-        weight = self._base_weight()
-        bias = getattr(self.base_layer, "bias", None)
-        with torch.no_grad():
-            while self.merged_adapters:
-                name = self.merged_adapters[-1]
-                delta_w, delta_b = self.delta_weight(name), self.delta_bias(name)
-                weight.data -= delta_w.to(weight.dtype)
-                if delta_b is not None:
-                    bias.data -= delta_b.to(bias.dtype)
-                self.merged_adapters.pop()
+    def _check_mergeable(self, name: str) -> None:
+        if bool((self.ia3_l[name] == 0).any()):
+            raise AdapterError(f"IA3 adapter {name!r} has a scale of exactly 0; merging would erase those "
+                               f"weights for good, so unmerge() could not restore them. Use the adapter unmerged")
 
 
 def _product(vectors: Iterable[torch.Tensor]) -> torch.Tensor | None:

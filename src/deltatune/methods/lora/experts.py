@@ -26,6 +26,7 @@ class LoraExperts(LoraLayer):
 
     adapter_attrs = ("lora_A", "lora_B")
     adapts_parameters = True
+    mixes_rows = False  # the experts module sees routed tokens, not the batch's rows
 
     def __init__(self, base_layer: nn.Module, param_names: Iterable[str]) -> None:
         super().__init__(base_layer)
@@ -79,9 +80,7 @@ class LoraExperts(LoraLayer):
         delta = torch.bmm(b, a) * self.scaling[name]
         return delta.transpose(1, 2) if transposed else delta
 
-    def forward(self, *args, **kwargs):
-        if self.routing is not None:
-            raise AdapterError("LoRA on fused expert parameters cannot take part in a mixed-adapter batch")
+    def adapted_forward(self, *args, **kwargs):
         names = self.unmerged_active()
         if not names:
             return self.base_layer(*args, **kwargs)
@@ -103,23 +102,17 @@ class LoraExperts(LoraLayer):
     def _without_base_copies(self, tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
         return tensors  # "base_layer." here names the inner parameter's factors, not a base copy
 
-    # --- merge ----------------------------------------------------------------------------
-    def merge(self, names: Iterable[str] | None = None) -> None:
-        names = [n for n in (self.active_adapters if names is None else names) if n in self.adapter_names]
-        twice = [n for n in names if n in self.merged_adapters]
-        if twice:
-            raise AdapterError(f"adapter {twice[0]!r} is already merged; call unmerge() first")
-        with torch.no_grad():
-            for name in names:
-                for param_name in self.param_names:
-                    weight = getattr(self.base_layer, param_name)
-                    weight.data += self.parameter_delta(name, param_name).to(weight.dtype)
-                self.merged_adapters.append(name)
+    # --- merge: the base's loop, over every adapted parameter ----------------------------------
+    def _base_weight(self) -> torch.Tensor:
+        # what the merge checks read (floating point, not merged twice): the first adapted parameter
+        return getattr(self.base_layer, self.param_names[0])
 
-    def unmerge(self) -> None:
-        with torch.no_grad():
-            while self.merged_adapters:
-                name = self.merged_adapters.pop()
-                for param_name in self.param_names:
-                    weight = getattr(self.base_layer, param_name)
-                    weight.data -= self.parameter_delta(name, param_name).to(weight.dtype)
+    def _merge_into(self, weight: torch.Tensor, name: str) -> None:
+        for param_name in self.param_names:
+            param = getattr(self.base_layer, param_name)
+            param.data += self.parameter_delta(name, param_name).to(param.dtype)
+
+    def _unmerge_from(self, weight: torch.Tensor, name: str) -> None:
+        for param_name in self.param_names:
+            param = getattr(self.base_layer, param_name)
+            param.data -= self.parameter_delta(name, param_name).to(param.dtype)

@@ -12,7 +12,7 @@ Where the update is computed on activations (LoraLinear; the other kinds have on
 
 - fused (:mod:`.fused`): one autograd node, when the layer's only unmerged adapter is plain LoRA
   on a frozen ``nn.Linear``/``Conv1D`` (the common training and inference case);
-- plain (``forward``): the base output plus one ``addmm`` per adapter, for everything else
+- plain (``adapted_forward``): the base output plus one ``addmm`` per adapter, for everything else
   (several adapters, DoRA, a trainable or quantized base weight, ``use_fused = False``);
 - :meth:`LoraLinear.add_delta_`: a mixed-adapter batch's rows, on a base output computed once
   for the whole batch (:mod:`deltatune.core.routing`); on CUDA
@@ -225,9 +225,7 @@ class LoraLinear(LoraLayer):
         return (self.use_fused and len(names) == 1 and type(base) in linear_kinds() and not base.weight.requires_grad
                 and not self.is_dora(names[0]))
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.routing is not None:
-            return self.routing(self, x, *args, **kwargs)
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         names = self.unmerged_active()
         # the fused path: one plain adapter on a frozen nn.Linear/Conv1D (see the module docstring)
         if not args and not kwargs and self._fusable(names):
@@ -331,9 +329,7 @@ class LoraEmbedding(LoraLayer):
         self._set_hparams(name, r, alpha, dropout, use_rslora)
         self._add_magnitude(name, use_dora)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.routing is not None:
-            return self.routing(self, x, *args, **kwargs)
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = base_out = self.base_layer(x, *args, **kwargs)
         for name in self.unmerged_active():
             result = result + self._delta(x, name, base_out).to(result.dtype)
@@ -378,9 +374,7 @@ class LoraConv2d(LoraLayer):
         self._set_hparams(name, r, alpha, dropout, use_rslora)
         self._add_magnitude(name, use_dora)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.routing is not None:
-            return self.routing(self, x, *args, **kwargs)
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         for name in self.unmerged_active():
             result = result + self._delta(x, name).to(result.dtype)
