@@ -103,15 +103,15 @@ def test_full_counts_the_model_once_not_its_kept_originals_twice():
     """Full fine-tuning on the toy BERT: every parameter has a trained copy, so all the base's
     parameters train; the total is the base once plus the classifier's frozen original, which
     every method's count keeps beside the head's trained copy (as peft counts it)."""
-    base = TOYS["bert"].model()
+    base = TOYS["bert"].base()
     base_total = sum(p.numel() for p in base.parameters())
     head = 32 * 3 + 3
     assert dt.attach(base, FullConfig()).parameter_counts() == (base_total, base_total + head)
-    gpt2 = TOYS["gpt2"].model()  # no head to save; wte and lm_head tied, counted once
+    gpt2 = TOYS["gpt2"].base()  # no head to save; wte and lm_head tied, counted once
     gpt2_total = sum(p.numel() for p in gpt2.parameters())
     assert dt.attach(gpt2, FullConfig()).parameter_counts() == (gpt2_total, gpt2_total)
-    lower = dt.attach(TOYS["bert"].model(), FreezeConfig(train="lower:1", modules_to_save=[]))
-    block = sum(p.numel() for p in TOYS["bert"].model().bert.encoder.layer[0].parameters())
+    lower = dt.attach(TOYS["bert"].base(), FreezeConfig(train="lower:1", modules_to_save=[]))
+    block = sum(p.numel() for p in TOYS["bert"].base().bert.encoder.layer[0].parameters())
     assert lower.parameter_counts() == (block, base_total)
 
 
