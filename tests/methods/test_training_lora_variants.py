@@ -19,10 +19,16 @@ BUDGET = {"steps": 60, "lr": 3e-3}
 # measured 2026-12-03 (this loop, seeds 0/1/2): LoRA 0.795/0.705/0.755 (mean 0.752), DoRA 0.785/0.710/0.760
 # (mean 0.752, passes), PiSSA 0.755/0.680/0.750 (mean 0.728): it trails LoRA on every seed, by 0.023 on average;
 # with alpha = r, as its paper sets it, 0.745/0.695/0.760 (mean 0.733;
-# LoRA with alpha = r: 0.770/0.715/0.780, mean 0.755). It ties LoRA at 0.770 in one seed of
-# `deltatune train` (docs/methods.md).
-PISSA_TRAILS = pytest.mark.xfail(strict=True, reason="PiSSA trails plain LoRA on every seed of this 60-step budget "
-                                                     "(mean 0.728 against 0.752)")
+# LoRA with alpha = r: 0.770/0.715/0.780, mean 0.755).
+# PiSSA's paper, peft's example and later sweeps train it at a lower lr than LoRA, so both were swept over
+# lr (same loop and seeds, mean of 3): LoRA 3e-3 0.752, 2e-3 0.753, 1e-3 0.702, 5e-4 0.562, 2e-4 0.522;
+# PiSSA 3e-3 0.728, 2e-3 0.713, 1e-3 0.727 (0.725/0.720/0.735; alpha = r: 0.695), 5e-4 0.543, 2e-4 0.513.
+# Below 1e-3 the new classification head hardly moves in 60 steps and most seeds predict one class, for both
+# methods. Each at its best lr, PiSSA (0.728) still trails LoRA (0.753) by more than SLACK, so the comparison
+# stays at the shared 3e-3 (PiSSA's best, within 0.001 of LoRA's) and PiSSA a strict xfail. At 1e-3 PiSSA leads
+# LoRA by 0.025 on average and on every seed.
+PISSA_TRAILS = pytest.mark.xfail(strict=True, reason="PiSSA trails plain LoRA on this 60-step budget, each "
+                                                     "at its best lr (mean 0.728 against 0.753)")
 
 
 @functools.cache
