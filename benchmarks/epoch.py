@@ -10,7 +10,7 @@ a peft user would write (``--reference``: dynamic padding with ``DataCollatorWit
 Trainer defaults otherwise). Prints the headline, then one JSON line (also written to
 benchmarks/results/epoch.json).
 
-    python benchmarks/epoch.py [--seeds 3] [--train 4000] [--threads N]
+    python benchmarks/epoch.py [--seeds 3] [--train 4000] [--threads N] [--set train.group_by_length=false]
 
 Needs the SST-2 files in ../shared/data/sst2 (``--data`` names another folder).
 """
@@ -51,12 +51,13 @@ def deltatune_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "deltatune"]
 
 
-def run_deltatune(data: Path, train: int, seed: int, env: dict) -> dict:
+def run_deltatune(data: Path, train: int, seed: int, env: dict, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         recipe, out = Path(folder) / "epoch.yaml", Path(folder) / "run"
         recipe.write_text(recipe_text(data, train, out, seed))
         start = time.perf_counter()
-        subprocess.run([*deltatune_command(), "train", str(recipe), "--quiet"], check=True, env=env)
+        sets = [arg for value in overrides for arg in ("--set", value)]
+        subprocess.run([*deltatune_command(), "train", str(recipe), "--quiet", *sets], check=True, env=env)
         wall = time.perf_counter() - start
         summary = json.loads((out / "summary.json").read_text())
     return {"wall_s": round(wall, 2), "accuracy": summary["metrics"]["accuracy"],
@@ -65,7 +66,7 @@ def run_deltatune(data: Path, train: int, seed: int, env: dict) -> dict:
                          "start_up": round(wall - summary["wall_time_s"], 2)}}
 
 
-def run_reference(data: Path, train: int, seed: int, env: dict) -> dict:
+def run_reference(data: Path, train: int, seed: int, env: dict, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         result = Path(folder) / "result.json"
         start = time.perf_counter()
@@ -129,6 +130,8 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=4000, help="training sentences (the first N)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train.tsv and dev.tsv")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both (default: torch's own choice)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change deltatune's recipe, e.g. --set train.group_by_length=false (repeatable)")
     parser.add_argument("--reference", nargs=4, metavar=("DATA", "TRAIN", "SEED", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reference:
@@ -148,7 +151,8 @@ def main() -> None:
         # alternate which goes first, so that a drift in the machine's load hits both alike
         order = ("deltatune", "peft_trainer") if seed % 2 == 0 else ("peft_trainer", "deltatune")
         for system in order:
-            run = (run_deltatune if system == "deltatune" else run_reference)(args.data, args.train, seed, env)
+            run = (run_deltatune if system == "deltatune" else run_reference)(args.data, args.train, seed, env,
+                                                                                args.overrides)
             runs[system].append({"seed": seed, **run})
             print(f"seed {seed} {system}: {run['wall_s']:.1f} s, dev accuracy {run['accuracy']:.4f}",
                   file=sys.stderr, flush=True)
@@ -159,7 +163,7 @@ def main() -> None:
         "benchmark": "epoch", "model": "minilm", "train_sentences": args.train, "seeds": args.seeds,
         "settings": {"rank": RANK, "alpha": ALPHA, "targets": ["query", "value"], "batch": BATCH, "lr": LR,
                      "schedule": "linear, no warm-up", "precision": "fp32", "max_length": MAX_LENGTH},
-        "machine": machine(), "threads": args.threads or "torch's default",
+        "machine": machine(), "threads": args.threads or "torch's default", "recipe_changes": args.overrides,
         "clock": "wall clock around each training process, start-up included",
         "mean": mean, "wall_ratio": round(mean["deltatune"]["wall_s"] / mean["peft_trainer"]["wall_s"], 3),
         "wall_ratio_per_seed": [round(r, 3) for r in ratios],
