@@ -85,3 +85,15 @@ def test_walk_once_reuses_one_walk_and_ends_with_the_block():
         assert visible_modules(model) == first  # the promised reuse: the block's caller wraps only
     assert first == plain
     assert isinstance(visible_modules(model)["bert.encoder.layer.0.attention.self.query"], torch.nn.Identity)
+
+
+def test_walk_once_walks_again_when_a_wrapper_hides_sub_modules():
+    from deltatune.core.layer import ModulesToSave, wrapped
+
+    model = build_bert(layers=2)
+    with walk_once():
+        assert "bert.pooler.dense" in visible_modules(model)
+        wrapped(model, "bert.pooler", ModulesToSave, "test")  # a container: its dense is hidden now
+        after = visible_modules(model)
+    assert "bert.pooler" in after and "bert.pooler.dense" not in after
+    assert after == visible_modules(model)

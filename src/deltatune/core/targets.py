@@ -15,7 +15,7 @@ from torch import nn
 from deltatune.core.archspec import (COMPONENTS, GROUPS, ArchSpec, classification_head_names, output_head_names,
                                     spec_for)
 from deltatune.core.config import LAYER_WORDS
-from deltatune.core.layer import AdapterLayer, linear_kinds
+from deltatune.core.layer import AdapterLayer, containers_wrapped, linear_kinds
 from deltatune.core.patterns import compile_pattern, fullmatch
 from deltatune.errors import TargetError
 
@@ -31,7 +31,9 @@ def walk_once():
 
     For adding an adapter, which resolves targets, heads and saved names in several walks: it
     only puts wrappers in place, and a wrapper stands for the module it wraps, so what the walk
-    sees does not change. Not for code that adds or removes other modules meanwhile.
+    sees does not change, unless the wrapped module has sub-modules (a head kept as a trainable
+    copy): those become hidden, and the next call walks again. Not for code that adds or removes
+    other modules meanwhile.
     """
     token = _WALKS.set({})
     try:
@@ -44,8 +46,9 @@ def visible_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Named modules as the user's model has them: an adapter wrapper stands for the layer it
     wraps, and the adapter's own sub-modules are not candidates."""
     walks = _WALKS.get()
-    if walks is not None and id(model) in walks and walks[id(model)][0] is model:
-        return dict(walks[id(model)][1])
+    saved = walks.get(id(model)) if walks is not None else None
+    if saved is not None and saved[0] is model and saved[2] == containers_wrapped():
+        return dict(saved[1])
     out: dict[str, nn.Module] = {}
 
     def walk(module: nn.Module, prefix: str) -> None:
@@ -61,7 +64,7 @@ def visible_modules(model: nn.Module) -> dict[str, nn.Module]:
 
     walk(model, "")
     if walks is not None:
-        walks[id(model)] = (model, dict(out))
+        walks[id(model)] = (model, dict(out), containers_wrapped())
     return out
 
 
