@@ -6,6 +6,7 @@ seconds alone: machines here differ (AVX2 only vs AMX with native bf16).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -13,6 +14,8 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -26,7 +29,9 @@ def machine() -> dict:
     info = {
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16": bf16_is_native("cpu"),
-        "threads": torch.get_num_threads(),
+        "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
+        "threads": DEFAULT_THREADS,
+        "cores": os.cpu_count(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -48,20 +53,66 @@ def bf16_is_native(device: str) -> bool:
     return device == "cuda" or cpu_has_native_bf16()
 
 
-def clock(device: str) -> Callable[[], float]:
-    """The clock the step timings use: this process's CPU time on the CPU (see
-    :func:`use_cpu_time`), wall time on CUDA."""
-    return time.process_time if device == "cpu" else time.perf_counter
+#: torch's thread count before any benchmark changes it: what a user's process runs with
+DEFAULT_THREADS = torch.get_num_threads()
+
+
+@dataclass(frozen=True)
+class ClockMode:
+    """One way of timing: a thread count and a clock."""
+
+    key: str
+    threads: int
+    now: Callable[[], float]
+    note: str
+
+
+def clock_modes(device: str) -> list[ClockMode]:
+    """How a benchmark times its variants, the headline first.
+
+    The headline is wall clock at torch's default thread count: what a user sees. On the CPU the
+    process's CPU time with one torch thread comes beside it: steady on a shared machine (other
+    processes' work does not count), but blind to what threads cost (idle or waiting workers).
+    """
+    wall = ClockMode("wall", DEFAULT_THREADS, time.perf_counter,
+                     f"wall clock (time.perf_counter) at torch's default thread count ({DEFAULT_THREADS})")
+    if device != "cpu":
+        return [wall]
+    return [wall, ClockMode("cpu_1thread", 1, time.process_time,
+                            "CPU time of this process (time.process_time) with one torch thread")]
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Run the block with ``count`` torch threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def each_clock(device: str, measure: Callable[[ClockMode], dict]) -> dict:
+    """``measure(mode)`` for every clock mode, each under its thread count: the headline's
+    figures at the top level, the others under their key (``"cpu_1thread"``), and ``"clocks"``
+    saying what each means."""
+    modes = clock_modes(device)
+    out: dict = {}
+    for mode in modes:
+        with torch_threads(mode.threads):
+            figures = measure(mode)
+        if mode is modes[0]:
+            out.update(figures)
+        else:
+            out[mode.key] = figures
+    out["clocks"] = {mode.key: mode.note for mode in modes}
+    return out
 
 
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def cpu_clock_note() -> str:
-    return ("CPU time of this process (time.process_time) with one torch thread: on a shared machine "
-            "wall time measures the neighbours too")
 
 
 #: glibc settings under which freed memory stays with the process (see :func:`steady_allocator`)
@@ -94,31 +145,19 @@ def allocator_note() -> str:
 
 
 def step_benchmark(name: str, device: str, **facts) -> tuple[dict, list[str]]:
-    """Start a step benchmark: ``(result dict, precisions to run)``. Sets up the CPU clock (one
-    torch thread) and records why bf16 is skipped where it is not native."""
+    """Start a step benchmark: ``(result dict, precisions to run)``; records why bf16 is skipped
+    where it is not native."""
     result: dict = {"benchmark": name, **facts, "device": device, "machine": machine()}
-    if use_cpu_time(device):
-        result["clock"] = cpu_clock_note()
     precisions = ["fp32"] + (["bf16"] if bf16_is_native(device) else [])
     if "bf16" not in precisions:
         result["bf16"] = {"skipped": "no native bf16 on this CPU (bf16 autocast would be ~20x slower)"}
     return result, precisions
 
 
-def use_cpu_time(device: str) -> bool:
-    """On the CPU, time with the process's own CPU time and one torch thread, so that other
-    work on this (shared, 2-core) machine does not count; on CUDA, wall time."""
-    if device == "cpu":
-        torch.set_num_threads(1)
-        return True
-    return False
-
-
 def interleaved_times(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 1,
-                      device: str = "cpu") -> dict[str, list[float]]:
-    """Seconds per call of each function in every round, run round-robin so drift hits all alike.
-    On the CPU the clock is the process's CPU time (see :func:`use_cpu_time`)."""
-    now = clock(device)
+                      device: str = "cpu", now: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds per call of each function in every round by clock ``now``, run round-robin so
+    drift hits all alike."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -198,6 +237,20 @@ def training_memory_mib(model: torch.nn.Module, forward: Callable[[], torch.Tens
     return {"saved_for_backward_mib": round(sum(saved.values()) / mib, 1),
             "grads_and_adamw_mib": round(3 * trainable / mib, 1),
             "total_mib": round((sum(saved.values()) + 3 * trainable) / mib, 1)}
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def finish(result: dict, headline: list[str]) -> None:
+    """End a benchmark: the headline figures on stderr, for a person; the result as one JSON
+    line on stdout (run_all.py reads the last line) and in ``benchmarks/results/NAME.json``."""
+    for line in headline:
+        print(line, file=sys.stderr)
+    RESULTS.mkdir(exist_ok=True)
+    name = result["benchmark"] + ("" if result.get("model", "minilm") == "minilm" else f"_{result['model']}")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result), flush=True)
 
 
 def run_probe(script: str, *args: str) -> dict:

@@ -11,7 +11,6 @@ the compilation took (wall clock; a warm inductor cache makes later runs much fa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -19,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fastest, interleaved_times, step_benchmark  # noqa: E402
+from common import each_clock, fastest, finish, interleaved_times, step_benchmark  # noqa: E402
 from lora_step import WORKLOADS, Workload, adapt, base_model, batch, make_step  # noqa: E402
 
 
@@ -31,9 +30,14 @@ def compare(device: str, precision: str, rounds: int, workload: Workload) -> dic
     start = time.perf_counter()
     compiled()  # the first call compiles forward and backward
     compile_s = time.perf_counter() - start
-    best = fastest(interleaved_times({"eager": eager, "compiled": compiled}, rounds=rounds, device=device))
-    return {"eager_s": round(best["eager"], 4), "compiled_s": round(best["compiled"], 4),
-            "compiled_vs_eager": round(best["compiled"] / best["eager"], 3), "first_call_wall_s": round(compile_s, 1)}
+
+    def measure(mode) -> dict:
+        best = fastest(interleaved_times({"eager": eager, "compiled": compiled}, rounds=rounds, device=device,
+                                         now=mode.now))
+        return {"eager_s": round(best["eager"], 4), "compiled_s": round(best["compiled"], 4),
+                "compiled_vs_eager": round(best["compiled"] / best["eager"], 3)}
+
+    return {**each_clock(device, measure), "first_call_wall_s": round(compile_s, 1)}
 
 
 def main() -> None:
@@ -45,7 +49,9 @@ def main() -> None:
     result, precisions = step_benchmark("compile_step", args.device, model=args.model)
     for precision in precisions:
         result[precision] = compare(args.device, precision, args.rounds, WORKLOADS[args.model])
-    print(json.dumps(result))
+    finish(result, [f"compile_step {p}: compiled / eager {result[p]['compiled_vs_eager']:.3f} [wall]"
+                    + (f", {result[p]['cpu_1thread']['compiled_vs_eager']:.3f} [1-thread CPU time]"
+                       if "cpu_1thread" in result[p] else "") for p in precisions])
 
 
 if __name__ == "__main__":

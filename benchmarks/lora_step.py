@@ -4,8 +4,9 @@ On the embedded MiniLM, batch 32 x 128 tokens (``--model smollm2``: SmolLM2-135M
 batch 8 x 512, the CUDA column), LoRA r=8 on q and v (``--method ia3``: IA3 on k, v and the
 feed-forward output), AdamW. Times fp32 and, where the hardware has it natively, bf16 autocast,
 against the frozen-model lower bound (forward + activation gradients, no adapter) in the same
-process, interleaved, each variant's fastest round (common.fastest says why), and counts the
-memory a training step holds. ``--rss`` also reads the peak memory of a step, each variant in its
+process, interleaved, each variant's fastest round (common.fastest says why): wall clock at
+torch's default thread count (the headline) and, on the CPU, one-thread CPU time beside it
+(common.clock_modes). Counts the memory a training step holds. ``--rss`` also reads the peak memory of a step, each variant in its
 own process (coarse on the CPU: it depends on what the allocator keeps). Prints one JSON line
 with the ratios. Adapter loading has its own benchmark (adapter_load.py).
 
@@ -25,8 +26,9 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (allocator_note, fastest, interleaved_times, medians, peak_rss_mib, reset_peak_rss,  # noqa: E402
-                    rss_mib, run_probe, steady_allocator, step_benchmark, training_memory_mib)
+from common import (ClockMode, allocator_note, each_clock, fastest, interleaved_times, medians,  # noqa: E402
+                    finish, peak_rss_mib, reset_peak_rss, rss_mib, run_probe, steady_allocator, step_benchmark,
+                    training_memory_mib)
 
 import transformers  # noqa: E402
 
@@ -151,7 +153,19 @@ def time_steps(device: str, precision: str, rounds: int, method: str, workload: 
                 return model.train()(**data).loss
         memory[v] = training_memory_mib(models[v], forward)
     steps = {v: make_step(models[v], data, device, precision) for v in VARIANTS}
-    times = interleaved_times(steps, rounds=rounds, device=device)
+
+    def measure(mode: ClockMode) -> dict:
+        return step_ratios(interleaved_times(steps, rounds=rounds, device=device, now=mode.now), method, rounds)
+
+    return {
+        **each_clock(device, measure),
+        "training_memory_mib": memory,
+        "training_memory_ratio_vs_peft": round(memory["deltatune"]["total_mib"] / memory["peft"]["total_mib"], 3),
+    }
+
+
+def step_ratios(times: dict[str, list[float]], method: str, rounds: int) -> dict:
+    """The step figures of one clock: each variant's fastest round and the ratios between them."""
     best, med = fastest(times), medians(times)
     return {
         **{f"{v}_s": round(best[v], 4) for v in ("deltatune", "peft", "frozen")},
@@ -162,8 +176,6 @@ def time_steps(device: str, precision: str, rounds: int, method: str, workload: 
                        "ratio_vs_frozen": round(best["deltatune-other"] / best["frozen"], 3)},
         "median_ratios_vs_frozen": {v: round(med[v] / med["frozen"], 3) for v in ("deltatune", "peft")},
         "rounds": rounds,
-        "training_memory_mib": memory,
-        "training_memory_ratio_vs_peft": round(memory["deltatune"]["total_mib"] / memory["peft"]["total_mib"], 3),
     }
 
 
@@ -219,7 +231,21 @@ def main() -> None:
             peft_peak = peaks["peft"][key]
             timing["memory_ratio_vs_peft"] = (round(peaks["deltatune"][key] / peft_peak, 3) if peft_peak > 0 else None)
         result[precision] = timing
-    print(json.dumps(result))
+    finish(result, headline(result, precisions))
+
+
+def headline(result: dict, precisions: list[str]) -> list[str]:
+    """The figures the issue tracks, one line per precision."""
+    lines = []
+    for precision in precisions:
+        r = result[precision]
+        cpu = r.get("cpu_1thread")
+        beside = (f"; 1-thread CPU time: {cpu['ratio_vs_frozen']:.3f} (peft {cpu['peft_ratio_vs_frozen']:.3f}), "
+                  f"vs peft {cpu['ratio_vs_peft']:.3f}" if cpu else "")
+        lines.append(f"{result['benchmark']} {precision}: deltatune / frozen bound {r['ratio_vs_frozen']:.3f} "
+                     f"(peft {r['peft_ratio_vs_frozen']:.3f}), deltatune / peft {r['ratio_vs_peft']:.3f} "
+                     f"[wall, {result['machine']['threads']} threads]{beside}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_clock_note, fastest, interleaved_times, machine, use_cpu_time  # noqa: E402
+from common import each_clock, fastest, finish, interleaved_times, machine  # noqa: E402
 from lora_step import WORKLOADS, Workload, base_model, batch  # noqa: E402
 
 import deltatune as dt  # noqa: E402
@@ -55,7 +54,6 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", choices=list(WORKLOADS), default="minilm", help="as for lora_step.py")
     args = parser.parse_args()
-    cpu_clock = use_cpu_time(args.device)
     workload = WORKLOADS[args.model]
     reference, ours, names, inputs = build(args.device, workload)
     merged = copy.deepcopy(ours)
@@ -72,17 +70,22 @@ def main() -> None:
             "deltatune_mixed": lambda: ours(**inputs, adapter_names=names),
             "peft_mixed": lambda: theirs(**inputs, adapter_names=names),
         }
-        with torch.no_grad():
-            best = fastest(interleaved_times(calls, rounds=args.rounds, warmup=2, device=args.device))
-    print(json.dumps({
-        "benchmark": "mixed_batch", "model": workload.name, "adapters": ADAPTERS, "batch": workload.batch,
-        "length": workload.length, "rank": RANK, "device": args.device, "machine": machine(),
-        **({"clock": cpu_clock_note()} if cpu_clock else {}), "seconds": {k: round(v, 4) for k, v in best.items()},
-        "deltatune_mixed_vs_merged": round(best["deltatune_mixed"] / best["merged"], 3),
-        "peft_mixed_vs_merged": round(best["peft_mixed"] / best["merged"], 3),
-        "deltatune_vs_peft": round(best["deltatune_mixed"] / best["peft_mixed"], 3),
-        "max_abs_diff_vs_peft": max_diff,
-    }))
+        def measure(mode) -> dict:
+            with torch.no_grad():
+                best = fastest(interleaved_times(calls, rounds=args.rounds, warmup=2, device=args.device, now=mode.now))
+            return {"seconds": {k: round(v, 4) for k, v in best.items()},
+                    "deltatune_mixed_vs_merged": round(best["deltatune_mixed"] / best["merged"], 3),
+                    "peft_mixed_vs_merged": round(best["peft_mixed"] / best["merged"], 3),
+                    "deltatune_vs_peft": round(best["deltatune_mixed"] / best["peft_mixed"], 3)}
+
+        figures = each_clock(args.device, measure)
+    result = {"benchmark": "mixed_batch", "model": workload.name, "adapters": ADAPTERS, "batch": workload.batch,
+              "length": workload.length, "rank": RANK, "device": args.device, "machine": machine(), **figures,
+              "max_abs_diff_vs_peft": max_diff}
+    cpu = figures.get("cpu_1thread")
+    finish(result, [f"mixed batch of {ADAPTERS} adapters / merged: {figures['deltatune_mixed_vs_merged']:.3f} (peft "
+                    f"{figures['peft_mixed_vs_merged']:.3f}) [wall, {result['machine']['threads']} threads]"
+                    + (f"; {cpu['deltatune_mixed_vs_merged']:.3f} [1-thread CPU time]" if cpu else "")])
 
 
 if __name__ == "__main__":

@@ -95,3 +95,21 @@ def test_mixed_batch_benchmark_builds_on_the_gpu_suites_model(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours(**inputs, adapter_names=names).logits,
                                    theirs(**inputs, adapter_names=names).logits)
+
+
+def test_epoch_benchmark_recipe_has_the_reference_runs_settings(tmp_path):
+    """benchmarks/epoch.py's recipe is valid and trains what its peft + Trainer side trains."""
+    import epoch
+
+    from deltatune.train.recipe import load as load_recipe
+
+    path = tmp_path / "epoch.yaml"
+    path.write_text(epoch.recipe_text(tmp_path / "sst2", 4000, tmp_path / "run", seed=2))
+    recipe = load_recipe(str(path))
+    assert recipe.method == {"type": "lora", "r": epoch.RANK, "alpha": epoch.ALPHA, "targets": ["q", "v"]}
+    spec = recipe.train
+    assert (spec.epochs, spec.batch_size, spec.lr, spec.schedule, spec.warmup, spec.precision, spec.seed) == (
+        1, epoch.BATCH, epoch.LR, "linear", 0.0, "fp32", 2)
+    # transformers.Trainer's defaults, which the reference keeps
+    assert (spec.weight_decay, spec.max_grad_norm, spec.grad_accum) == (0.0, 1.0, 1)
+    assert (recipe.data.max_train, recipe.data.max_length) == (4000, epoch.MAX_LENGTH)

@@ -183,16 +183,26 @@ def _analyze(args: argparse.Namespace) -> None:
 
 # --- entry point -----------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+def _named_command(argv: list[str] | None) -> str | None:
+    """The command ``argv`` names (its first word that is one), or None."""
+    names = {name for name, *_ in _COMMANDS}
+    return next((a for a in (sys.argv[1:] if argv is None else argv) if a in names), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for ``argv``: every command listed, but only the named command's arguments set
+    up (others' setups import what they need: serve's alone took seconds of every train's start)."""
     from deltatune.version import __version__
 
     parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning "
                                      "for Hugging Face transformers models.")
     parser.add_argument("--version", action="version", version=f"deltatune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = _named_command(argv)
     for name, help_text, setup, run in _COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        setup(p)
+        if chosen in (None, name):
+            setup(p)
         p.set_defaults(run=run)
     return parser
 
@@ -208,7 +218,7 @@ def _how_to_resume(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 a deltatune error, 130 interrupted)."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.run(args) or 0
     except DeltatuneError as exc:

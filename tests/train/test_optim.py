@@ -129,3 +129,24 @@ def test_adamw8bit_keeps_8_bit_state_and_trains():
     state = opt.state[model[0].weight]
     assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
     assert float(((model[0].weight - target) ** 2).mean()) < 0.7 * first
+
+
+@pytest.mark.parametrize("schedule, warmup", [("linear", 0.0), ("linear", 0.1), ("cosine", 0.06), ("cosine", 5),
+                                              ("constant", 0.0), ("constant", 0.25)])
+def test_schedules_equal_transformers_get_scheduler(schedule, warmup):
+    from transformers import get_scheduler  # the reference our own schedule replaces (start-up time)
+
+    spec = TrainSpec(lr=1e-3, warmup=warmup, schedule=schedule)
+    total = 37
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=spec.lr)
+    name = {"constant": "constant_with_warmup"}.get(schedule, schedule)
+    theirs = get_scheduler(name, opt, num_warmup_steps=warmup_steps(spec, total), num_training_steps=total)
+    q = torch.nn.Parameter(torch.zeros(1))
+    ours_opt = torch.optim.SGD([q], lr=spec.lr)
+    ours = build_schedule(ours_opt, spec, total)
+    for _ in range(total + 2):  # past the end too
+        assert ours_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+        for o, s in ((opt, theirs), (ours_opt, ours)):
+            o.step()
+            s.step()

@@ -114,3 +114,22 @@ def test_eval_of_a_missing_file_names_the_argument(recipe, tmp_path):
     with pytest.raises(ConfigError, match="--data argument") as caught:
         evaluate(tmp_path / "missing.tsv", model="minilm")
     assert "fix the path in the recipe" not in str(caught.value)
+
+
+def test_cli_sets_up_only_the_named_commands_arguments(capsys):
+    import subprocess
+    import sys
+
+    # a fresh interpreter: what `deltatune train ...` imports before it trains
+    code = ("import sys; from deltatune import cli; cli.build_parser(['train', 'r.yaml']).parse_args(['train', 'r.yaml']);"
+            "print(sorted(m for m in ('deltatune.serve.launch', 'transformers.trainer_utils') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    # every command is still listed, and a named command gets its own arguments
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    listed = capsys.readouterr().out
+    assert all(name in listed for name, *_ in cli._COMMANDS)
+    argv = ["serve", "--model", "minilm", "--port", "8123"]
+    args = cli.build_parser(argv).parse_args(argv)
+    assert (args.model, args.port) == ("minilm", 8123)

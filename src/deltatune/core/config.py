@@ -7,6 +7,7 @@ names HF PEFT uses (``target_modules``, ``lora_alpha`` ...), so adapter folders 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -145,11 +146,18 @@ def check_field_types(config: "MethodConfig") -> None:
     """Raise :class:`ConfigError` naming the first field whose value has the wrong type for its
     annotation (a string ``"false"`` for a flag, a list for a number ...): files are checked as
     strictly as code, whatever rules a method's ``validate`` has."""
-    hints = typing.get_type_hints(type(config))
+    hints = _field_hints(type(config))
     for f in fields(config):
         value = getattr(config, f.name)
         if f.name in hints and not _fits(value, hints[f.name]):
             raise ConfigError(f"{f.name} must be {_type_name(hints[f.name])}, got {shown(value)}")
+
+
+@functools.cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    # resolving string annotations costs more than the rest of a config's construction, and a
+    # class's annotations do not change: adapter loading builds several configs per load
+    return typing.get_type_hints(cls)
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",

@@ -159,7 +159,10 @@ class AdapterLayer(nn.Module):
             if isinstance(entry, nn.Parameter):
                 params.append(entry)
             elif isinstance(entry, nn.Module):
-                params.extend(entry.parameters())
+                # a leaf module's own dict: Module.parameters() costs ten times more, and this
+                # runs for every layer whenever the active adapters change
+                own = entry._parameters.values() if not entry._modules else entry.parameters()
+                params.extend(p for p in own if p is not None)
         return params
 
     # --- file state -----------------------------------------------------------------------
@@ -400,6 +403,19 @@ def wrapped(model: nn.Module, path: str, wrapper: type, method: str, make=None, 
     unwrapped_target(module, path, wrapper, method, exact=exact)
     if isinstance(module, AdapterLayer):  # it passed the check, so it is this method's wrapper
         return module
+    global _containers_wrapped
+    if next(module.children(), None) is not None:
+        _containers_wrapped += 1
     module = (make or wrapper)(module)
     model.set_submodule(path, module)
     return module
+
+
+_containers_wrapped = 0
+
+
+def containers_wrapped() -> int:
+    """How many wrappers so far went around a module with sub-modules, which hides those from
+    targeting (a head kept as a trainable copy, say): a saved walk of a model is stale once this
+    count changed (see targets.walk_once)."""
+    return _containers_wrapped

@@ -54,6 +54,8 @@ class AdaptedModel(HuggingFaceFacade, nn.Module):
         self.active_adapters: list[str] = []
         self._shared = SharedParameterValues(base_model)
         self._trainable: set[str] = set()
+        #: adapters whose layer parameters the last trainable refresh froze (see _refresh_trainable)
+        self._frozen_adapters: set[str] = set()
         self._layer_index: dict[str, AdapterLayer] = {}
         self._module_rank: dict[str, int] = {}
         self._reindex()
@@ -227,10 +229,15 @@ class AdaptedModel(HuggingFaceFacade, nn.Module):
         for n, adapter in self.model_adapters.items():
             for p in adapter.parameters():
                 p.requires_grad_(n in live)
+        # adapters frozen by the last refresh and not live now are left alone: with several
+        # adapters loaded, walking all their parameters on every add/use dominated loading
+        settled = self._frozen_adapters - live
         for _, layer in self.adapter_layers():
             for n in layer.adapter_names:
-                for p in layer.adapter_parameters(n):
-                    p.requires_grad_(n in live)
+                if n not in settled:
+                    for p in layer.adapter_parameters(n):
+                        p.requires_grad_(n in live)
+        self._frozen_adapters = set(self.configs) - live
         self._shared.set_trainable(live)
 
     def set_trainable(self, name: str, trainable: bool = True) -> None:
@@ -262,6 +269,7 @@ class AdaptedModel(HuggingFaceFacade, nn.Module):
         self.configs.pop(name, None)
         self._shared.remove(name)
         self._trainable.discard(name)
+        self._frozen_adapters.discard(name)
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator["AdaptedModel"]:
@@ -329,6 +337,7 @@ class AdaptedModel(HuggingFaceFacade, nn.Module):
         self._reindex()
         self.model_adapters = nn.ModuleDict()
         self.configs.clear()
+        self._frozen_adapters.clear()
         self._shared = SharedParameterValues(self.base_model)
         self.active_adapters = []
 

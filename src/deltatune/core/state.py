@@ -25,6 +25,7 @@ from deltatune.core.json_input import parse_object
 from deltatune.core.layer import weights_from_file
 from deltatune.core.publish import default_mode, publish_folder
 from deltatune.core.shared_params import canonical_name
+from deltatune.core.targets import walk_once
 from deltatune.errors import AdapterFileError, ConfigError, DeltatuneError
 
 if TYPE_CHECKING:
@@ -244,7 +245,7 @@ def load_adapter(model: "AdaptedModel", directory: str | os.PathLike, name: str,
     with _as_adapter_file_errors(directory):
         spec = registry.for_file(data)
         config = spec.config_cls.from_dict(data)
-        with weights_from_file():
+        with weights_from_file(), walk_once():
             model.add(config, name, trainable=trainable)
     try:
         copy_adapter_weights(model, name, tensors)

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
 from collections import Counter
 from typing import Iterable, Sequence
@@ -12,16 +14,40 @@ from torch import nn
 
 from deltatune.core.archspec import COMPONENTS, GROUPS, ArchSpec, head_names, spec_for
 from deltatune.core.config import LAYER_WORDS
-from deltatune.core.layer import AdapterLayer, linear_kinds
+from deltatune.core.layer import AdapterLayer, containers_wrapped, linear_kinds
 from deltatune.core.patterns import compile_pattern, fullmatch
 from deltatune.errors import TargetError
 
 LayerSelection = None | str | Sequence[int]
 
 
+_WALKS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("deltatune_visible_walks", default=None)
+
+
+@contextlib.contextmanager
+def walk_once():
+    """Within the block :func:`visible_modules` walks each model once and then reuses the walk.
+
+    For adding an adapter, which resolves targets, heads and saved names in several walks: it
+    only puts wrappers in place, and a wrapper stands for the module it wraps, so what the walk
+    sees does not change, unless the wrapped module has sub-modules (a head kept as a trainable
+    copy): those become hidden, and the next call walks again. Not for code that adds or removes
+    other modules meanwhile.
+    """
+    token = _WALKS.set({})
+    try:
+        yield
+    finally:
+        _WALKS.reset(token)
+
+
 def visible_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Named modules as the user's model has them: an adapter wrapper stands for the layer it
     wraps, and the adapter's own sub-modules are not candidates."""
+    walks = _WALKS.get()
+    saved = walks.get(id(model)) if walks is not None else None
+    if saved is not None and saved[0] is model and saved[2] == containers_wrapped():
+        return dict(saved[1])
     out: dict[str, nn.Module] = {}
 
     def walk(module: nn.Module, prefix: str) -> None:
@@ -36,6 +62,8 @@ def visible_modules(model: nn.Module) -> dict[str, nn.Module]:
                 walk(child, path + ".")
 
     walk(model, "")
+    if walks is not None:
+        walks[id(model)] = (model, dict(out), containers_wrapped())
     return out
 
 
@@ -53,9 +81,10 @@ def _block_sizes(model_paths: Iterable[str], spec) -> dict[str, int]:
     return sizes
 
 
-def _layer_filter(layers: LayerSelection, sizes: dict[str, int]):
+def _layer_filter(layers: LayerSelection, modules: dict[str, nn.Module], spec):
     if layers is None or layers == "all":
         return None
+    sizes = _block_sizes(modules, spec)  # only when a selection needs it: a walk over every path
     if isinstance(layers, str):
         if layers not in LAYER_WORDS:
             raise TargetError(f"unknown layer selection {layers!r}; use a list of indices or one of {LAYER_WORDS}")
@@ -121,9 +150,11 @@ def _fused_parameter_paths(modules: dict[str, nn.Module], spec: ArchSpec) -> dic
     """``"path.param" -> aliases`` for every 3-D weight inside a block that an alias names."""
     found: dict[str, frozenset[str]] = {}
     for path, module in modules.items():
-        for name, param in module.named_parameters(recurse=False):
+        for name, param in module._parameters.items():
+            if param is None or param.dim() != 3:  # the cheap test first: this runs on every add
+                continue
             split = spec.split(f"{path}.{name}")
-            components = spec.components_of(split[2]) if split and param.dim() == 3 else frozenset()
+            components = spec.components_of(split[2]) if split else frozenset()
             if components:
                 found[f"{path}.{name}"] = components
     return found
@@ -139,6 +170,8 @@ def resolve_parameters(model: nn.Module, targets: str | Sequence[str] | None, na
     fused = _fused_parameter_paths(modules, spec)
     aliases = set(GROUPS.get(targets, ())) if isinstance(targets, str) else set(targets or ())
     chosen = {p for p, components in fused.items() if components & aliases}
+    if not chosen and not names:
+        return []
     for name in names or ():
         hits = {p for p in _all_parameter_paths(modules) if _matches_name(p, name)}
         if not hits:
@@ -146,7 +179,7 @@ def resolve_parameters(model: nn.Module, targets: str | Sequence[str] | None, na
                               + (f"; its fused expert weights: {', '.join(_fused_expert_parameters(modules, spec))}"
                                  if fused else ""))
         chosen |= hits
-    keep = _layer_filter(layers, _block_sizes(modules, spec))
+    keep = _layer_filter(layers, modules, spec)
     if keep is not None:
         chosen = {p for p in chosen if (s := spec.split(p)) and keep(s[0], s[1])}
     return [p for p in _all_parameter_paths(modules) if p in chosen]
@@ -199,7 +232,7 @@ def resolve_targets(
             chosen = {p for p in chosen if not fullmatch("exclude", exclude, p)}
         else:
             chosen = {p for p in chosen if not any(_matches_name(p, e) for e in exclude)}
-    keep = _layer_filter(layers, _block_sizes(modules, spec))
+    keep = _layer_filter(layers, modules, spec)
     if keep is not None:
         chosen = {p for p in chosen if (s := spec.split(p)) and keep(s[0], s[1])}
         if not chosen and not parameters:

@@ -122,9 +122,25 @@ def warmup_steps(spec: TrainSpec, total_steps: int) -> int:
 
 def build_schedule(optimizer: torch.optim.Optimizer, spec: TrainSpec, total_steps: int):
     """transformers' warm-up schedules: the LR climbs linearly from 0 over the warm-up steps,
-    then decays linearly or along a half cosine to 0 at ``total_steps`` (or stays constant)."""
-    from transformers import get_scheduler
+    then decays linearly or along a half cosine to 0 at ``total_steps`` (or stays constant).
 
-    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[spec.schedule]
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps(spec, total_steps),
-                         num_training_steps=total_steps)
+    The same factors as ``transformers.get_scheduler`` (tests compare them step by step), written
+    here because importing that function loads transformers' Trainer utilities, and with them
+    peft and bitsandbytes: seconds of every run's start-up.
+    """
+    warmup = warmup_steps(spec, total_steps)
+    shape = spec.schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if shape == "constant":
+            return 1.0
+        if shape == "linear":
+            return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    if shape not in ("linear", "cosine", "constant"):
+        raise ConfigError(f"train.schedule must be linear, cosine or constant, got {shape!r}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -63,6 +63,19 @@ def resume_changes(saved_recipe: Path, recipe: Recipe) -> list[str]:
             if before[s, k] != now[s].get(k)]
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (torch.manual_seed covers every device), as
+    transformers.set_seed does. Not that function itself: importing it loads transformers' Trainer
+    utilities, which import peft and bitsandbytes, several seconds of every run's start-up."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def peak_memory_mb() -> float:
     """This process's peak resident memory so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -171,8 +184,7 @@ def _train(recipe: Recipe, dist, resume: bool, overwrite: bool, stream: TextIO, 
     with warnings.catch_warnings():
         if not dist.main:
             warnings.simplefilter("ignore")
-        from transformers import set_seed
-        set_seed(spec.seed)
+        seed_everything(spec.seed)
         method = resolve_method(recipe.method)
         task = tasks.get(recipe.task)(recipe.data, load_tokenizer(recipe.model))
         train_set, eval_set, notes = load_data(recipe, task)

@@ -33,6 +33,8 @@ def _check_variant_targets(model: nn.Module, paths: list[str], config: LoraConfi
         rules.append(("DoRA", "Linear, Conv1D and Embedding", (*linear_kinds(), nn.Embedding), "set dora=False"))
     if is_data_init(config.init):
         rules.append((f"init={config.init!r}", "Linear and Conv1D", linear_kinds(), "use init='kaiming'"))
+    if not rules:  # plain LoRA: nothing to check, and no module look-ups on every load
+        return
     for path in paths:
         module = model.get_submodule(path)
         base = module.base_layer if isinstance(module, LoraLayer) else module
