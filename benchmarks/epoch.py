@@ -87,7 +87,7 @@ def reference(data: Path, train: int, seed: int, result: Path) -> None:
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainingArguments, set_seed)
 
-    from deltatune.core.models import resolve_model  # where the embedded MiniLM's files are
+    from deltatune.core.loading import resolve_model  # where the embedded MiniLM's files are
 
     def rows(path: Path, limit: int | None = None) -> list[dict]:
         with open(path, newline="", encoding="utf-8") as fh:
