@@ -69,6 +69,18 @@ def linear_kinds() -> tuple[type, ...]:
     return (nn.Linear, Conv1D)
 
 
+def read_through(module: nn.Module, name: str, inner: str):
+    """``module``'s attribute ``name``, else that of its submodule ``inner``: a wrapper's
+    ``__getattr__``, since model code reads attributes of the modules it wraps (T5 checks
+    ``self.wo.weight.dtype``; users read ``model.config``)."""
+    try:
+        return nn.Module.__getattr__(module, name)
+    except AttributeError:
+        if name == inner:
+            raise
+        return getattr(nn.Module.__getattr__(module, inner), name)
+
+
 class AdapterLayer(nn.Module):
     """Base of every wrapper: adapter bookkeeping, file state, and the merge algebra."""
 

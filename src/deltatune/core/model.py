@@ -12,7 +12,7 @@ from deltatune.core import merging, registry
 from deltatune.core.archspec import classification_head_names, task_type_of
 from deltatune.core.config import MethodConfig
 from deltatune.core.hf_interop import HuggingFaceFacade, with_base_signature
-from deltatune.core.layer import AdapterLayer, ModelAdapter, ModulesToSave, wrapped
+from deltatune.core.layer import AdapterLayer, ModelAdapter, ModulesToSave, read_through, wrapped
 from deltatune.core.quantized import handler_for
 from deltatune.core.report import format_report
 from deltatune.core.routing import BASE_ADAPTER  # noqa: F401  (re-exported: the facade and serve import it from here)
@@ -115,12 +115,7 @@ class AdaptedModel(HuggingFaceFacade, nn.Module):
         return {"input_ids": args[0], **kwargs} if args else dict(kwargs)
 
     def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
+        return read_through(self, name, "base_model")
 
     # --- adapters -------------------------------------------------------------------------
     @property

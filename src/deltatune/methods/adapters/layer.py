@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from deltatune.core.layer import AdapterLayer
+from deltatune.core.layer import AdapterLayer, read_through
 from deltatune.core.routing import first_input
 from deltatune.errors import AdapterError
 from deltatune.methods.adapters.placement import PARALLEL, RESIDUAL, SEQUENTIAL
@@ -129,13 +129,7 @@ class BottleneckLayer(AdapterLayer):
         return (args[0], self._add_adapters(args[1], args[1], names, RESIDUAL), *args[2:]), kwargs
 
     def __getattr__(self, name: str):
-        # model code reads attributes of the modules it calls (T5 checks ``self.wo.weight.dtype``)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
+        return read_through(self, name, "base_layer")
 
     def merge(self, names=None) -> None:
         raise AdapterError(f"bottleneck adapters are nonlinear and cannot be merged into "
