@@ -11,8 +11,9 @@ from __future__ import annotations
 import deltatune.compose  # noqa: F401  (gives AdaptedModel its combine and hot_swap)
 from deltatune.api import attach, load
 from deltatune.core.config import MethodConfig
-from deltatune.core.model import BASE_ADAPTER, AdaptedModel
 from deltatune.core.loading import ModelSource, default_auto_class, load_model, load_tokenizer, resolve_model
+from deltatune.core.model import AdaptedModel
+from deltatune.core.routing import BASE_ADAPTER
 from deltatune.errors import (AdapterError, AdapterFileError, ConfigError, DeltatuneError, ModelNotFoundError,
                               TargetError)
 from deltatune.methods.adapters import AdapterConfig

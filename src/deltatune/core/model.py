@@ -15,8 +15,7 @@ from deltatune.core.hf_interop import HuggingFaceFacade, with_base_signature
 from deltatune.core.layer import AdapterLayer, ModelAdapter, ModulesToSave, read_through, wrapped
 from deltatune.core.quantized import handler_for
 from deltatune.core.report import format_report
-from deltatune.core.routing import BASE_ADAPTER  # noqa: F401  (re-exported: the facade and serve import it from here)
-from deltatune.core.routing import call_model_mixed, check_mixable
+from deltatune.core.routing import BASE_ADAPTER, call_model_mixed, check_mixable
 from deltatune.core.shared_params import SharedParameterValues
 from deltatune.core.targets import compact_targets, visible_modules
 from deltatune.errors import AdapterError, ConfigError, TargetError

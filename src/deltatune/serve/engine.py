@@ -15,7 +15,8 @@ from torch import nn
 
 from deltatune.compose import AdapterCache
 from deltatune.core.archspec import task_type_of
-from deltatune.core.model import BASE_ADAPTER, AdaptedModel
+from deltatune.core.model import AdaptedModel
+from deltatune.core.routing import BASE_ADAPTER
 from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.serve.errors import RequestError
 from deltatune.serve.settings import DEFAULTS

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from deltatune.core.model import BASE_ADAPTER
+from deltatune.core.routing import BASE_ADAPTER
 from deltatune.serve.batcher import Batcher
 from deltatune.serve.engine import Engine
 from deltatune.serve.errors import RequestError

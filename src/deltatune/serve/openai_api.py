@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 
-from deltatune.core.model import BASE_ADAPTER
+from deltatune.core.routing import BASE_ADAPTER
 from deltatune.errors import DeltatuneError
 from deltatune.serve.errors import RequestError
 from deltatune.serve.generation import GenerationService

@@ -19,7 +19,8 @@ from typing import Callable
 
 import torch
 
-from deltatune.core.model import BASE_ADAPTER, AdaptedModel
+from deltatune.core.model import AdaptedModel
+from deltatune.core.routing import BASE_ADAPTER
 from deltatune.core.routing import grouping_order
 from deltatune.errors import ConfigError
 from deltatune.serve.errors import RequestError

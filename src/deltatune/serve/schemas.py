@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from deltatune.core.model import BASE_ADAPTER
+from deltatune.core.routing import BASE_ADAPTER
 
 MAX_INPUTS = 64  # texts per classify request
 MAX_CHARS = 20_000  # characters per text or prompt; longer token sequences are truncated anyway
