@@ -76,6 +76,29 @@ def test_gradient_accumulation_equals_the_big_batch(recipe, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
+def test_pieces_of_similar_length_train_as_the_whole_batch(recipe, tmp_path, monkeypatch):
+    from deltatune.train import loop
+
+    whole = recipe(model="bert-nodrop", output_dir=str(tmp_path / "whole"),
+                   train={"batch_size": 16, "max_steps": 4, "split_by_length": False})
+    train(whole, quiet=True)
+    pieces_run: list[int] = []
+    cut = loop.length_pieces
+
+    def every_length_apart(batch, lengths):  # cut at every distinct length: the most pieces
+        pieces = cut(batch, lengths, piece_cost=0)
+        pieces_run.append(len(pieces))
+        return pieces
+
+    monkeypatch.setattr(loop, "length_pieces", every_length_apart)
+    split = recipe(model="bert-nodrop", output_dir=str(tmp_path / "split"), train={"batch_size": 16, "max_steps": 4})
+    train(split, quiet=True)
+    assert len(pieces_run) == 4 and min(pieces_run) > 2
+    a, b = _adapter(tmp_path / "whole"), _adapter(tmp_path / "split")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
 def test_early_stopping_and_best_weights_restore(recipe, sentiment_files):
     r = recipe(train={"epochs": 6, "lr": 0.3, "eval_every": 2, "patience": 2, "best_metric": "loss"})
     summary = train(r, quiet=True)

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from deltatune.errors import ConfigError
 from deltatune.train import tasks
-from deltatune.train.batching import epoch_batches, eval_batches, shard
+from deltatune.train.batching import epoch_batches, eval_batches, length_pieces, shard
 from deltatune.train.recipe import DataSpec
 
 
@@ -122,6 +122,32 @@ def test_length_grouped_batches_are_a_seeded_permutation():
     def padding(bs):
         return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)
     assert padding(batches) < padding(epoch_batches(lengths, 8, seed=3, epoch=0, group_by_length=False)) / 5
+
+
+def _cheapest_cut(lengths: list[int], piece_cost: int) -> int:
+    """Brute force: every way to cut the lengths (sorted, longest first) into consecutive pieces."""
+    s = sorted(lengths, reverse=True)
+    best = None
+    for mask in range(2 ** (len(s) - 1)):
+        cuts = [0] + [k + 1 for k in range(len(s) - 1) if mask >> k & 1] + [len(s)]
+        cost = sum((b - a) * s[a] + piece_cost for a, b in zip(cuts, cuts[1:]))
+        best = cost if best is None else min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("piece_cost", [0, 7, 40, 1000])
+def test_length_pieces_cut_where_padding_plus_passes_cost_least(piece_cost):
+    g = torch.Generator().manual_seed(piece_cost)
+    for _ in range(20):
+        n = int(torch.randint(1, 11, (1,), generator=g))
+        lengths = torch.randint(1, 60, (n + 5,), generator=g).tolist()
+        batch = torch.randperm(n + 5, generator=g)[:n].tolist()
+        pieces = length_pieces(batch, lengths, piece_cost)
+        assert sorted(i for p in pieces for i in p) == sorted(batch)  # a partition of the batch
+        cost = sum(len(p) * max(lengths[i] for i in p) + piece_cost for p in pieces)
+        assert cost == _cheapest_cut([lengths[i] for i in batch], piece_cost)
+    assert length_pieces([0, 1, 2], [9, 9, 9], piece_cost=0) == [[0, 1, 2]]  # equal lengths stay whole
+    assert len(length_pieces(list(range(32)), [60] + [8] * 31)) == 2  # one long example: cut it off
 
 
 def test_global_batches_split_evenly_between_processes():

@@ -1,11 +1,19 @@
-"""Which examples go into which batch: a seeded, length-grouped order that any process (and a
-resumed run) can rebuild exactly from ``(seed, epoch)``, split between distributed processes."""
+"""Which examples go into which batch: a seeded order that any process (and a resumed run) can
+rebuild exactly from ``(seed, epoch)``, split between distributed processes, and each batch cut
+into pieces of similar length that waste little compute on padding."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 MEGABATCH = 50  # batches per length-sorting window: padding drops, order stays random
+
+#: what one more forward and backward pass costs beyond its tokens, in padded tokens: measured
+#: for a LoRA step on MiniLM on a 2-core CPU (about 37 ms fixed plus 0.42 ms per token), a little
+#: above that where passes cost relatively more (GPUs), the lower figure matters little
+PIECE_COST_TOKENS = 96
 
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
@@ -35,6 +43,37 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
 def shard(batch: list[int], rank: int, world_size: int) -> list[int]:
     """This process's part of a global batch (strided, so parts of a length-sorted batch match)."""
     return batch[rank::world_size]
+
+
+def length_pieces(batch: list[int], lengths: list[int], piece_cost: int = PIECE_COST_TOKENS) -> list[list[int]]:
+    """``batch`` cut into pieces of similar length, longest first, at the cuts that minimise the
+    padded tokens computed plus ``piece_cost`` per piece.
+
+    Trained one after the other, each piece's mean loss weighted by its share of the batch (as
+    gradient accumulation weights micro-batches), the pieces give the update of the whole batch
+    padded to its longest example, while which examples share a step stays random. A batch of
+    equal lengths stays whole.
+    """
+    order = sorted(batch, key=lambda i: -lengths[i])
+    # one cut candidate per distinct length: runs of equal length never need cutting
+    runs: list[int] = []  # end (exclusive) of each run of equal length in ``order``
+    for k in range(1, len(order) + 1):
+        if k == len(order) or lengths[order[k]] != lengths[order[k - 1]]:
+            runs.append(k)
+    # best[j]: least cost of the first runs[j - 1] examples; a piece starting at example s is as
+    # long as its first (longest) example
+    starts = [0] + runs[:-1]
+    best, cut = [0.0] + [math.inf] * len(runs), [0] * (len(runs) + 1)
+    for j in range(1, len(runs) + 1):
+        for i in range(j):
+            cost = best[i] + (runs[j - 1] - starts[i]) * lengths[order[starts[i]]] + piece_cost
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    pieces, j = [], len(runs)
+    while j:
+        pieces.append(order[starts[cut[j]]:runs[j - 1]])
+        j = cut[j]
+    return pieces[::-1]
 
 
 def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:

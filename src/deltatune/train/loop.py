@@ -1,8 +1,9 @@
 """The training loop: plain PyTorch, readable in one sitting.
 
 Per optimizer step: take the next ``grad_accum`` global batches, give this process its share
-of each, weight every micro-batch's mean loss by how many items it averages over (so gradient
-accumulation and DDP give the same gradient as one big batch), backward, clip, step. Around
+of each (in one process: cut into pieces of similar length), weight every micro-batch's mean
+loss by how many items it averages over (so pieces, gradient accumulation and DDP give the same
+gradient as one big batch), backward, clip, step. Around
 that: evaluation, best-weights tracking, early stopping, checkpoints and logs.
 """
 
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from deltatune.train import checkpoint, fsdp
-from deltatune.train.batching import epoch_batches, shard
+from deltatune.train.batching import epoch_batches, length_pieces, shard
 from deltatune.train.callbacks import MetricsLog, Progress
 from deltatune.train.distributed import Dist
 from deltatune.train.interrupt import TrainingInterrupted
@@ -53,6 +54,7 @@ class Trainer:
                  log: MetricsLog | None = None, extra_logs: tuple = (), fingerprint: str = "") -> None:
         self.module, self.task, self.spec, self.dist = model, task, spec, dist
         self.train_set, self.eval_set, self.autocast = train_set, eval_set, autocast
+        self.lengths = train_set.lengths
         self.ckpt_dir = output_dir / "checkpoints"
         self.log = log or MetricsLog(output_dir / "metrics.jsonl", enabled=False)
         self.extra_logs, self.fingerprint = extra_logs, fingerprint
@@ -87,7 +89,7 @@ class Trainer:
                       "world_size": dist.world_size, "global_batch": self.global_batch, "fingerprint": fingerprint}
 
     def _batches(self, epoch: int) -> list[list[int]]:
-        return epoch_batches(self.train_set.lengths, self.global_batch, self.spec.seed, epoch,
+        return epoch_batches(self.lengths, self.global_batch, self.spec.seed, epoch,
                              self.spec.group_by_length, drop_below=self.dist.world_size)
 
     # --- the loop ---------------------------------------------------------------------------
@@ -132,8 +134,7 @@ class Trainer:
         """One optimizer step over ``group`` (global micro-batches); returns (mean loss, tokens)."""
         self.model.train()
         features = self.train_set.features
-        micro = [self.task.collate([features[i] for i in shard(b, self.dist.rank, self.dist.world_size)])
-                 for b in group]
+        micro = [self.task.collate([features[i] for i in piece]) for b in group for piece in self._pieces(b)]
         units = [self.task.loss_units(b) for b in micro]
         total_units = self.dist.sum(sum(units))
         loss_sum, tokens = 0.0, 0
@@ -158,6 +159,15 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return self.dist.sum(loss_sum) / total_units, tokens
+
+    def _pieces(self, batch: list[int]) -> list[list[int]]:
+        """This process's share of a global batch, as the micro-batches to run. Several processes
+        keep their share whole: each forward of DDP and FSDP is a collective call, so every
+        process must run as many as the others."""
+        mine = shard(batch, self.dist.rank, self.dist.world_size)
+        if self.spec.split_by_length and not self.dist.active:
+            return length_pieces(mine, self.lengths)
+        return [mine]
 
     def _penalty(self) -> torch.Tensor | None:
         hook = getattr(self.module, "training_penalty", None)
