@@ -282,6 +282,21 @@ def test_non_finite_weights_load_only_when_asked_for(valid_folder, tmp_path):
     assert any(torch.isnan(p).any() for p in model.parameters()), "the escape hatch must load the NaN as it is"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_the_finiteness_check_finds_one_bad_value_among_many_tensors(dtype, bad, tmp_path):
+    from deltatune.core.state import check_tensors
+
+    tensors = {f"t{i}": torch.randn(3, 5).to(dtype) for i in range(6)}
+    tensors.update({"empty": torch.zeros(0, dtype=dtype), "ids": torch.arange(4),
+                    "huge": torch.full((2,), torch.finfo(dtype).max, dtype=dtype)})
+    check_tensors(tensors, tmp_path)  # finite, however large: accepted
+    tensors["t4"][2, 1] = bad
+    with pytest.raises(dt.AdapterFileError, match="t4 holds 1 NaN or infinite"):
+        check_tensors(tensors, tmp_path)
+    check_tensors(tensors, tmp_path, allow_nonfinite=True)
+
+
 def test_a_failed_load_unwraps_a_layer_it_had_wrapped_already(valid_folder, tmp_path):
     """A rank_pattern that fails on the first path fails after that layer was wrapped."""
     folder = tmp_path / "adapter"

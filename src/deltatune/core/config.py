@@ -227,11 +227,12 @@ class MethodConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    def with_targets(self, targets: list[str]) -> "MethodConfig":
-        """A copy whose ``targets`` name exactly the given modules and nothing else: used for the
-        saved config, so every reader wraps the same modules whatever the original selection.
-        Methods without a module selection (:class:`TargetedConfig`) return themselves."""
-        return self
+    def exact_targets(self, targets: list[str]) -> dict[str, Any]:
+        """The field changes (for :meth:`replace`) after which the config names exactly the given
+        modules and nothing else: used for the saved config, so every reader wraps the same
+        modules whatever the original selection. None for methods without a module selection
+        (:class:`TargetedConfig` has one)."""
+        return {}
 
     # --- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -318,5 +319,5 @@ class TargetedConfig(MethodConfig):
         """Whether ``targets=[]`` is valid (LoRA's, when it adapts parameters only)."""
         return False
 
-    def with_targets(self, targets: list[str]) -> "TargetedConfig":
-        return self.replace(targets=targets, layers=None, exclude=None)
+    def exact_targets(self, targets: list[str]) -> dict[str, Any]:
+        return {"targets": targets, "layers": None, "exclude": None}

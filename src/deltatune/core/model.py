@@ -12,7 +12,7 @@ from deltatune.core import merging, registry
 from deltatune.core.archspec import classification_head_names, task_type_of
 from deltatune.core.config import MethodConfig
 from deltatune.core.hf_interop import HuggingFaceFacade, with_base_signature
-from deltatune.core.layer import AdapterLayer, ModelAdapter, ModulesToSave, read_through, wrapped
+from deltatune.core.layer import AdapterLayer, ModelAdapter, ModulesToSave, read_through, submodule, wrapped
 from deltatune.core.quantized import handler_for
 from deltatune.core.report import format_report
 from deltatune.core.routing import BASE_ADAPTER, call_model_mixed, check_mixable
@@ -143,9 +143,12 @@ class AdaptedModel(HuggingFaceFacade, nn.Module):
         # Methods return the paths they wrapped (Method.inject); a path that holds no
         # wrapper, or one the model did not have before, means the structure changed in ways
         # the index cannot follow, so walk the model instead.
-        found = {p: self.base_model.get_submodule(p) for p in paths}
+        # a wrapper already indexed at a path is the one the method reused (wrapped() keeps it)
+        found = {p: submodule(self.base_model, p) for p in paths if p not in self._layer_index}
         if not all(isinstance(m, AdapterLayer) and p in self._module_rank for p, m in found.items()):
             self._reindex()
+            return
+        if not found:
             return
         merged = {**self._layer_index, **found}
         self._layer_index = dict(sorted(merged.items(), key=lambda item: self._module_rank[item[0]]))
@@ -174,9 +177,8 @@ class AdaptedModel(HuggingFaceFacade, nn.Module):
         extras = spec.method.extra_trainable(self.base_model, config, paths)
         self._shared.add(name, [n for n in extras if not any(n.startswith(s + ".") for s in saved)])
         layer_paths = [p for p in paths if not getattr(self._layer_index.get(p), "adapts_parameters", False)]
-        if layer_paths:
-            config = config.with_targets(compact_targets(self.base_model, layer_paths))
-        self.configs[name] = config.replace(modules_to_save=saved)
+        changes = config.exact_targets(compact_targets(self.base_model, layer_paths)) if layer_paths else {}
+        self.configs[name] = config.replace(modules_to_save=saved, **changes)  # one copy: each is validated
         if trainable:
             self._trainable.add(name)
         self.use(self.active_adapters or name)

@@ -38,7 +38,7 @@ class BitFitConfig(TargetedConfig):
         super().validate()
         require(isinstance(self.layer_norms, bool), "layer_norms", self.layer_norms, "True or False")
 
-    def with_targets(self, targets: list[str]) -> "BitFitConfig":
+    def exact_targets(self, targets: list[str]) -> dict:
         # the exact list already holds the chosen LayerNorms; adding all of them again on load
         # would pick up ones outside the original layer selection
-        return self.replace(targets=targets, layers=None, exclude=None, layer_norms=False)
+        return {**super().exact_targets(targets), "layer_norms": False}

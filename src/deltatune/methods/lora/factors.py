@@ -37,13 +37,16 @@ class FactorLinear(nn.Linear):
 
     Built without ``nn.Linear.__init__``, which costs twice as much as the module itself and
     dominated adapter loading (two factors per adapted layer, filled from the file right after).
+    It is an ``nn.Linear`` in every other respect (``forward``, ``state_dict``, ``repr``).
     """
 
     def __init__(self, in_features: int, out_features: int, *, device: torch.device, dtype: torch.dtype) -> None:
         nn.Module.__init__(self)
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
-        self.register_parameter("bias", None)
+        # straight into the module's dicts: nn.Module.__setattr__'s type dispatch was a third of
+        # this constructor's cost, and the names and types here are fixed
+        self.__dict__["in_features"], self.__dict__["out_features"] = in_features, out_features
+        self._parameters["weight"] = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self._parameters["bias"] = None
 
     def reset_parameters(self) -> None:
         pass
