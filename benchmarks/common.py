@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -157,13 +158,17 @@ def step_benchmark(name: str, device: str, **facts) -> tuple[dict, list[str]]:
 def interleaved_times(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 1,
                       device: str = "cpu", now: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Seconds per call of each function in every round by clock ``now``, run round-robin so
-    drift hits all alike."""
+    drift hits all alike. Each round runs them in another (seeded) order, so that no function
+    always follows the same one: what the one before leaves behind (the allocator's free lists,
+    the caches) can favour whichever runs after the variant most like it."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    orders = random.Random(0)
     for _ in range(rounds):
-        for key, fn in fns.items():
+        for key in orders.sample(list(fns), len(fns)):
+            fn = fns[key]
             _sync(device)
             start = now()
             fn()
