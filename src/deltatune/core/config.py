@@ -230,8 +230,8 @@ class MethodConfig:
     def exact_targets(self, targets: list[str]) -> dict[str, Any]:
         """The field changes (for :meth:`replace`) after which the config names exactly the given
         modules and nothing else: used for the saved config, so every reader wraps the same
-        modules whatever the original selection. None for methods without a module selection
-        (:class:`TargetedConfig` has one)."""
+        modules whatever the original selection. No changes for methods without a module
+        selection (:class:`TargetedConfig` has one)."""
         return {}
 
     # --- serialisation -------------------------------------------------------------------

@@ -10,9 +10,9 @@ import torch
 
 MEGABATCH = 50  # batches per length-sorting window: padding drops, order stays random
 
-#: what one more forward and backward pass costs beyond its tokens, in padded tokens: measured
-#: for a LoRA step on MiniLM on a 2-core CPU (about 37 ms fixed plus 0.42 ms per token), a little
-#: above that where passes cost relatively more (GPUs), the lower figure matters little
+#: what one more forward and backward pass costs beyond its tokens, counted in tokens: a LoRA
+#: pass on MiniLM on a 2-core CPU cost 30-37 ms plus 0.38-0.42 ms per token, so 80-90 tokens;
+#: rounded up, since on a GPU the fixed part of a pass is worth more tokens (bigger models: fewer)
 PIECE_COST_TOKENS = 96
 
 
