@@ -205,7 +205,9 @@ def _train(recipe: Recipe, dist, resume: bool, overwrite: bool, stream: TextIO, 
         saved = json.loads((ckpt / "state.json").read_text()).get("fingerprint")
         if saved != print_:
             raise ConfigError(f"{ckpt} belongs to a run with a different recipe (model, data, method or training "
-                              f"settings changed); resume with the same recipe or use --overwrite")
+                              f"settings changed, or a deltatune version with other defaults, such as "
+                              f"train.group_by_length, made it); resume with the same recipe and version, "
+                              f"or use --overwrite")
         say(f"resuming from {ckpt}")
         changed = resume_changes(out / "recipe.yaml", recipe)
         if changed and dist.main:
