@@ -88,7 +88,8 @@ def test_walk_once_reuses_one_walk_and_ends_with_the_block():
 
 
 def test_walk_once_walks_again_when_a_wrapper_hides_sub_modules():
-    from deltatune.core.layer import ModulesToSave, wrapped
+    from deltatune.core.layer import ModulesToSave
+    from deltatune.core.wrapping import wrapped
 
     model = build_bert(layers=2)
     with walk_once():

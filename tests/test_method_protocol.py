@@ -15,7 +15,7 @@ from torch import nn
 import deltatune as dt
 from deltatune.core import registry
 from deltatune.core.config import MethodConfig, fraction
-from deltatune.core.layer import wrapped
+from deltatune.core.wrapping import wrapped
 from deltatune.core.targets import resolve_targets
 from deltatune.errors import ConfigError
 from deltatune.methods.bitfit.layer import BitFitLayer

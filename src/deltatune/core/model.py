@@ -12,12 +12,13 @@ from deltatune.core import merging, registry
 from deltatune.core.archspec import classification_head_names, task_type_of
 from deltatune.core.config import MethodConfig
 from deltatune.core.hf_interop import HuggingFaceFacade, with_base_signature
-from deltatune.core.layer import AdapterLayer, ModelAdapter, ModulesToSave, read_through, submodule, wrapped
+from deltatune.core.layer import AdapterLayer, ModelAdapter, ModulesToSave, read_through
 from deltatune.core.quantized import handler_for
 from deltatune.core.report import format_report
 from deltatune.core.routing import BASE_ADAPTER, call_model_mixed, check_mixable
 from deltatune.core.shared_params import SharedParameterValues
 from deltatune.core.targets import compact_targets, visible_modules
+from deltatune.core.wrapping import submodule, wrapped
 from deltatune.errors import AdapterError, ConfigError, TargetError
 
 #: operations a package above the core implements for every AdaptedModel (compose: combine,

@@ -14,8 +14,9 @@ from torch import nn
 
 from deltatune.core.archspec import COMPONENTS, GROUPS, ArchSpec, head_names, spec_for
 from deltatune.core.config import LAYER_WORDS
-from deltatune.core.layer import AdapterLayer, containers_wrapped, linear_kinds
+from deltatune.core.layer import AdapterLayer, linear_kinds
 from deltatune.core.patterns import compile_pattern, fullmatch
+from deltatune.core.wrapping import containers_wrapped
 from deltatune.errors import TargetError
 
 LayerSelection = None | str | Sequence[int]

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from deltatune.core.layer import adapter_dtype, unwrapped_target, wrapped
+from deltatune.core.layer import adapter_dtype
+from deltatune.core.wrapping import unwrapped_target, wrapped
 from deltatune.core.registry import Method
 from deltatune.methods.adapters.config import AdapterConfig, BottleneckConfig
 from deltatune.methods.adapters.layer import Bottleneck, BottleneckLayer, reference_weight

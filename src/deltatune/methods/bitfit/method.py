@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from deltatune.core.archspec import head_names
-from deltatune.core.layer import ModulesToSave, linear_kinds, wrapped
+from deltatune.core.layer import ModulesToSave, linear_kinds
+from deltatune.core.wrapping import wrapped
 from deltatune.core.registry import Method
 from deltatune.core.targets import resolve_targets, visible_modules
 from deltatune.errors import ConfigError

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deltatune.core.layer import linear_kinds, wrapped
+from deltatune.core.layer import linear_kinds
+from deltatune.core.wrapping import wrapped
 from deltatune.core.registry import Method
 from deltatune.core.targets import resolve_targets
 from deltatune.methods.diff_pruning.config import DiffPruningConfig

@@ -6,7 +6,8 @@ import copy
 
 from torch import nn
 
-from deltatune.core.layer import ModulesToSave, unwrapped_target, wrapped
+from deltatune.core.layer import ModulesToSave
+from deltatune.core.wrapping import unwrapped_target, wrapped
 from deltatune.core.registry import Method
 from deltatune.methods.freeze.config import FreezeConfig
 from deltatune.methods.freeze.select import train_paths

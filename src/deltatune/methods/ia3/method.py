@@ -6,7 +6,8 @@ from typing import Any
 
 from torch import nn
 
-from deltatune.core.layer import linear_kinds, wrapped
+from deltatune.core.layer import linear_kinds
+from deltatune.core.wrapping import wrapped
 from deltatune.core.registry import Method
 from deltatune.core.targets import compact_targets, resolve_targets
 from deltatune.errors import TargetError

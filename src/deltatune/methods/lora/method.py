@@ -6,7 +6,8 @@ from typing import Any
 
 from torch import nn
 
-from deltatune.core.layer import ModulesToSave, linear_layout, wrapped
+from deltatune.core.layer import ModulesToSave, linear_layout
+from deltatune.core.wrapping import wrapped
 from deltatune.core.patterns import fullmatch, tail_pattern
 from deltatune.core.registry import Method
 from deltatune.core.targets import resolve_parameters, resolve_targets
