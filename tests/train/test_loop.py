@@ -91,12 +91,36 @@ def test_pieces_of_similar_length_train_as_the_whole_batch(recipe, tmp_path, mon
         return pieces
 
     monkeypatch.setattr(loop, "length_pieces", every_length_apart)
-    split = recipe(model="bert-nodrop", output_dir=str(tmp_path / "split"), train={"batch_size": 16, "max_steps": 4})
+    split = recipe(model="bert-nodrop", output_dir=str(tmp_path / "split"),
+                   train={"batch_size": 16, "max_steps": 4, "padding_free": False})
     train(split, quiet=True)
     assert len(pieces_run) == 4 and min(pieces_run) > 2
     a, b = _adapter(tmp_path / "whole"), _adapter(tmp_path / "split")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_padding_free_training_gives_the_padded_batches_adapter(recipe, tmp_path):
+    padded = recipe(model="bert-nodrop", output_dir=str(tmp_path / "padded"),
+                    train={"batch_size": 16, "max_steps": 4, "padding_free": False, "split_by_length": False})
+    packed = recipe(model="bert-nodrop", output_dir=str(tmp_path / "packed"), train={"batch_size": 16, "max_steps": 4})
+    assert train(padded, quiet=True)["padding_free"] is False
+    summary = train(packed, quiet=True)
+    assert summary["padding_free"] is True
+    a, b = _adapter(tmp_path / "padded"), _adapter(tmp_path / "packed")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_a_model_packing_cannot_reproduce_trains_padded_with_a_warning(recipe, tmp_path, monkeypatch):
+    from deltatune.train import packing
+
+    monkeypatch.setattr(packing.Packer, "verify", lambda self, batch: "its attention mixes sequences (made up)")
+    r = recipe(model="bert-nodrop", output_dir=str(tmp_path / "refused"), train={"batch_size": 16, "max_steps": 2})
+    with pytest.warns(UserWarning, match="padding-free training is off for this model: its attention mixes"):
+        summary = train(r, quiet=True)
+    assert summary["padding_free"] is False and summary["steps"] == 2
 
 
 def test_early_stopping_and_best_weights_restore(recipe, sentiment_files):

@@ -45,9 +45,11 @@ def shard(batch: list[int], rank: int, world_size: int) -> list[int]:
     return batch[rank::world_size]
 
 
-def length_pieces(batch: list[int], lengths: list[int], piece_cost: int = PIECE_COST_TOKENS) -> list[list[int]]:
+def length_pieces(batch: list[int], lengths: list[int], piece_cost: float = PIECE_COST_TOKENS,
+                  power: int = 1) -> list[list[int]]:
     """``batch`` cut into pieces of similar length, longest first, at the cuts that minimise the
-    padded tokens computed plus ``piece_cost`` per piece.
+    padded tokens computed plus ``piece_cost`` per piece. With ``power`` 2 a piece costs its
+    examples times the square of its length instead (what attention computes).
 
     Trained one after the other, each piece's mean loss weighted by its share of the batch (as
     gradient accumulation weights micro-batches), the pieces give the update of the whole batch
@@ -66,7 +68,7 @@ def length_pieces(batch: list[int], lengths: list[int], piece_cost: int = PIECE_
     best, cut = [0.0] + [math.inf] * len(runs), [0] * (len(runs) + 1)
     for j in range(1, len(runs) + 1):
         for i in range(j):
-            cost = best[i] + (runs[j - 1] - starts[i]) * lengths[order[starts[i]]] + piece_cost
+            cost = best[i] + (runs[j - 1] - starts[i]) * lengths[order[starts[i]]] ** power + piece_cost
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     pieces, j = [], len(runs)

@@ -1,10 +1,10 @@
 """The training loop: plain PyTorch, readable in one sitting.
 
 Per optimizer step: take the next ``grad_accum`` global batches, give this process its share
-of each (in one process: cut into pieces of similar length), weight every micro-batch's mean
-loss by how many items it averages over (so pieces, gradient accumulation and DDP give the same
-gradient as one big batch), backward, clip, step. Around
-that: evaluation, best-weights tracking, early stopping, checkpoints and logs.
+of each (run padding-free where the model allows, else in one process cut into pieces of
+similar length), weight every micro-batch's mean loss by how many items it averages over (so
+pieces, gradient accumulation and DDP give the same gradient as one big batch), backward, clip,
+step. Around that: evaluation, best-weights tracking, early stopping, checkpoints and logs.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import contextlib
 import math
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,6 +26,7 @@ from deltatune.train.batching import epoch_batches, length_pieces, shard
 from deltatune.train.callbacks import MetricsLog, Progress
 from deltatune.train.distributed import Dist
 from deltatune.train.interrupt import TrainingInterrupted
+from deltatune.train.packing import Packer
 from deltatune.train.optim import build_optimizer, build_schedule
 from deltatune.train.recipe import TrainSpec
 from deltatune.train.tasks import Encoded, Task
@@ -73,6 +75,12 @@ class Trainer:
         if spec.compile:
             # only the training calls; evaluation and saving use self.module, uncompiled
             self.model = torch.compile(self.model)
+        # compiled graphs would see the packed shapes and hooks change every step; FSDP's own
+        # hooks gather each block's shards around the same calls
+        self.packer = Packer(model) if spec.padding_free and not spec.compile and not self.sharded else None
+        if self.packer is not None and not self.packer.usable:
+            self.packer = None  # encoder-decoders (two stacks) and models without blocks: nothing to pack
+        self.packer_checked = False
         self.global_batch = spec.batch_size * dist.world_size
         self.batches_per_epoch = len(self._batches(0))
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / spec.grad_accum)
@@ -134,6 +142,9 @@ class Trainer:
         """One optimizer step over ``group`` (global micro-batches); returns (mean loss, tokens)."""
         self.model.train()
         features = self.train_set.features
+        if self.packer is not None and not self.packer_checked:
+            self._check_packing(self.task.collate([features[i] for i in shard(group[0], self.dist.rank,
+                                                                              self.dist.world_size)]))
         micro = [self.task.collate([features[i] for i in piece]) for b in group for piece in self._pieces(b)]
         units = [self.task.loss_units(b) for b in micro]
         total_units = self.dist.sum(sum(units))
@@ -143,7 +154,8 @@ class Trainer:
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if last or not self.dist.active else fsdp.gradient_sync_paused(self.model)
-            with sync:
+            packed = self.packer.active(batch.get("attention_mask")) if self.packer else contextlib.nullcontext()
+            with sync, packed:  # backward too: gradient checkpointing runs the blocks again
                 with self.autocast():
                     out = self.model(**batch)
                 loss = out.loss.float()
@@ -165,9 +177,27 @@ class Trainer:
         keep their share whole: each forward of DDP and FSDP is a collective call, so every
         process must run as many as the others."""
         mine = shard(batch, self.dist.rank, self.dist.world_size)
-        if self.spec.split_by_length and not self.dist.active:
+        if self.spec.split_by_length and not self.dist.active and self.packer is None:
             return length_pieces(mine, self.lengths)
         return [mine]
+
+    def _check_packing(self, batch: dict[str, torch.Tensor]) -> None:
+        """Keep padding-free training only if ``batch`` gives the padded outputs that way too.
+        A batch without padding proves nothing: the check waits for one with."""
+        mask = batch.get("attention_mask")
+        if mask is None:
+            reason = "the task's batches carry no attention mask"
+        elif bool(mask.all()):
+            return
+        else:
+            reason = self.packer.verify({k: v.to(self.dist.device) for k, v in batch.items()})
+        self.packer_checked = True
+        if reason is not None:
+            self.packer = None
+            if self.dist.main:
+                warnings.warn(f"padding-free training is off for this model: {reason}; its batches run padded"
+                              f"{' in pieces of similar length' if self.spec.split_by_length else ''} instead "
+                              f"(set train.padding_free: false to skip this check)", stacklevel=2)
 
     def _penalty(self) -> torch.Tensor | None:
         hook = getattr(self.module, "training_penalty", None)

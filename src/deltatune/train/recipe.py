@@ -85,9 +85,14 @@ class TrainSpec:
     the run; whichever is reached first ends it. ``warmup`` below 1 is a fraction of the
     steps, from 1 up a number of steps. ``lora_plus_ratio`` (LoRA+) multiplies the LR of
     LoRA's B matrices (16 is the paper's usual value).
-    ``split_by_length`` (on by default, single process) runs each batch as pieces of similar
-    length, so that short examples are not padded to the longest one: the same update as the
-    whole batch, with far less padding computed (:func:`~deltatune.train.batching.length_pieces`).
+    ``padding_free`` (on by default) runs the transformer blocks on a batch's real tokens only,
+    each sequence attending to itself (:mod:`~deltatune.train.packing`): the update of the padded
+    batch without computing its padding. It is checked on the first batch against the padded
+    outputs; a model that differs, or a compiled or FSDP run, trains padded instead.
+    ``split_by_length`` (on by default, single process, used where padding-free is not) runs
+    each batch as pieces of similar length, so that short examples are not padded to the longest
+    one: the same update as the whole batch, with far less padding computed
+    (:func:`~deltatune.train.batching.length_pieces`).
     ``group_by_length`` instead puts examples of similar length into the same batch (less
     padding still, but batches are no longer random samples: on SST-2 it cost 0.7 points of dev
     accuracy, see docs/benchmarks.md).
@@ -118,6 +123,7 @@ class TrainSpec:
     checkpoint_every: int | None = None
     keep_checkpoints: int = 1
     group_by_length: bool = False
+    padding_free: bool = True
     split_by_length: bool = True
     tensorboard: bool = False
     device: str = "auto"

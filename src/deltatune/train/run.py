@@ -257,6 +257,7 @@ def _train(recipe: Recipe, dist, resume: bool, overwrite: bool, stream: TextIO, 
     if dist.device.type == "cuda":
         summary["cuda_peak_memory_mb"] = round(torch.cuda.max_memory_allocated(dist.device) / 2**20, 1)
     summary["distributed"] = ("fsdp" if trainer.sharded else "ddp") if dist.active else None
+    summary["padding_free"] = trainer.packer is not None and trainer.packer_checked
     summary["parameter_bytes_per_process"] = [int(t) for t in dist.gather_tensor(
         torch.tensor([fsdp.local_parameter_bytes(model)], dtype=torch.float64))]
     with fsdp.full_trainables(model):  # under FSDP: the whole adapter, gathered from every process
