@@ -21,7 +21,7 @@ def _adapter(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_training_writes_every_output(recipe):
-    r = recipe(train={"epochs": 2, "eval_every": 6, "log_every": 3, "restore_best": False})
+    r = recipe(train={"epochs": 2, "eval_every": 6, "log_every": 3, "restore_best": False, "eval_on_start": True})
     summary = train(r, quiet=True)
     out = Path(r["output_dir"])
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.jsonl",
@@ -190,7 +190,7 @@ def test_every_task_trains(model, task, data, recipe, tmp_path):
               "tags": {"text": "tokens", "label": "tags"}}.get(data, {"text": "text"})
     r = recipe(model=model, task=task, data={"train": str(path), "eval": None, "eval_fraction": 0.25,
                                              "block_size": 16, **fields},
-               train={"epochs": 3, "batch_size": 4, "lr": 1e-2, "eval_every": None})
+               train={"epochs": 3, "batch_size": 4, "lr": 1e-2, "eval_every": None, "eval_on_start": True})
     summary = train(r, quiet=True)
     evals = [e for e in read_records(Path(r["output_dir"]) / "metrics.jsonl") if e["kind"] == "eval"]
     assert evals[-1]["loss"] < evals[0]["loss"], evals

@@ -15,16 +15,34 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from typing import Iterator
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from deltatune.errors import ConfigError
 from deltatune.train.distributed import Dist
+
+
+class _NothingIsOne:
+    """A class no object is an instance of."""
+
+
+def _loaded(module: str, name: str) -> type:
+    """``module.name`` when ``module`` is imported, else a class nothing is an instance of. A
+    process that never imported FSDP or DTensor holds no sharded module and no DTensor, and
+    importing them costs about a second of every run's start-up, sharded or not."""
+    loaded = sys.modules.get(module)
+    return getattr(loaded, name, _NothingIsOne) if loaded is not None else _NothingIsOne
+
+
+def _fsdp_module() -> type:
+    return _loaded("torch.distributed.fsdp", "FSDPModule")
+
+
+def _dtensor() -> type:
+    return _loaded("torch.distributed.tensor", "DTensor")
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
@@ -87,6 +105,9 @@ def shard(model: nn.Module, dist: Dist, offload: bool = False) -> nn.Module:
     memory between uses; it matters on GPUs, where it trades transfer time for device memory.
     """
     _prepare_quantized(model)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
     mesh = init_device_mesh(dist.device.type, (dist.world_size,))
     policy = CPUOffloadPolicy(pin_memory=dist.device.type == "cuda") if offload else OffloadPolicy()
     units = shard_units(model)
@@ -109,7 +130,8 @@ def _depth(root: nn.Module, target: nn.Module) -> int:
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether ``model`` (or a module inside it) was sharded by :func:`shard`."""
-    return isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules())
+    sharded = _fsdp_module()
+    return isinstance(model, sharded) or any(isinstance(m, sharded) for m in model.modules())
 
 
 @contextlib.contextmanager
@@ -123,6 +145,9 @@ def full_trainables(model: nn.Module, write_back: bool = False) -> Iterator[None
     if not is_sharded(model):
         yield
         return
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     for module in model.modules():  # the root keeps its last-gathered weights after a forward
         if isinstance(module, FSDPModule):
             module.reshard()
@@ -155,7 +180,8 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     """``optimizer.state_dict()`` with every sharded tensor gathered whole: the same for any
     number of processes. A collective operation (every process calls it)."""
     state = optimizer.state_dict()  # its per-parameter dicts are the optimizer's own: not changed here
-    state["state"] = {index: {key: value.full_tensor() if isinstance(value, DTensor) else value
+    dtensor = _dtensor()
+    state["state"] = {index: {key: value.full_tensor() if isinstance(value, dtensor) else value
                               for key, value in per_param.items()}
                       for index, per_param in state["state"].items()}
     return state
@@ -166,8 +192,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     params = _params_in_order(optimizer)
     for index, per_param in state["state"].items():
         param = params[index]
-        if not isinstance(param, DTensor):
+        if not isinstance(param, _dtensor()):
             continue
+        from torch.distributed.tensor import distribute_tensor
         for key, value in per_param.items():
             if isinstance(value, torch.Tensor) and value.shape == param.shape:
                 per_param[key] = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
@@ -179,7 +206,7 @@ def gradient_sync_paused(model: nn.Module) -> Iterator[None]:
     """No gradient all-reduce / reduce-scatter inside the block (gradient accumulation's
     non-final micro-batches), for a DDP- or FSDP-wrapped model."""
     model = getattr(model, "_orig_mod", model)  # under torch.compile
-    if isinstance(model, FSDPModule):
+    if isinstance(model, _fsdp_module()):
         model.set_requires_gradient_sync(False)
         try:
             yield
@@ -192,8 +219,8 @@ def gradient_sync_paused(model: nn.Module) -> Iterator[None]:
 
 def local_parameter_bytes(model: nn.Module) -> int:
     """Bytes of parameter storage this process holds (its shards under FSDP), measured."""
-    total = 0
+    total, dtensor = 0, _dtensor()
     for param in model.parameters():
-        local = param.to_local() if isinstance(param, DTensor) else param
+        local = param.to_local() if isinstance(param, dtensor) else param
         total += local.numel() * local.element_size()
     return total

@@ -30,6 +30,7 @@ from torch import nn
 from deltatune.core.archspec import spec_for
 from deltatune.core.wrapping import submodule
 from deltatune.train.batching import length_pieces
+from deltatune.train.dropout import dropout as fast_dropout
 
 #: the name the packed attention is registered under in transformers' attention interfaces
 IMPLEMENTATION = "deltatune_packed"
@@ -140,10 +141,34 @@ class PackedBatch:
                        for t in flat)
             # right-padded inside the group: causal attention never reaches a padded key from a real query
             mask = None if causal else g.key_mask
-            out, _ = attend(module, q, k, v, mask, is_causal=causal, **kwargs)  # (count, width, heads, dim)
+            if kwargs.get("dropout") and q.device.type == "cpu":
+                out = _attention_with_dropout(q, k, v, mask, causal, kwargs["dropout"], kwargs.get("scaling"))
+            else:
+                out, _ = attend(module, q, k, v, mask, is_causal=causal, **kwargs)  # (count, width, heads, dim)
             out = out.reshape(g.count * g.width, *out.shape[2:])
             outs.append(out if g.real is None else out.index_select(0, g.real))
         return torch.cat(outs).index_select(0, self.inverse).unsqueeze(0), None
+
+
+def _attention_with_dropout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            key_mask: torch.Tensor | None, causal: bool, p: float,
+                            scaling: float | None) -> torch.Tensor:
+    """Softmax attention with dropout on the probabilities, written out: what SDPA computes on a
+    CPU when dropout is on, with the mask drawn by :func:`deltatune.train.dropout.dropout`.
+    Returns ``(count, width, heads, dim)``."""
+    if key.shape[1] != query.shape[1]:  # grouped-query attention: each key head serves several
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    width = query.shape[2]
+    if causal:
+        later = torch.ones(width, width, dtype=torch.bool, device=query.device).triu(1)
+        scores = scores.masked_fill(later, float("-inf"))
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(fast_dropout(probs, p), value).transpose(1, 2)
 
 
 def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

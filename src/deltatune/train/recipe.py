@@ -85,6 +85,8 @@ class TrainSpec:
     the run; whichever is reached first ends it. ``warmup`` below 1 is a fraction of the
     steps, from 1 up a number of steps. ``lora_plus_ratio`` (LoRA+) multiplies the LR of
     LoRA's B matrices (16 is the paper's usual value).
+    ``eval_on_start`` also evaluates the untrained start, step 0 of the curves (off by default,
+    as in transformers' ``TrainingArguments``: it costs one more pass over the eval data).
     ``padding_free`` (on by default) runs the transformer blocks on a batch's real tokens only,
     each sequence attending to itself (:mod:`~deltatune.train.packing`): the update of the padded
     batch without computing its padding. It is checked on the first batch against the padded
@@ -120,6 +122,7 @@ class TrainSpec:
     best_metric: str | None = None
     patience: int | None = None
     restore_best: bool = True
+    eval_on_start: bool = False
     checkpoint_every: int | None = None
     keep_checkpoints: int = 1
     group_by_length: bool = False

@@ -1,0 +1,98 @@
+"""The CPU dropout of train/dropout.py is dropout: each element kept with probability 1 - p and
+scaled by 1 / (1 - p), gradients through the same mask, masks fixed by torch's seed; packed
+attention's written-out softmax attention equals torch's SDPA."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from deltatune.train.dropout import dropout, fast_dropout, keep_mask
+from deltatune.train.packing import _attention_with_dropout
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_masks_keep_each_element_with_probability_one_minus_p(p):
+    torch.manual_seed(0)
+    n = 1_000_000
+    kept = keep_mask((1000, 1000), p).float()
+    sigma = math.sqrt(n * p * (1 - p))
+    assert abs(float(kept.sum()) - n * (1 - p)) < 5 * sigma
+    # neighbours are independent: the two halves of each 64-bit draw do not agree more than chance
+    pairs = kept.view(-1, 2)
+    both = float((pairs[:, 0] * pairs[:, 1]).sum())
+    assert abs(both - n / 2 * (1 - p) ** 2) < 5 * math.sqrt(n / 2 * (1 - p) ** 2 * (1 - (1 - p) ** 2))
+
+
+def test_dropout_zeroes_or_scales_and_its_gradient_uses_the_same_mask():
+    torch.manual_seed(1)
+    x = (torch.rand(300, 200) + 0.5).requires_grad_()
+    out = dropout(x, 0.2)
+    dropped = out == 0
+    assert 0.15 < float(dropped.float().mean()) < 0.25
+    torch.testing.assert_close(out[~dropped], x[~dropped] / 0.8)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, (~dropped).float() / 0.8)
+    assert dropout(x, 0.2, training=False) is x and dropout(x, 0.0) is x
+
+
+def test_masks_follow_torchs_seed():
+    x = torch.ones(64, 64)
+    torch.manual_seed(7)
+    first, second = dropout(x, 0.3), dropout(x, 0.3)
+    torch.manual_seed(7)
+    assert torch.equal(dropout(x, 0.3), first) and torch.equal(dropout(x, 0.3), second)
+    assert not torch.equal(first, second)
+    state = torch.get_rng_state()  # what a checkpoint saves and a resume restores
+    later = dropout(x, 0.3)
+    torch.set_rng_state(state)
+    assert torch.equal(dropout(x, 0.3), later)
+
+
+def test_fast_dropout_swaps_plain_dropout_modules_for_the_block_only():
+    class Custom(nn.Dropout):  # a subclass may do more than dropout: left alone
+        pass
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), Custom(0.5), nn.Dropout(0.0)).train()
+    x = torch.randn(4, 8)
+    with fast_dropout(model):
+        assert "forward" in vars(model[1]) and "forward" not in vars(model[2]) and "forward" not in vars(model[3])
+        torch.manual_seed(3)
+        hidden = model[0](x)
+        expected_mask = keep_mask(hidden.shape, 0.5)
+        torch.manual_seed(3)
+        torch.testing.assert_close(model[1](hidden), hidden * expected_mask / 0.5)
+    assert all("forward" not in vars(m) for m in model)
+    model.eval()
+    with fast_dropout(model):
+        torch.testing.assert_close(model[1](x), x)  # eval mode: no dropout, as nn.Dropout
+
+
+@pytest.mark.parametrize("causal, ragged, kv_heads", [(False, True, 4), (True, False, 4), (True, False, 2),
+                                                      (False, False, 2)])
+def test_written_out_attention_equals_sdpa(causal, ragged, kv_heads):
+    torch.manual_seed(0)
+    q = torch.randn(3, 4, 6, 8)
+    k, v = torch.randn(3, kv_heads, 6, 8), torch.randn(3, kv_heads, 6, 8)
+    lengths = torch.tensor([6, 4, 2]) if ragged else torch.tensor([6, 6, 6])
+    key_mask = (torch.arange(6)[None] < lengths[:, None])[:, None, None, :] if ragged else None
+    got = _attention_with_dropout(q, k, v, key_mask, causal, 0.0, 0.3)
+    repeat = 4 // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1), attn_mask=key_mask, is_causal=causal,
+        scale=0.3)
+    torch.testing.assert_close(got, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_written_out_attention_drops_probabilities_with_the_same_masks():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8)
+    torch.manual_seed(11)
+    got = _attention_with_dropout(q, k, v, None, False, 0.25, None)
+    torch.manual_seed(11)
+    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
+    expected = (probs * keep_mask(probs.shape, 0.25) / 0.75) @ v
+    torch.testing.assert_close(got, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
