@@ -121,7 +121,12 @@ def test_models_packing_cannot_reproduce_are_refused_with_the_reason(family, bat
 
 def test_encoder_decoders_and_prompt_tokens_are_refused():
     assert find_blocks(ZOO["t5"].build()) is None  # two stacks: cross-attention sees the encoder's padding
-    assert "no single stack" in Packer(ZOO["bart"].build()).verify(padded_batch("lm"))
+    assert "nothing to pack" in Packer(ZOO["bart"].build()).verify(padded_batch("lm"))
     prompted = dt.attach(ZOO["bert"].build(), dt.PromptTuningConfig(num_virtual_tokens=3))
-    got = Packer(prompted).verify(padded_batch("cls"))
-    assert got is not None and "hidden states of shape" in got, got
+    packer = Packer(prompted)
+    assert not packer.usable and packer.verify(padded_batch("cls")).startswith("nothing to pack")
+    packer.model = prompted.base_model  # were the prompt let through, the blocks would refuse it
+    prompted_batch = padded_batch("cls")
+    with pytest.raises(Exception, match="hidden states of shape"):
+        with packer.active(prompted_batch["attention_mask"]):
+            prompted(**prompted_batch)

@@ -260,7 +260,10 @@ class Packer:
 
     @property
     def usable(self) -> bool:
-        return self.blocks is not None and bool(self.configs)
+        """Whether there is anything to pack: one stack of blocks, a transformers config, and no
+        prompt adapter adding positions to every sequence (prompt, P- and prefix tuning)."""
+        prompts = getattr(self.model, "model_adapters", None)
+        return self.blocks is not None and bool(self.configs) and not prompts
 
     @contextlib.contextmanager
     def active(self, attention_mask: torch.Tensor | None) -> Iterator[PackedBatch | None]:
@@ -290,7 +293,8 @@ class Packer:
         what differs. Runs both in eval mode (no dropout), then restores the training mode."""
         mask = batch.get("attention_mask")
         if not self.usable:
-            return "no single stack of transformer blocks (or no transformers config) found"
+            return ("nothing to pack: no single stack of transformer blocks, no transformers config, or a prompt "
+                    "adapter that adds positions")
         if mask is None or bool(mask.all()):
             return "the batch has no padding to check with"
         training = self.model.training
