@@ -24,8 +24,8 @@ def demo_recipe(out: str) -> dict:
         "data": {"train": sample_path("train"), "eval": sample_path("dev"), "text": "sentence",
                  "label": "label", "max_length": 64},
         "method": {"type": "lora", "r": 8, "alpha": 16, "targets": ["q", "v"]},
-        "train": {"epochs": 2, "batch_size": 32, "lr": 2.0e-3, "warmup": 0.06, "eval_every": 40, "eval_on_start": True,
-                  "log_every": 10, "seed": 0, "checkpoint_every": 1000, "threads": 1},
+        "train": {"epochs": 2, "batch_size": 32, "lr": 2.0e-3, "warmup": 0.06, "eval_every": 40,
+                  "eval_on_start": True, "log_every": 10, "seed": 0, "checkpoint_every": 1000, "threads": 1},
         "output_dir": out,
     }
 

@@ -5,7 +5,9 @@ Inside a block everything but attention works token by token (projections, feed-
 dropout), so the blocks can run on one row of the batch's ``L`` real tokens, ``(1, L, hidden)``:
 a random batch of SST-2 sentences pads to about three times its real tokens. Attention runs per
 sequence: sequences of similar length are gathered into small padded groups, each group goes
-through transformers' own SDPA attention, and the outputs are put back in place. After the last
+through transformers' own SDPA attention (on a CPU with dropout on, through the same softmax
+attention written out, so that its dropout masks come from :mod:`deltatune.train.dropout`), and
+the outputs are put back in place. After the last
 block the tokens return to ``(B, T, hidden)``, zeros at the padding, so embeddings, pooling,
 heads and the loss see the shapes they always see. The gradient is the padded batch's.
 
