@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from deltatune.train.dropout import dropout, fast_dropout, keep_mask
+from deltatune.train.dropout import dropout, fast_dropout, keep_mask, plain_dropouts
 from deltatune.train.packing import _attention_with_dropout
 
 
@@ -58,7 +58,7 @@ def test_fast_dropout_swaps_plain_dropout_modules_for_the_block_only():
 
     model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), Custom(0.5), nn.Dropout(0.0)).train()
     x = torch.randn(4, 8)
-    with fast_dropout(model):
+    with fast_dropout(plain_dropouts(model)):
         assert "forward" in vars(model[1]) and "forward" not in vars(model[2]) and "forward" not in vars(model[3])
         torch.manual_seed(3)
         hidden = model[0](x)
@@ -67,7 +67,7 @@ def test_fast_dropout_swaps_plain_dropout_modules_for_the_block_only():
         torch.testing.assert_close(model[1](hidden), hidden * expected_mask / 0.5)
     assert all("forward" not in vars(m) for m in model)
     model.eval()
-    with fast_dropout(model):
+    with fast_dropout(plain_dropouts(model)):
         torch.testing.assert_close(model[1](x), x)  # eval mode: no dropout, as nn.Dropout
 
 

@@ -4,6 +4,7 @@ it cannot reproduce are refused with the reason instead of trained wrongly."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -37,7 +38,7 @@ def adapted(family: str):
 
 def loss_and_grads(model, batch: dict, packer: Packer | None = None):
     model.zero_grad(set_to_none=True)
-    context = packer.active(batch["attention_mask"]) if packer else torch.enable_grad()
+    context = packer.active(batch["attention_mask"]) if packer else contextlib.nullcontext()
     with context:
         out = model(**batch)
         out.loss.backward()

@@ -7,15 +7,15 @@ probability ``1 - p`` (to 2**-32) and scaled by ``1 / (1 - p)``; only the random
 Each mask's generator is seeded from torch's own generator, so ``torch.manual_seed`` fixes the
 masks and a checkpoint's saved torch RNG state resumes them.
 
-:func:`fast_dropout` swaps it in for the ``nn.Dropout`` modules of a model for the duration of
-a training step; packed attention (:mod:`deltatune.train.packing`) uses :func:`dropout` for the
+:func:`fast_dropout` swaps it in for a model's :func:`plain_dropouts` for the duration of a
+training step; packed attention (:mod:`deltatune.train.packing`) uses :func:`dropout` for the
 attention probabilities.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -58,11 +58,16 @@ def _forward(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
     return dropout(x, module.p, module.training)
 
 
+def plain_dropouts(model: nn.Module) -> list[nn.Dropout]:
+    """The ``nn.Dropout`` modules of ``model`` that drop something: plain ones only (a subclass
+    may do more than dropout), not in-place."""
+    return [m for m in model.modules() if type(m) is nn.Dropout and m.p > 0 and not m.inplace]
+
+
 @contextlib.contextmanager
-def fast_dropout(model: nn.Module) -> Iterator[None]:
-    """Within: the plain ``nn.Dropout`` modules of ``model`` (not subclasses, which may do more)
-    draw their masks with :func:`dropout`."""
-    swapped = [m for m in model.modules() if type(m) is nn.Dropout and m.p > 0 and not m.inplace]
+def fast_dropout(modules: Iterable[nn.Dropout]) -> Iterator[None]:
+    """Within: ``modules`` (see :func:`plain_dropouts`) draw their masks with :func:`dropout`."""
+    swapped = list(modules)
     for module in swapped:
         module.forward = _forward.__get__(module)
     try:

@@ -32,7 +32,7 @@ from torch import nn
 from deltatune.core.archspec import spec_for
 from deltatune.core.wrapping import submodule
 from deltatune.train.batching import length_pieces
-from deltatune.train.dropout import dropout as fast_dropout
+from deltatune.train.dropout import dropout
 
 #: the name the packed attention is registered under in transformers' attention interfaces
 IMPLEMENTATION = "deltatune_packed"
@@ -170,7 +170,7 @@ def _attention_with_dropout(query: torch.Tensor, key: torch.Tensor, value: torch
     if key_mask is not None:
         scores = scores.masked_fill(~key_mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(fast_dropout(probs, p), value).transpose(1, 2)
+    return torch.matmul(dropout(probs, p), value).transpose(1, 2)
 
 
 def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -327,9 +327,9 @@ def _difference(padded, packed, keep: torch.Tensor) -> str | None:
                    f"{None if b is None else tuple(b.shape)} packed)"
         if a.dim() >= 2 and tuple(a.shape[:2]) == tuple(keep.shape):
             a, b = a[keep], b[keep]  # per-token outputs: the padding's are not used
-        a, b = a.float(), b.float()
         # rounding alone (other kernels for other shapes) moves fp32 outputs by ~1e-7 of their size
-        tolerance = 2e-4 if getattr(padded, name).dtype == torch.float32 else 5e-2
+        tolerance = 2e-4 if a.dtype == torch.float32 else 5e-2
+        a, b = a.float(), b.float()
         scale = max(1.0, float(a.abs().max()) if a.numel() else 0.0)
         gap = float((a - b).abs().max()) if a.numel() else 0.0
         if not gap <= tolerance * scale:
