@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from deltatune.core import merging, registry
+from deltatune.core.attention_dropout import CpuDropout
 from deltatune.core.archspec import classification_head_names, task_type_of
 from deltatune.core.config import MethodConfig
 from deltatune.core.hf_interop import HuggingFaceFacade, with_base_signature
@@ -47,9 +48,15 @@ class AdaptedModel(HuggingFaceFacade, nn.Module):
     the base model (``model.config`` works).
     """
 
+    #: in training mode on a CPU, draw dropout masks with deltatune's fast generator
+    #: (:mod:`deltatune.core.attention_dropout`; the same distribution, another random stream).
+    #: False keeps torch's masks.
+    cpu_dropout: bool = True
+
     def __init__(self, base_model: nn.Module) -> None:
         super().__init__()
         self.base_model = base_model
+        self._dropout_sites: CpuDropout | None = None  # found on the first training call
         self.configs: dict[str, MethodConfig] = {}
         self.active_adapters: list[str] = []
         self._shared = SharedParameterValues(base_model)
@@ -70,6 +77,10 @@ class AdaptedModel(HuggingFaceFacade, nn.Module):
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """The base model's forward with the active adapters; ``adapter_names`` (one name per
         row, ``"__base__"`` for none) runs each row through its own adapter instead."""
+        with self._dropout_scope():
+            return self._forward(args, adapter_names, kwargs)
+
+    def _forward(self, args: tuple, adapter_names: Sequence[str] | None, kwargs: dict):
         if adapter_names is not None:
             return call_model_mixed(self, self.base_model, adapter_names, args, kwargs)
         live = self._live_model_adapters()
@@ -82,6 +93,20 @@ class AdaptedModel(HuggingFaceFacade, nn.Module):
         for adapter in live:
             outputs = adapter.transform_outputs(self.base_model, outputs, kwargs)
         return outputs
+
+    def _dropout_scope(self) -> contextlib.AbstractContextManager:
+        """Where the call trains on a CPU: every dropout mask from deltatune's generator (see
+        :attr:`cpu_dropout`). Not under ``torch.compile``, and not with gradient checkpointing,
+        whose second run of the blocks falls outside this call (the trainer covers that case)."""
+        if not (self.training and self.cpu_dropout) or torch.compiler.is_compiling():
+            return contextlib.nullcontext()
+        first = next(self.base_model.parameters(), None)
+        if first is None or first.device.type != "cpu":
+            return contextlib.nullcontext()
+        if self._dropout_sites is None:
+            self._dropout_sites = CpuDropout(self)
+        sites = self._dropout_sites
+        return contextlib.nullcontext() if sites.checkpointing() else sites.active()
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """The base model's ``generate``; ``adapter_names`` as in :meth:`forward`."""
@@ -139,6 +164,7 @@ class AdaptedModel(HuggingFaceFacade, nn.Module):
         modules = list(self.base_model.named_modules())
         self._module_rank = {path: i for i, (path, _) in enumerate(modules)}
         self._layer_index = {path: module for path, module in modules if isinstance(module, AdapterLayer)}
+        self._dropout_sites = None
 
     def _index_new_wrappers(self, paths: Sequence[str]) -> None:
         # Methods return the paths they wrapped (Method.inject); a path that holds no
@@ -175,6 +201,7 @@ class AdaptedModel(HuggingFaceFacade, nn.Module):
         model_adapter = spec.method.build_model_adapter(self.base_model, config, name)
         if model_adapter is not None:
             self.model_adapters[name] = model_adapter
+        self._dropout_sites = None  # the new modules may hold dropout
         extras = spec.method.extra_trainable(self.base_model, config, paths)
         self._shared.add(name, [n for n in extras if not any(n.startswith(s + ".") for s in saved)])
         layer_paths = [p for p in paths if not getattr(self._layer_index.get(p), "adapts_parameters", False)]
@@ -263,6 +290,7 @@ class AdaptedModel(HuggingFaceFacade, nn.Module):
                 del self._layer_index[path]
         if name in self.model_adapters:
             del self.model_adapters[name]
+        self._dropout_sites = None
         self.configs.pop(name, None)
         self._shared.remove(name)
         self._trainable.discard(name)

@@ -21,11 +21,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from deltatune.core.attention_dropout import CpuDropout
 from deltatune.train import checkpoint, fsdp
 from deltatune.train.batching import epoch_batches, length_pieces, shard
 from deltatune.train.callbacks import MetricsLog, Progress
 from deltatune.train.distributed import Dist
-from deltatune.train.dropout import fast_dropout, plain_dropouts
 from deltatune.train.interrupt import TrainingInterrupted
 from deltatune.train.packing import Packer
 from deltatune.train.optim import build_optimizer, build_schedule
@@ -82,9 +82,10 @@ class Trainer:
         if self.packer is not None and not self.packer.usable:
             self.packer = None  # encoder-decoders (two stacks) and models without blocks: nothing to pack
         self.packer_checked = False
-        # NumPy-drawn dropout masks on the CPU (train/dropout.py); a compiled graph keeps torch's.
-        # Found once: the swap runs around every micro-batch
-        self.dropouts = plain_dropouts(model) if dist.device.type == "cpu" and not spec.compile else []
+        # NumPy-drawn dropout masks on the CPU (core/attention_dropout.py), held across the
+        # backward too, where gradient checkpointing runs the blocks again; a compiled graph keeps
+        # torch's. Found once: the scope opens around every micro-batch
+        self.dropout_sites = CpuDropout(model) if dist.device.type == "cpu" and not spec.compile else None
         self.global_batch = spec.batch_size * dist.world_size
         self.batches_per_epoch = len(self._batches(0))
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / spec.grad_accum)
@@ -159,7 +160,7 @@ class Trainer:
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if last or not self.dist.active else fsdp.gradient_sync_paused(self.model)
             packed = self.packer.active(batch.get("attention_mask")) if self.packer else contextlib.nullcontext()
-            dropout = fast_dropout(self.dropouts)
+            dropout = self.dropout_sites.active() if self.dropout_sites else contextlib.nullcontext()
             with sync, packed, dropout:  # backward too: gradient checkpointing runs the blocks again
                 with self.autocast():
                     out = self.model(**batch)

@@ -6,10 +6,10 @@ dropout), so the blocks can run on one row of the batch's ``L`` real tokens, ``(
 a random batch of SST-2 sentences pads to about three times its real tokens. Attention runs per
 sequence: sequences of similar length are gathered into small padded groups, each group goes
 through transformers' own SDPA attention (on a CPU with dropout on, through the same softmax
-attention written out, so that its dropout masks come from :mod:`deltatune.train.dropout`), and
-the outputs are put back in place. After the last
-block the tokens return to ``(B, T, hidden)``, zeros at the padding, so embeddings, pooling,
-heads and the loss see the shapes they always see. The gradient is the padded batch's.
+attention written out, :func:`deltatune.core.attention_dropout.attention_with_dropout`, so that
+its dropout masks come from deltatune's generator), and the outputs are put back in place. After
+the last block the tokens return to ``(B, T, hidden)``, zeros at the padding, so embeddings,
+pooling, heads and the loss see the shapes they always see. The gradient is the padded batch's.
 
 The blocks receive the packed row through forward hooks, and attention goes through an
 implementation registered with transformers' ``AttentionInterface``, selected only while a packed
@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from deltatune.core.archspec import spec_for
+from deltatune.core.attention_dropout import attention_with_dropout
 from deltatune.core.wrapping import submodule
 from deltatune.train.batching import length_pieces
-from deltatune.train.dropout import dropout
 
 #: the name the packed attention is registered under in transformers' attention interfaces
 IMPLEMENTATION = "deltatune_packed"
@@ -144,33 +144,12 @@ class PackedBatch:
             # right-padded inside the group: causal attention never reaches a padded key from a real query
             mask = None if causal else g.key_mask
             if kwargs.get("dropout") and q.device.type == "cpu":
-                out = _attention_with_dropout(q, k, v, mask, causal, kwargs["dropout"], kwargs.get("scaling"))
+                out = attention_with_dropout(q, k, v, mask, causal, kwargs["dropout"], kwargs.get("scaling"))
             else:
                 out, _ = attend(module, q, k, v, mask, is_causal=causal, **kwargs)  # (count, width, heads, dim)
             out = out.reshape(g.count * g.width, *out.shape[2:])
             outs.append(out if g.real is None else out.index_select(0, g.real))
         return torch.cat(outs).index_select(0, self.inverse).unsqueeze(0), None
-
-
-def _attention_with_dropout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            key_mask: torch.Tensor | None, causal: bool, p: float,
-                            scaling: float | None) -> torch.Tensor:
-    """Softmax attention with dropout on the probabilities, written out: what SDPA computes on a
-    CPU when dropout is on, with the mask drawn by :func:`deltatune.train.dropout.dropout`.
-    Returns ``(count, width, heads, dim)``."""
-    if key.shape[1] != query.shape[1]:  # grouped-query attention: each key head serves several
-        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
-    width = query.shape[2]
-    if causal:
-        later = torch.ones(width, width, dtype=torch.bool, device=query.device).triu(1)
-        scores = scores.masked_fill(later, float("-inf"))
-    if key_mask is not None:
-        scores = scores.masked_fill(~key_mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(dropout(probs, p), value).transpose(1, 2)
 
 
 def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -1,6 +1,6 @@
-"""The CPU dropout of train/dropout.py is dropout: each element kept with probability 1 - p and
-scaled by 1 / (1 - p), gradients through the same mask, masks fixed by torch's seed; packed
-attention's written-out softmax attention equals torch's SDPA."""
+"""The CPU dropout of core/dropout.py is dropout: each element kept with probability 1 - p and
+scaled by 1 / (1 - p), gradients through the same mask, masks fixed by torch's seed; the
+written-out softmax attention of core/attention_dropout.py equals torch's SDPA."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from deltatune.train.dropout import dropout, fast_dropout, keep_mask, plain_dropouts
-from deltatune.train.packing import _attention_with_dropout
+from deltatune.core.attention_dropout import attention_with_dropout
+from deltatune.core.dropout import dropout, fast_dropout, keep_mask, plain_dropouts
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -79,7 +79,7 @@ def test_written_out_attention_equals_sdpa(causal, ragged, kv_heads):
     k, v = torch.randn(3, kv_heads, 6, 8), torch.randn(3, kv_heads, 6, 8)
     lengths = torch.tensor([6, 4, 2]) if ragged else torch.tensor([6, 6, 6])
     key_mask = (torch.arange(6)[None] < lengths[:, None])[:, None, None, :] if ragged else None
-    got = _attention_with_dropout(q, k, v, key_mask, causal, 0.0, 0.3)
+    got = attention_with_dropout(q, k, v, key_mask, causal, 0.0, 0.3)
     repeat = 4 // kv_heads
     expected = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1), attn_mask=key_mask, is_causal=causal,
@@ -91,8 +91,17 @@ def test_written_out_attention_drops_probabilities_with_the_same_masks():
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8)
     torch.manual_seed(11)
-    got = _attention_with_dropout(q, k, v, None, False, 0.25, None)
+    got = attention_with_dropout(q, k, v, None, False, 0.25, None)
     torch.manual_seed(11)
     probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
     expected = (probs * keep_mask(probs.shape, 0.25) / 0.75) @ v
     torch.testing.assert_close(got, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_keeps_a_byte_an_element_for_the_backward():
+    """torch's dropout keeps its boolean mask; so does this one (a float factor would hold four)."""
+    saved = []
+    x = torch.randn(64, 32, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        dropout(x, 0.3)
+    assert [(t.dtype, t.numel()) for t in saved] == [(torch.bool, x.numel())]
