@@ -5,12 +5,14 @@ autograd keeps for the backward: on a BERT feed-forward output layer that is the
 intermediate) and after it (another ``[N, out]`` node). Here the input scale is folded into
 the weight (``W diag(l_in)``, a weight-sized product instead of an activation-sized one), the
 saved tensors are only ``x`` (when ``l_in`` trains) and the output (when ``l_out`` does), and
-the backward builds the input gradient with one matmul and in-place scaling. The output scale
+the backward builds the input gradient with one matmul (the input scale folded into the weight
+again, its own gradient divided back out of that product). The output scale
 is folded into the weight and bias too (``diag(l_out) W``), so an output-scaled layer costs one
 matmul forward and one backward, as the frozen layer does; its gradient
 ``sum_n g * (x W^T + b)`` is then read off the saved output as ``sum_n g * y / l_out``. A scale
-with an exact zero (which that division cannot undo) keeps the pre-scale output instead, and so
-does every call where looking for that zero is not free (see :func:`_folds_out_scale`).
+with an exact zero (which those divisions cannot undo) takes the unfolded way (the pre-scale
+output is kept, the input gradient scaled after its matmul), and so does every call where
+looking for that zero is not free (see :func:`_divisible`).
 The frozen W gets no gradient (callers use this path only when W is frozen). Under autocast
 the operands are cast once to the autocast dtype; the vectors get gradients in their own dtype.
 """
@@ -22,13 +24,14 @@ import torch
 from deltatune.core.layer import compute_dtype
 
 
-def _folds_out_scale(out_scale: torch.Tensor | None, x: torch.Tensor) -> bool:
-    """Whether the output scale is folded into the weight: only when it has no exact zero, and only
-    where checking that is free. On CUDA reading the answer back waits for the device once per
-    layer, and under ``torch.compile`` it splits the graph at every IA3 layer; there the output
-    is scaled after the matmul instead (one elementwise product more)."""
-    return (out_scale is not None and x.device.type == "cpu" and not torch.compiler.is_compiling()
-            and bool((out_scale != 0).all()))
+def _divisible(scale: torch.Tensor | None, x: torch.Tensor) -> bool:
+    """Whether a scale's gradient may be read off a product that already holds the scale, by
+    dividing it out: only when it has no exact zero, and only where checking that is free. On
+    CUDA reading the answer back waits for the device once per layer, and under
+    ``torch.compile`` it splits the graph at every IA3 layer; there the scale is applied to the
+    activations instead (one elementwise product more)."""
+    return (scale is not None and x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and bool((scale != 0).all()))
 
 
 class IA3LinearFunction(torch.autograd.Function):
@@ -38,7 +41,7 @@ class IA3LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, in_scale, out_scale, transposed: bool):
         dtype = compute_dtype(x)
-        fold_out = _folds_out_scale(out_scale, x)
+        fold_out = _divisible(out_scale, x)
         with torch.autocast(x.device.type, enabled=False):
             w = (weight.t() if transposed else weight).to(dtype)  # [out, in]
             w_in = w * in_scale.to(dtype) if in_scale is not None else w
@@ -54,6 +57,9 @@ class IA3LinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x2 if keep_x else None, (out if fold_out else pre) if keep_out else None,
                               w, in_scale, out_scale)
         ctx.fold_out = fold_out
+        # the input gradient through the weight with l_in folded in, and l_in's gradient divided back
+        # out of it, saves a pass over the [N, in] input gradient
+        ctx.fold_in = keep_x and ctx.needs_input_grad[0] and _divisible(in_scale, x)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -77,10 +83,16 @@ class IA3LinearFunction(torch.autograd.Function):
             grad_x = grad_in_scale = None
             if ctx.needs_input_grad[0] or x2 is not None:
                 w_out = w * l_out.unsqueeze(1) if l_out is not None else w
-                g_xs = g @ w_out  # dL/d(x * l_in), [N, in]
-                if x2 is not None:
-                    grad_in_scale = (g_xs * x2).sum(0).to(in_scale.dtype)
+                if ctx.fold_in:
+                    l_in = in_scale.to(w.dtype)
+                    grad_x = g @ (w_out * l_in)  # [N, in]
+                    grad_in_scale = ((grad_x * x2).sum(0) / l_in).to(in_scale.dtype)
+                else:
+                    g_xs = g @ w_out  # dL/d(x * l_in), [N, in]
+                    if x2 is not None:
+                        grad_in_scale = (g_xs * x2).sum(0).to(in_scale.dtype)
+                    if ctx.needs_input_grad[0]:
+                        grad_x = g_xs.mul_(in_scale.to(g_xs.dtype)) if in_scale is not None else g_xs
                 if ctx.needs_input_grad[0]:
-                    grad_x = g_xs.mul_(in_scale.to(g_xs.dtype)) if in_scale is not None else g_xs
                     grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         return grad_x, None, grad_bias, grad_in_scale, grad_out_scale, None
