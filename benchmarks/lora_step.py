@@ -4,11 +4,14 @@ On the embedded MiniLM, batch 32 x 128 tokens (``--model smollm2``: SmolLM2-135M
 batch 8 x 512, the CUDA column), LoRA r=8 on q and v (``--method ia3``: IA3 on k, v and the
 feed-forward output), AdamW. Times fp32 and, where the hardware has it natively, bf16 autocast,
 against the frozen-model lower bound (forward + activation gradients, no adapter) in the same
-process, interleaved, each variant's fastest round (common.fastest says why): wall clock at
-torch's default thread count (the headline) and, on the CPU, one-thread CPU time beside it
-(common.clock_modes). Counts the memory a training step holds. ``--rss`` also reads the peak memory of a step, each variant in its
-own process (coarse on the CPU: it depends on what the allocator keeps). Prints one JSON line
-with the ratios. Adapter loading has its own benchmark (adapter_load.py).
+process, and on the CPU also against the frozen model with deltatune's CPU dropout masks, which
+deltatune's models draw in training mode (the bound that leaves the adapter's own cost);
+interleaved, each variant's fastest round (common.fastest says why): wall clock at torch's
+default thread count (the headline) and, on the CPU, one-thread CPU time beside it
+(common.clock_modes). Counts the memory a training step holds. ``--rss`` also reads the peak
+memory of a step, each variant in its own process (coarse on the CPU: it depends on what the
+allocator keeps). Prints one JSON line with the ratios. Adapter loading has its own benchmark
+(adapter_load.py).
 
     python benchmarks/lora_step.py [--method lora|ia3] [--model minilm|smollm2] [--rounds 5] [--rss]
                                    [--device cpu|cuda] [--default-allocator]
@@ -17,6 +20,7 @@ with the ratios. Adapter loading has its own benchmark (adapter_load.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -33,10 +37,14 @@ from common import (ClockMode, allocator_note, each_clock, fastest, interleaved_
 import transformers  # noqa: E402
 
 import deltatune as dt  # noqa: E402
+from deltatune.core.attention_dropout import CpuDropout  # noqa: E402
 from deltatune.core.precision import autocast  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 VARIANTS = ("deltatune", "deltatune-other", "peft", "frozen")
+#: the frozen model with deltatune's CPU dropout masks (core/attention_dropout.py), which deltatune's
+#: own variants draw in training mode: the bound that leaves only what the adapter itself costs
+SAME_DROPOUT = "frozen-same-dropout"
 RANK, ALPHA = 8, 16
 
 
@@ -113,7 +121,7 @@ def adapt(base: torch.nn.Module, variant: str, method: str = "lora", workload: W
             return peft.get_peft_model(base, peft.IA3Config(task_type=workload.task_type, **workload.peft_ia3))
         return peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, task_type=workload.task_type,
                                                          target_modules=list(workload.peft_lora_targets)))
-    for p in base.parameters():
+    for p in base.parameters():  # the frozen bound, with torch's dropout or deltatune's (SAME_DROPOUT)
         p.requires_grad_(False)
     # gradients must still flow through every block, as they do for LoRA on the first layer
     base.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_())
@@ -128,13 +136,16 @@ def batch(device: str, workload: Workload = MINILM) -> dict[str, torch.Tensor]:
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
 
 
-def make_step(model: torch.nn.Module, data: dict, device: str, precision: str):
+def make_step(model: torch.nn.Module, data: dict, device: str, precision: str, same_dropout: bool = False):
+    """One training step of ``model``; ``same_dropout``: its forward draws dropout masks as
+    deltatune's models do on a CPU."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     model.train()
+    sites = CpuDropout(model) if same_dropout else None
 
     def step() -> None:
-        with autocast(precision, torch.device(device))():
+        with autocast(precision, torch.device(device))(), sites.active() if sites else contextlib.nullcontext():
             loss = model(**data).loss
         loss.backward()
         if opt is not None:
@@ -145,14 +156,16 @@ def make_step(model: torch.nn.Module, data: dict, device: str, precision: str):
 
 def time_steps(device: str, precision: str, rounds: int, method: str, workload: Workload = MINILM) -> dict:
     data = batch(device, workload)
-    models = {v: adapt(base_model(device, workload), v, method, workload) for v in VARIANTS}
+    # deltatune's dropout masks are a CPU matter: on CUDA the same-dropout bound is the frozen one
+    variants = (*VARIANTS, SAME_DROPOUT) if device == "cpu" else VARIANTS
+    models = {v: adapt(base_model(device, workload), v, method, workload) for v in variants}
     memory = {}
     for v in ("deltatune", "peft", "frozen"):
         def forward(model=models[v]):
             with autocast(precision, torch.device(device))():
                 return model.train()(**data).loss
         memory[v] = training_memory_mib(models[v], forward)
-    steps = {v: make_step(models[v], data, device, precision) for v in VARIANTS}
+    steps = {v: make_step(models[v], data, device, precision, same_dropout=v == SAME_DROPOUT) for v in variants}
 
     def measure(mode: ClockMode) -> dict:
         return step_ratios(interleaved_times(steps, rounds=rounds, device=device, now=mode.now), method, rounds)
@@ -175,6 +188,10 @@ def step_ratios(times: dict[str, list[float]], method: str, rounds: int) -> dict
         "other_path": {"path": other_path(method), "s": round(best["deltatune-other"], 4),
                        "ratio_vs_frozen": round(best["deltatune-other"] / best["frozen"], 3)},
         "median_ratios_vs_frozen": {v: round(med[v] / med["frozen"], 3) for v in ("deltatune", "peft")},
+        **({"frozen_same_dropout_s": round(best[SAME_DROPOUT], 4),
+            "ratio_vs_frozen_same_dropout": round(best["deltatune"] / best[SAME_DROPOUT], 3),
+            "other_path_ratio_vs_frozen_same_dropout": round(best["deltatune-other"] / best[SAME_DROPOUT], 3)}
+           if SAME_DROPOUT in best else {}),
         "rounds": rounds,
     }
 
@@ -240,10 +257,14 @@ def headline(result: dict, precisions: list[str]) -> list[str]:
     for precision in precisions:
         r = result[precision]
         cpu = r.get("cpu_1thread")
-        beside = (f"; 1-thread CPU time: {cpu['ratio_vs_frozen']:.3f} (peft {cpu['peft_ratio_vs_frozen']:.3f}), "
-                  f"vs peft {cpu['ratio_vs_peft']:.3f}" if cpu else "")
+
+        def same(figures: dict) -> str:
+            own = figures.get("ratio_vs_frozen_same_dropout")
+            return f", with the same dropout {own:.3f}" if own is not None else ""
+        beside = (f"; 1-thread CPU time: {cpu['ratio_vs_frozen']:.3f} (peft {cpu['peft_ratio_vs_frozen']:.3f})"
+                  f"{same(cpu)}, vs peft {cpu['ratio_vs_peft']:.3f}" if cpu else "")
         lines.append(f"{result['benchmark']} {precision}: deltatune / frozen bound {r['ratio_vs_frozen']:.3f} "
-                     f"(peft {r['peft_ratio_vs_frozen']:.3f}), deltatune / peft {r['ratio_vs_peft']:.3f} "
+                     f"(peft {r['peft_ratio_vs_frozen']:.3f}){same(r)}, deltatune / peft {r['ratio_vs_peft']:.3f} "
                      f"[wall, {result['machine']['threads']} threads]{beside}")
     return lines
 

@@ -27,8 +27,8 @@ HERE = Path(__file__).resolve().parent
 #: device -> benchmark name -> the command line after `python`
 SUITES = {
     "cpu": {
-        "lora_step": ["lora_step.py", "--method", "lora", "--rounds", "4"],
-        "ia3_step": ["lora_step.py", "--method", "ia3", "--rounds", "4"],
+        "lora_step": ["lora_step.py", "--method", "lora", "--rounds", "8"],
+        "ia3_step": ["lora_step.py", "--method", "ia3", "--rounds", "8"],
         "adapter_load": ["adapter_load.py", "--repeats", "10"],
         "compile_step": ["compile_step.py", "--rounds", "3"],
         "mixed_batch": ["mixed_batch.py", "--rounds", "5"],
@@ -91,19 +91,28 @@ def _step_rows(label: str, result: dict) -> list[str]:
             continue
         cpu = r.get("cpu_1thread") or {}
         peft_cpu = f" (peft {cpu['peft_ratio_vs_frozen']:.3f})" if cpu else ""
-        rows += [
-            f"| {label} step, {precision}: deltatune / frozen bound | {r['ratio_vs_frozen']:.3f} (peft "
-            f"{r['peft_ratio_vs_frozen']:.3f}) | {_cpu(r, 'ratio_vs_frozen')}{peft_cpu} | <= 1.05 wall, <= 1.03 CPU | "
-            f"{_check(r['ratio_vs_frozen'], 1.05)}"
-            + (f", CPU {_check(cpu['ratio_vs_frozen'], 1.03)}" if cpu else "") + " |",
-            f"| {label} step, {precision}: deltatune / peft | {r['ratio_vs_peft']:.3f} | {_cpu(r, 'ratio_vs_peft')} | "
-            f"<= 0.95 | {_check(r['ratio_vs_peft'], 0.95)} |",
-        ]
+        # the adapter's own cost: against the frozen model with the same dropout where that differs
+        own = "ratio_vs_frozen_same_dropout" if "ratio_vs_frozen_same_dropout" in r else "ratio_vs_frozen"
+        target = "<= 1.05 wall, <= 1.03 CPU"
+        verdict = f"{_check(r[own], 1.05)}" + (f", CPU {_check(cpu[own], 1.03)}" if cpu else "")
+        rows.append(f"| {label} step, {precision}: deltatune / frozen bound | {r['ratio_vs_frozen']:.3f} (peft "
+                    f"{r['peft_ratio_vs_frozen']:.3f}) | {_cpu(r, 'ratio_vs_frozen')}{peft_cpu} | "
+                    + (f"{target} | {verdict} |" if own == "ratio_vs_frozen" else "| |"))
+        if own != "ratio_vs_frozen":
+            rows.append(f"| {label} step, {precision}: deltatune / frozen bound with deltatune's CPU dropout (the "
+                        f"adapter's own cost) | {r[own]:.3f} | {_cpu(r, own)} | {target} | {verdict} |")
+        rows.append(f"| {label} step, {precision}: deltatune / peft | {r['ratio_vs_peft']:.3f} | "
+                    f"{_cpu(r, 'ratio_vs_peft')} | <= 0.95 | {_check(r['ratio_vs_peft'], 0.95)} |")
         if "other_path" in r:
             other = r["other_path"]
-            rows.append(f"| {label} step, {precision}: deltatune's {other['path']} path / frozen bound (not the "
-                        f"default) | {other['ratio_vs_frozen']:.3f} | {cpu.get('other_path', {}).get('ratio_vs_frozen', '')} "
-                        f"| | |")
+            key = "other_path_ratio_vs_frozen_same_dropout"
+            if key in r:
+                rows.append(f"| {label} step, {precision}: deltatune's {other['path']} path / frozen bound with "
+                            f"deltatune's CPU dropout (not the default) | {r[key]:.3f} | {_cpu(r, key)} | | |")
+            else:
+                rows.append(f"| {label} step, {precision}: deltatune's {other['path']} path / frozen bound (not the "
+                            f"default) | {other['ratio_vs_frozen']:.3f} | "
+                            f"{cpu.get('other_path', {}).get('ratio_vs_frozen', '')} | | |")
         if "training_memory_mib" in r:
             mem = r["training_memory_mib"]
             rows.append(f"| {label} step, {precision}: training memory deltatune / peft (saved activations, grads, "
@@ -206,7 +215,7 @@ CPU_NOTES = [
     "keeps or returns freed blocks differently from run to run (repeated runs gave deltatune/peft from 0.4x",
     "to 4.8x).",
     "",
-    "The step ratios compare each variant's fastest of 4 interleaved rounds (after one warm-up round),",
+    "The step ratios compare each variant's fastest of 8 interleaved rounds (after one warm-up round),",
     "once by wall clock at torch's default thread count and once by CPU time with one thread",
     "(`common.clock_modes`). The minimum, not the median, because interference on",
     "this shared VM only ever adds time: a MiniLM step varied by up to a third from round to round. Over",
@@ -236,7 +245,23 @@ CPU_NOTES = [
     "takes the slow form for dA. deltatune's fused node, the default, computes every rank-r product with",
     "the token axis as the wide side and, in fp32, folds s B A into the weight, so that the forward and",
     "the input gradient are one matmul each, as for the frozen layer. IA3 folds its scales into the",
-    "weight the same way.",
+    "weight the same way, the input scale in the backward too (its gradient divided back out).",
+    "",
+    "Dropout (since 2026-12-03). MiniLM drops out in training mode: its dropout modules and, inside",
+    "SDPA, the attention probabilities (p = 0.1 both). torch draws CPU masks from one Mersenne Twister,",
+    "and a profile of the frozen model's step at one thread put them at 19% of it (470 of 2,460 ms).",
+    "deltatune's models now draw every training-mode mask on a CPU with NumPy's SFC64, seeded from",
+    "torch's generator (`core/attention_dropout.py`; `model.cpu_dropout = False` keeps torch's): the",
+    "same distribution, a boolean mask kept for the backward as torch keeps it. That is why deltatune",
+    "comes out well under the frozen bound, which runs the model as transformers does, and under peft,",
+    "whose models keep torch's masks; it is also why it holds less memory (SDPA's math path keeps more",
+    "for its backward than the written-out attention). The row \"frozen bound with deltatune's CPU",
+    "dropout\" gives the frozen model the same masks: against it the ratio is what the adapter itself",
+    "costs, and the 1.05 / 1.03 targets are checked there. What IA3 costs is element-wise passes over",
+    "the activations that its gradients need (sum over tokens of g * y for the key and value scales,",
+    "of the input gradient times the input for the feed-forward one, 4,096 x 1,536), about 3% of a",
+    "step; outside the suite, 10- and 8-round runs gave 1.002 and 1.011 by median at 2 threads and",
+    "1 thread, 1.063 and 1.022 by minimum. The 2-thread minimum is the figure that moves most.",
     "",
     "Adapter load into a loaded model is timed as a user would time `model.load(...)`: wall clock, the",
     "median of 10 loads of an r=8 q, v adapter into a model that holds 5 adapters already. What it cost",
