@@ -105,3 +105,11 @@ def test_dropout_keeps_a_byte_an_element_for_the_backward():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         dropout(x, 0.3)
     assert [(t.dtype, t.numel()) for t in saved] == [(torch.bool, x.numel())]
+
+
+def test_a_mask_built_in_pieces_is_the_mask_of_one_draw():
+    x = torch.ones(3 * 65536 + 7)  # three whole pieces and a short, odd one
+    torch.manual_seed(4)
+    out = dropout(x, 0.4)
+    torch.manual_seed(4)
+    torch.testing.assert_close(out, keep_mask(x.shape, 0.4) / 0.6, rtol=0, atol=0)
