@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 import transformers
+from packaging import version
 
 import deltatune as dt
 from deltatune.core import attention_dropout, dropout as core_dropout
@@ -26,12 +27,14 @@ FAMILIES = {
                                  "n_embd": 32, "n_layer": 2, "n_head": 4}),
     "llama": ("LlamaForCausalLM", {"attention_dropout": ATTENTION_P, "num_key_value_heads": 2}),
     "qwen2": ("Qwen2ForCausalLM", {"attention_dropout": ATTENTION_P, "num_key_value_heads": 2}),
-    # calls torch's SDPA itself (no dropout there), and asked for anything but "sdpa" would take an
-    # eager path that reads the SDPA mask wrongly: the scope must leave it computing what it did
+    # before transformers 5.25 it calls torch's SDPA itself (no dropout there), and asked for
+    # anything but "sdpa" takes an eager path that reads the SDPA mask wrongly: the scope must
+    # leave it computing what it did. From 5.25 on it goes through the AttentionInterface.
     "falcon": ("FalconForCausalLM", {"attention_dropout": ATTENTION_P, "hidden_dropout": 0.0}),
 }
 #: attention calls that go through transformers' AttentionInterface, per forward
-COVERED = {"bert": 2, "gpt2": 2, "llama": 2, "qwen2": 2, "falcon": 0}
+COVERED = {"bert": 2, "gpt2": 2, "llama": 2, "qwen2": 2,
+           "falcon": 2 if version.parse(transformers.__version__) >= version.parse("5.25") else 0}
 
 
 def sdpa_function():

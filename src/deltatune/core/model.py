@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from deltatune.core import merging, registry
-from deltatune.core.attention_dropout import CpuDropout
 from deltatune.core.archspec import classification_head_names, task_type_of
+from deltatune.core.attention_dropout import CpuDropout
 from deltatune.core.config import MethodConfig
 from deltatune.core.hf_interop import HuggingFaceFacade, with_base_signature
 from deltatune.core.layer import AdapterLayer, ModelAdapter, ModulesToSave, read_through
