@@ -56,7 +56,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
     return torch.from_numpy(_random_bits(count) >= _threshold(p)).view(shape)
 
 
-def _mask_and_factor(count: int, p: float) -> tuple[np.ndarray, np.ndarray]:
+def mask_and_factor(count: int, p: float) -> tuple[np.ndarray, np.ndarray]:
     """:func:`keep_mask`'s mask (flat) and the kept elements' factor, ``1 / (1 - p)`` or 0,
     built piece by piece. The factor is built by NumPy: torch's bool-to-float conversion of the
     mask cost more than drawing it."""
@@ -76,7 +76,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         return x
     if x.device.type != "cpu" or x.dtype != torch.float32 or not 0.0 < p < 1.0:
         return torch.nn.functional.dropout(x, p, training)
-    keep, factor = _mask_and_factor(x.numel(), p)
+    keep, factor = mask_and_factor(x.numel(), p)
     return _MaskedScale.apply(x, torch.from_numpy(keep), torch.from_numpy(factor).view(x.shape), 1.0 / (1.0 - p))
 
 

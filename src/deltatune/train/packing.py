@@ -4,10 +4,11 @@ A batch of ``B`` sequences padded to ``T`` positions reaches the first block as 
 Inside a block everything but attention works token by token (projections, feed-forward, norms,
 dropout), so the blocks can run on one row of the batch's ``L`` real tokens, ``(1, L, hidden)``:
 a random batch of SST-2 sentences pads to about three times its real tokens. Attention runs per
-sequence: sequences of similar length are gathered into small padded groups, each group goes
-through transformers' own SDPA attention (on a CPU with dropout on, through the same softmax
-attention written out, :func:`deltatune.core.attention_dropout.attention_with_dropout`, so that
-its dropout masks come from deltatune's generator), and the outputs are put back in place. After
+sequence: sequences of similar length are gathered into small padded groups, and the outputs are
+put back in place. On a CPU (float32 or float64) one autograd function computes every group of a
+layer, forward and backward, with deltatune's dropout masks
+(:func:`deltatune.train.packed_attention.grouped_attention`); elsewhere each group goes through
+transformers' own SDPA attention. After
 the last block the tokens return to ``(B, T, hidden)``, zeros at the padding, so embeddings,
 pooling, heads and the loss see the shapes they always see. The gradient is the padded batch's.
 
@@ -30,9 +31,9 @@ import torch
 from torch import nn
 
 from deltatune.core.archspec import spec_for
-from deltatune.core.attention_dropout import attention_with_dropout
 from deltatune.core.wrapping import submodule
 from deltatune.train.batching import length_pieces
+from deltatune.train.packed_attention import GroupLayout, grouped_attention
 
 #: the name the packed attention is registered under in transformers' attention interfaces
 IMPLEMENTATION = "deltatune_packed"
@@ -100,6 +101,7 @@ class PackedBatch:
         self.inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(self.total)
         self.inverse = self.inverse.to(device)
         self.attention_calls = 0
+        self._layouts: dict[tuple, GroupLayout] = {}
 
     # --- the token layout -----------------------------------------------------------------
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -132,10 +134,16 @@ class PackedBatch:
     # --- attention ------------------------------------------------------------------------
     def attention(self, attend: Callable, module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                   value: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, None]:
-        """``attend`` (transformers' SDPA attention) per group of sequences; ``(1, L, heads, dim)``."""
+        """Each sequence's attention, ``(1, L, heads, dim)``: on a CPU in float32 or float64 by
+        :func:`~deltatune.train.packed_attention.grouped_attention`, elsewhere by ``attend``
+        (transformers' SDPA attention) per group of sequences."""
         self.attention_calls += 1
         causal = kwargs.pop("is_causal", None)
         causal = causal if causal is not None else getattr(module, "is_causal", True)
+        if query.device.type == "cpu" and query.dtype in (torch.float32, torch.float64):
+            scaling = kwargs.get("scaling")
+            return grouped_attention(query, key, value, self._layout(query, key, causal), kwargs.get("dropout") or 0.0,
+                                     scaling if scaling is not None else query.shape[-1] ** -0.5), None
         flat = [t[0].transpose(0, 1) for t in (query, key, value)]  # (L, heads, dim) each
         outs = []
         for g in self.groups:
@@ -143,13 +151,18 @@ class PackedBatch:
                        for t in flat)
             # right-padded inside the group: causal attention never reaches a padded key from a real query
             mask = None if causal else g.key_mask
-            if kwargs.get("dropout") and q.device.type == "cpu":
-                out = attention_with_dropout(q, k, v, mask, causal, kwargs["dropout"], kwargs.get("scaling"))
-            else:
-                out, _ = attend(module, q, k, v, mask, is_causal=causal, **kwargs)  # (count, width, heads, dim)
+            out, _ = attend(module, q, k, v, mask, is_causal=causal, **kwargs)  # (count, width, heads, dim)
             out = out.reshape(g.count * g.width, *out.shape[2:])
             outs.append(out if g.real is None else out.index_select(0, g.real))
         return torch.cat(outs).index_select(0, self.inverse).unsqueeze(0), None
+
+
+    def _layout(self, query: torch.Tensor, key: torch.Tensor, causal: bool) -> GroupLayout:
+        """The groups' layout for these heads, built by the first layer that asks."""
+        spec = (query.shape[1], key.shape[1], bool(causal), query.dtype)
+        if spec not in self._layouts:
+            self._layouts[spec] = GroupLayout(self.groups, self.total, *spec).to(query.device)
+        return self._layouts[spec]
 
 
 def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
