@@ -12,7 +12,7 @@ from deltatune.core.dropout import mask_and_factor
 from deltatune.train.packed_attention import GroupLayout, grouped_attention
 from deltatune.train.packing import PackedBatch
 
-LENGTHS = [7, 3, 5, 1, 6, 7, 2, 12, 12, 4]
+LENGTHS = [7, 3, 5, 1, 6, 7, 2, 12, 12, 4, 20, 17]  # rows under and over one vector of floats
 DIM, SCALE = 8, 0.3
 HEADS = [(4, 4), (4, 2), (6, 1)]
 
