@@ -140,9 +140,10 @@ class PackedBatch:
         self.attention_calls += 1
         causal = kwargs.pop("is_causal", None)
         causal = causal if causal is not None else getattr(module, "is_causal", True)
-        if query.device.type == "cpu" and query.dtype in (torch.float32, torch.float64):
+        p = kwargs.get("dropout") or 0.0
+        if query.device.type == "cpu" and query.dtype in (torch.float32, torch.float64) and 0.0 <= p < 1.0:
             scaling = kwargs.get("scaling")
-            return grouped_attention(query, key, value, self._layout(query, key, causal), kwargs.get("dropout") or 0.0,
+            return grouped_attention(query, key, value, self._layout(query, key, causal), p,
                                      scaling if scaling is not None else query.shape[-1] ** -0.5), None
         flat = [t[0].transpose(0, 1) for t in (query, key, value)]  # (L, heads, dim) each
         outs = []
