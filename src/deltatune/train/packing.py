@@ -39,7 +39,8 @@ from deltatune.train.packed_attention import GroupLayout, grouped_attention
 IMPLEMENTATION = "deltatune_packed"
 #: what one more attention group costs beyond the area it computes (sequences x length^2), in
 #: those units: a group is a few small kernels in each block, forward and backward, about as much
-#: as the attention of one sequence of 20 tokens
+#: as the attention of one sequence of 20 tokens. Measured for the CPU path on MiniLM with batches
+#: of 32 SST-2 sentences: 200 to 4,000 within 5% of each other (3.1-3.3 ms a layer), 16,000 30% slower
 GROUP_COST = 400
 #: attention arguments the packed groups cannot reproduce
 _UNSUPPORTED = ("position_bias", "softcap", "s_aux", "sinks", "attention_bias")
