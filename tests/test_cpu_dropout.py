@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from deltatune.core.attention_dropout import attention_with_dropout
-from deltatune.core.dropout import dropout, fast_dropout, keep_mask, plain_dropouts
+from deltatune.core.dropout import dropout, fast_dropout, keep_mask, plain_dropouts, scoped_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -113,3 +113,39 @@ def test_a_mask_built_in_pieces_is_the_mask_of_one_draw():
     out = dropout(x, 0.4)
     torch.manual_seed(4)
     torch.testing.assert_close(out, keep_mask(x.shape, 0.4) / 0.6, rtol=0, atol=0)
+
+
+def test_scoped_dropout_draws_deltatunes_masks_within_a_scope_and_torchs_outside():
+    x = torch.rand(64, 48) + 0.5
+    torch.manual_seed(3)
+    ours = dropout(x, 0.3)
+    torch.manual_seed(3)
+    torchs = torch.nn.functional.dropout(x, 0.3)
+    assert not torch.equal(ours, torchs)
+    with fast_dropout([]):
+        torch.manual_seed(3)
+        torch.testing.assert_close(scoped_dropout(x, 0.3), ours, rtol=0, atol=0)
+    torch.manual_seed(3)
+    torch.testing.assert_close(scoped_dropout(x, 0.3), torchs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cpu_dropout", [True, False])
+def test_loras_own_dropout_follows_the_models_cpu_dropout(cpu_dropout):
+    """LoRA's dropout on its input: deltatune's masks in a training forward on a CPU, torch's
+    with ``cpu_dropout`` off; the output is the base's plus the scaled update of the dropped input."""
+    import deltatune as dt
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(48, 40))
+    model = dt.attach(base, dt.LoraConfig(r=4, alpha=8, dropout=0.4, init="random", targets=["0"])).train()
+    model.cpu_dropout = cpu_dropout
+    layer = model.base_model[0]
+    x = torch.rand(32, 48) + 0.5
+    torch.manual_seed(7)
+    got = model(x)
+    torch.manual_seed(7)
+    dropped = dropout(x, 0.4) if cpu_dropout else torch.nn.functional.dropout(x, 0.4)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x, layer.base_layer.weight, layer.base_layer.bias) + 2.0 * dropped @ a.t() @ b.t()
+    torch.testing.assert_close(got, want)

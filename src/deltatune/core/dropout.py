@@ -8,14 +8,16 @@ Each mask's generator is seeded from torch's own generator, so ``torch.manual_se
 masks, a checkpoint's saved torch RNG state resumes them, and gradient checkpointing, which
 restores torch's RNG state before it runs a block again, draws the same masks again.
 
-:func:`fast_dropout` swaps it in for a model's :func:`plain_dropouts`;
+:func:`fast_dropout` swaps it in for a model's :func:`plain_dropouts`, and within that scope
+:func:`scoped_dropout` (LoRA's dropout on its input) uses it too;
 :mod:`deltatune.core.attention_dropout` uses :func:`dropout` for the attention probabilities and
-says when both are in use.
+says when all are in use.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -23,6 +25,9 @@ import torch
 from torch import nn
 
 _BITS = 2.0 ** 32
+
+#: whether this context is inside a :func:`fast_dropout` scope
+_in_scope: contextvars.ContextVar[bool] = contextvars.ContextVar("deltatune_fast_dropout", default=False)
 
 
 #: elements drawn, compared and scaled in one go: the 32-bit draws, the mask and the factor of a
@@ -99,6 +104,16 @@ class _MaskedScale(torch.autograd.Function):
         return grad * torch.from_numpy(factor).view(grad.shape), None, None, None
 
 
+def scoped_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Dropout for functional calls inside a model (LoRA's dropout on its input): :func:`dropout`
+    within a :func:`fast_dropout` scope, torch's own outside one, as the model's ``nn.Dropout``
+    modules do. Outside a scope (compiled graphs, a comparison with peft under one torch seed)
+    the random stream stays torch's."""
+    if _in_scope.get():
+        return dropout(x, p, training)
+    return torch.nn.functional.dropout(x, p, training)
+
+
 def _forward(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
     return dropout(x, module.p, module.training)
 
@@ -111,13 +126,16 @@ def plain_dropouts(model: nn.Module) -> list[nn.Dropout]:
 
 @contextlib.contextmanager
 def fast_dropout(modules: Iterable[nn.Dropout]) -> Iterator[None]:
-    """Within: ``modules`` (see :func:`plain_dropouts`) draw their masks with :func:`dropout`.
-    Nests: a module an enclosing call has swapped already is left to that call to restore."""
+    """Within: ``modules`` (see :func:`plain_dropouts`) and :func:`scoped_dropout` draw their
+    masks with :func:`dropout`. Nests: a module an enclosing call has swapped already is left to
+    that call to restore."""
     swapped = [m for m in modules if "forward" not in vars(m)]
     for module in swapped:
         module.forward = _forward.__get__(module)
+    token = _in_scope.set(True)
     try:
         yield
     finally:
+        _in_scope.reset(token)
         for module in swapped:
             del module.forward

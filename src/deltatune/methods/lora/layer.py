@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.core.dropout import scoped_dropout
 from deltatune.core.layer import AdapterLayer, adapter_dtype, linear_kinds, linear_layout, needs_initial_values
 from deltatune.errors import AdapterError, AdapterFileError, TargetError
 from deltatune.methods.lora import dora
@@ -150,7 +151,7 @@ class LoraLayer(AdapterLayer):
 
     def _dropped(self, x: torch.Tensor, name: str) -> torch.Tensor:
         p = self.dropout_p[name]
-        return F.dropout(x, p, training=True) if p > 0 and self.training else x
+        return scoped_dropout(x, p, training=True) if p > 0 and self.training else x
 
 
 class LoraLinear(LoraLayer):
