@@ -147,5 +147,6 @@ def test_loras_own_dropout_follows_the_models_cpu_dropout(cpu_dropout):
     dropped = dropout(x, 0.4) if cpu_dropout else torch.nn.functional.dropout(x, 0.4)
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     with torch.no_grad():
-        want = torch.nn.functional.linear(x, layer.base_layer.weight, layer.base_layer.bias) + 2.0 * dropped @ a.t() @ b.t()
+        base_out = torch.nn.functional.linear(x, layer.base_layer.weight, layer.base_layer.bias)
+        want = base_out + 2.0 * dropped @ a.t() @ b.t()  # scale alpha / r = 8 / 4
     torch.testing.assert_close(got, want)

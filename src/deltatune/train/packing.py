@@ -8,9 +8,9 @@ sequence: sequences of similar length are gathered into small padded groups, and
 put back in place. On a CPU (float32 or float64) one autograd function computes every group of a
 layer, forward and backward, with deltatune's dropout masks
 (:func:`deltatune.train.packed_attention.grouped_attention`); elsewhere each group goes through
-transformers' own SDPA attention. After
-the last block the tokens return to ``(B, T, hidden)``, zeros at the padding, so embeddings,
-pooling, heads and the loss see the shapes they always see. The gradient is the padded batch's.
+transformers' own SDPA attention. After the last block the tokens return to ``(B, T, hidden)``,
+zeros at the padding, so embeddings, pooling, heads and the loss see the shapes they always see.
+The gradient is the padded batch's.
 
 The blocks receive the packed row through forward hooks, and attention goes through an
 implementation registered with transformers' ``AttentionInterface``, selected only while a packed
@@ -157,7 +157,6 @@ class PackedBatch:
             out = out.reshape(g.count * g.width, *out.shape[2:])
             outs.append(out if g.real is None else out.index_select(0, g.real))
         return torch.cat(outs).index_select(0, self.inverse).unsqueeze(0), None
-
 
     def _layout(self, query: torch.Tensor, key: torch.Tensor, causal: bool) -> GroupLayout:
         """The groups' layout for these heads, built by the first layer that asks."""
