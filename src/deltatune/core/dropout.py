@@ -74,6 +74,12 @@ def mask_and_factor(count: int, p: float) -> tuple[np.ndarray, np.ndarray]:
     return keep, factor
 
 
+def factor_of(keep: np.ndarray, p: float) -> torch.Tensor:
+    """The float32 factor of a saved keep mask: ``1 / (1 - p)`` where kept, 0 elsewhere (what a
+    backward multiplies the gradient by)."""
+    return torch.from_numpy(np.multiply(keep, np.float32(1.0 / (1.0 - p)), dtype=np.float32))
+
+
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``torch.nn.functional.dropout(x, p, training)``, with the mask drawn as in :func:`keep_mask`
     when ``x`` is a float32 CPU tensor (otherwise torch's own dropout: fast on accelerators)."""
@@ -82,26 +88,25 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     if x.device.type != "cpu" or x.dtype != torch.float32 or not 0.0 < p < 1.0:
         return torch.nn.functional.dropout(x, p, training)
     keep, factor = mask_and_factor(x.numel(), p)
-    return _MaskedScale.apply(x, torch.from_numpy(keep), torch.from_numpy(factor).view(x.shape), 1.0 / (1.0 - p))
+    return _MaskedScale.apply(x, torch.from_numpy(keep), torch.from_numpy(factor).view(x.shape), p)
 
 
 class _MaskedScale(torch.autograd.Function):
-    """``x * factor``, where ``factor`` is ``keep * scale``. Keeps the boolean mask for the
+    """``x * factor``, where ``factor`` is ``keep / (1 - p)``. Keeps the boolean mask for the
     backward (a byte an element, as torch's dropout keeps), not the float factor, which would
     hold four."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, factor: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, factor: torch.Tensor, p: float) -> torch.Tensor:
         ctx.save_for_backward(keep)
-        ctx.scale = scale
+        ctx.p = p
         return x * factor
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
-        factor = np.multiply(keep.numpy(), np.float32(ctx.scale), dtype=np.float32)
-        return grad * torch.from_numpy(factor).view(grad.shape), None, None, None
+        return grad * factor_of(keep.numpy(), ctx.p).view(grad.shape), None, None, None
 
 
 def scoped_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:

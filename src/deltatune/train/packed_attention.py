@@ -26,10 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from deltatune.core.dropout import mask_and_factor
+from deltatune.core.dropout import factor_of, mask_and_factor
 
 
 @dataclass(frozen=True)
@@ -155,8 +154,7 @@ class _GroupedAttention(torch.autograd.Function):
         grad_o = grad_rows.index_select(0, layout.back_rows)
         factor = None
         if ctx.keep is not None:
-            factor = torch.from_numpy(np.multiply(ctx.keep, np.float32(1.0 / (1.0 - ctx.p)), dtype=np.float32))
-            factor = factor.to(q.dtype)
+            factor = factor_of(ctx.keep, ctx.p).to(q.dtype)
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         for b, prob in zip(layout.blocks, probs):
             go = grad_o[b.queries].view(b.batch, b.rows, -1)
